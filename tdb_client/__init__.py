@@ -1,0 +1,10 @@
+"""tdb_client: the typed Python client of a tdb server (returns numpy and dataclasses, never protos)."""
+
+from .client import EventCollector, Session, TdbClient
+from .errors import TdbError
+from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, ModelInfo, PatchResult, RunResult,
+                    RunStatus, Scope, ServerInfo, SiteInfo, StopInfo, TensorSummary, TokenProb, Variable)
+
+__all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "BreakpointStatus", "EvalResult",
+           "Event", "Frame", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
+           "StopInfo", "TensorSummary", "TokenProb", "Variable"]

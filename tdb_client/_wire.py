@@ -1,0 +1,39 @@
+"""numpy <-> protocol Tensor messages (raw little-endian bytes). bfloat16 arrives as float32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tdb.v1 import common_pb2
+
+_NP = {common_pb2.F32: np.float32, common_pb2.F16: np.float16, common_pb2.F64: np.float64,
+       common_pb2.I64: np.int64, common_pb2.I32: np.int32, common_pb2.I16: np.int16, common_pb2.I8: np.int8,
+       common_pb2.U8: np.uint8, common_pb2.BOOL: np.bool_}
+_WIRE = {np.dtype(v): k for k, v in _NP.items()}
+DTYPE_NAMES = {common_pb2.F32: "float32", common_pb2.F16: "float16", common_pb2.BF16: "bfloat16",
+               common_pb2.F64: "float64", common_pb2.I64: "int64", common_pb2.I32: "int32",
+               common_pb2.I16: "int16", common_pb2.I8: "int8", common_pb2.U8: "uint8", common_pb2.BOOL: "bool"}
+WIRE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Raw bytes -> numpy array (bfloat16 is widened to float32, exactly)."""
+    shape = tuple(int(s) for s in shape)
+    if dtype == common_pb2.BF16:
+        raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        return raw.view(np.float32).reshape(shape)
+    if dtype not in _NP:
+        raise ValueError(f"unknown wire dtype {dtype}")
+    return np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape).copy()
+
+
+def from_wire(msg: common_pb2.Tensor) -> np.ndarray:
+    return decode(msg.dtype, list(msg.shape), msg.data)
+
+
+def to_wire(array: "np.ndarray | list | float") -> common_pb2.Tensor:
+    a = np.asarray(array)
+    if a.dtype not in _WIRE:
+        raise TypeError(f"cannot send dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return common_pb2.Tensor(dtype=_WIRE[np.dtype(a.dtype.newbyteorder("="))], shape=list(a.shape), data=a.tobytes())

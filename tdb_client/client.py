@@ -1,0 +1,350 @@
+"""The typed Python client of a tdb server.
+
+    from tdb_client import TdbClient
+
+    with TdbClient("127.0.0.1:50051") as tdb:
+        print(tdb.model_info().n_layers)
+        with tdb.session() as s:
+            s.set_breakpoints(["blocks.1.attn.out"])
+            stop = s.launch("Mr. Darcy ... Mr.")          # RunStatus, paused at blocks.1.attn.out
+            pattern = s.read("blocks.1.attn.pattern")     # numpy [batch, head, query_pos, key_pos]
+            s.patch("blocks.1.attn.head.2", "zero")       # zero one head's write, at this stop
+            done = s.continue_()                          # RunStatus, exited
+            print(done.result.top[0][:3])
+
+Every failed call raises `TdbError` (code, reason, message). Results are dataclasses and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from typing import Any, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
+
+from . import _wire
+from .errors import TdbError
+from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, ModelInfo, PatchResult, RunResult,
+                    RunStatus, Scope, ServerInfo, TensorSummary, Variable)
+
+PROTOCOL_VERSION = "1.0"
+MAX_MESSAGE_BYTES = 256 << 20
+_OPS = {"set": pb.SET, "add": pb.ADD, "scale": pb.SCALE, "zero": pb.ZERO, "mean": pb.MEAN,
+        "copy_from_run": pb.COPY_FROM_RUN, "copy": pb.COPY_FROM_RUN}
+_STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT}
+
+
+class _Stub:
+    """Wraps the generated stub so every call raises TdbError instead of grpc.RpcError."""
+
+    def __init__(self, channel: grpc.Channel, timeout: float | None):
+        self._stub = debugger_pb2_grpc.DebuggerStub(channel)
+        self._timeout = timeout
+
+    def __call__(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
+        except grpc.RpcError as e:
+            raise TdbError.from_rpc(e) from None
+
+    def stream(self, method: str, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        call = getattr(self._stub, method)(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise TdbError.from_rpc(e) from None
+        finally:
+            call.cancel()
+
+
+class TdbClient:
+    """A connection to one tdb server. Use as a context manager, or call close()."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
+                 client_name: str = "tdb_client", metadata: Sequence[tuple[str, str]] | None = None):
+        self.address = address
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        self._channel = grpc.insecure_channel(address, options=options)
+        if metadata:
+            self._channel = grpc.intercept_channel(self._channel, _MetadataInterceptor(list(metadata)))
+        self._rpc = _Stub(self._channel, timeout)
+        self._client_name = client_name
+        self._info: ServerInfo | None = None
+
+    def __enter__(self) -> "TdbClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the server accepts connections (raises TdbError UNAVAILABLE otherwise)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise TdbError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
+                           f"no tdb server answered at {self.address} within {timeout:g} s") from None
+
+    # -- handshake -------------------------------------------------------------------------------
+
+    def initialize(self) -> ServerInfo:
+        """Protocol version, capabilities and model info (cached after the first call)."""
+        if self._info is None:
+            r = self._rpc("Initialize", pb.InitializeRequest(client_name=self._client_name,
+                                                             protocol_version=PROTOCOL_VERSION))
+            c = r.capabilities
+            self._info = ServerInfo(r.protocol_version, r.server_version, dict(c.flags), tuple(c.analyses),
+                                    tuple(c.expression_functions), tuple(c.patch_ops), ModelInfo.from_proto(r.model))
+        return self._info
+
+    def model_info(self) -> ModelInfo:
+        return self.initialize().model
+
+    def capabilities(self) -> dict[str, bool]:
+        return self.initialize().capabilities
+
+    def tokenize(self, text: str, prepend_bos: bool = False) -> tuple[list[int], list[str]]:
+        r = self._rpc("Tokenize", pb.TokenizeRequest(text=text, prepend_bos=prepend_bos))
+        return list(r.ids), list(r.tokens)
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def session(self, name: str = "", idle_timeout_s: float = 0.0) -> "Session":
+        """Create a debugging session (closed when the `with` block ends)."""
+        r = self._rpc("CreateSession", pb.CreateSessionRequest(name=name, idle_timeout_s=idle_timeout_s))
+        return Session(self, r.session_id, r.idle_timeout_s)
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: list[tuple[str, str]]):
+        self._md = metadata
+
+    def _details(self, d: Any) -> Any:
+        md = list(d.metadata or []) + self._md
+        return d._replace(metadata=md) if hasattr(d, "_replace") else d
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+
+def _status(m: pb.RunStatus) -> RunStatus:
+    return RunStatus.from_proto(m)
+
+
+class Session:
+    """A debugging session on the server: breakpoints, runs, inspection, patches, events."""
+
+    def __init__(self, client: TdbClient, session_id: str, idle_timeout_s: float):
+        self.client, self.id, self.idle_timeout_s = client, session_id, idle_timeout_s
+        self._rpc = client._rpc
+        self.closed = False
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self._rpc("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+            except TdbError as e:
+                if e.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                    raise
+
+    # -- breakpoints -----------------------------------------------------------------------------
+
+    def set_breakpoints(self, breakpoints: Sequence[str | Breakpoint]) -> list[BreakpointStatus]:
+        """Replace the session's breakpoints. Strings are sites/units/globs with default options."""
+        bps = [Breakpoint(b) if isinstance(b, str) else b for b in breakpoints]
+        r = self._rpc("SetBreakpoints", pb.SetBreakpointsRequest(session_id=self.id,
+                                                                 breakpoints=[b.to_proto() for b in bps]))
+        return [BreakpointStatus(b.id, b.verified, b.message, tuple(b.sites)) for b in r.breakpoints]
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def launch(self, prompt: str | Sequence[str] | None = None, *, token_ids: Sequence[Sequence[int]] | None = None,
+               prepend_bos: bool = False, capture: Sequence[str] = (), stop_on_entry: bool = False,
+               wait: bool = True, timeout: float = 60.0) -> RunStatus:
+        """Start a forward pass on a prompt (or a batch of prompts, or token ids).
+
+        With `wait` (default) returns once the run has stopped (breakpoint, entry) or ended."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        req = pb.LaunchRequest(session_id=self.id, prompts=prompts, prepend_bos=prepend_bos, capture=list(capture),
+                               stop_on_entry=stop_on_entry, wait=wait, wait_timeout_ms=int(timeout * 1000))
+        for ids in token_ids or []:
+            req.token_ids.add(ids=[int(i) for i in ids])
+        return _status(self._rpc("Launch", req, timeout=timeout + 30))
+
+    def continue_(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
+        return _status(self._rpc("Continue", pb.ContinueRequest(session_id=self.id, wait=wait,
+                                                                wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
+
+    def step(self, kind: str = "into", wait: bool = True, timeout: float = 60.0) -> RunStatus:
+        """kind: "into" (next site), "over" (past the current block), "out" (end of the enclosing module)."""
+        if kind not in _STEPS:
+            raise ValueError(f"step kind must be one of {sorted(_STEPS)}, not {kind!r}")
+        return _status(self._rpc("Step", pb.StepRequest(session_id=self.id, kind=_STEPS[kind], wait=wait,
+                                                        wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
+
+    def pause(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
+        return _status(self._rpc("Pause", pb.PauseRequest(session_id=self.id, wait=wait,
+                                                          wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
+
+    def terminate(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
+        return _status(self._rpc("Terminate", pb.TerminateRequest(session_id=self.id, wait=wait,
+                                                                  wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
+
+    def status(self, wait: bool = False, timeout: float = 60.0) -> RunStatus:
+        return _status(self._rpc("GetRunStatus", pb.GetRunStatusRequest(session_id=self.id, wait=wait,
+                                                                        wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
+
+    def result(self, run_id: str = "", top_k: int = 10, include_logits: bool = True) -> RunResult:
+        """The result of a finished run (the latest by default): top tokens and last-position logits."""
+        return RunResult.from_proto(self._rpc("GetResult", pb.GetResultRequest(
+            session_id=self.id, run_id=run_id, top_k=top_k, include_logits=include_logits)))
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def events(self, after_seq: int = 0, timeout: float | None = None) -> Iterator[Event]:
+        """Stream the session's events (replaying retained ones after `after_seq`)."""
+        for m in self._rpc.stream("Events", pb.EventsRequest(session_id=self.id, after_seq=after_seq), timeout=timeout):
+            yield Event.from_proto(m)
+
+    def poll_events(self, after_seq: int = 0, max_events: int = 0, timeout: float = 0.0) -> tuple[list[Event], int, bool]:
+        """Events after `after_seq` (waiting up to `timeout` s for one): (events, last_seq, truncated)."""
+        r = self._rpc("PollEvents", pb.PollEventsRequest(session_id=self.id, after_seq=after_seq,
+                                                         max_events=max_events, timeout_ms=int(timeout * 1000)))
+        return [Event.from_proto(e) for e in r.events], r.last_seq, r.truncated
+
+    # -- inspection ------------------------------------------------------------------------------
+
+    def stack(self) -> list[Frame]:
+        """Frames of the current stop, innermost first (site, attn/mlp, block, model)."""
+        r = self._rpc("GetStack", pb.GetStackRequest(session_id=self.id))
+        return [Frame(f.id, f.name, f.site) for f in r.frames]
+
+    def scopes(self, frame: Frame | int) -> list[Scope]:
+        fid = frame.id if isinstance(frame, Frame) else frame
+        r = self._rpc("GetScopes", pb.GetScopesRequest(session_id=self.id, frame_id=fid))
+        return [Scope(s.name, s.variables_reference, s.named_variables) for s in r.scopes]
+
+    def variables(self, ref: Scope | Variable | int, start: int = 0, count: int = 0) -> list[Variable]:
+        vref = ref if isinstance(ref, int) else ref.variables_reference
+        r = self._rpc("GetVariables", pb.GetVariablesRequest(session_id=self.id, variables_reference=vref,
+                                                             start=start, count=count))
+        return [Variable(v.name, v.value, v.type, TensorSummary.from_proto(v.summary) if v.HasField("summary") else None,
+                         v.variables_reference, v.evaluate_name, v.indexed_variables) for v in r.variables]
+
+    def read(self, site: str, selector: str = "", *, dtype: str | None = None, run_id: str = "",
+             chunk_bytes: int = 0) -> np.ndarray:
+        """A site's value (or any expression) as numpy, streamed in chunks and checksummed.
+
+        `selector` is an index appended to the site, e.g. read("blocks.1.attn.pattern", "[0, 2]").
+        `dtype` converts on the server ("float32", "float16", "bfloat16", ...); bfloat16 arrives as float32.
+        """
+        expression = site + selector
+        req = pb.ReadTensorRequest(session_id=self.id, expression=expression, run_id=run_id, chunk_bytes=chunk_bytes)
+        if dtype:
+            if dtype not in _wire.WIRE_BY_NAME:
+                raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(_wire.WIRE_BY_NAME)}")
+            req.dtype = _wire.WIRE_BY_NAME[dtype]
+        buf: bytearray | None = None
+        shape: list[int] = []
+        wdtype = 0
+        crc = 0
+        for chunk in self._rpc.stream("ReadTensor", req, timeout=600):
+            if buf is None:
+                buf, shape, wdtype = bytearray(chunk.total_bytes), list(chunk.shape), chunk.dtype
+            n = len(chunk.data)
+            buf[chunk.offset:chunk.offset + n] = chunk.data
+            crc = zlib.crc32(chunk.data, crc)
+            if chunk.last:
+                if chunk.crc32 != crc:
+                    raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"checksum mismatch reading {expression}")
+                break
+        if buf is None:
+            raise TdbError(grpc.StatusCode.DATA_LOSS, "EMPTY_STREAM", f"no data for {expression}")
+        return _wire.decode(wdtype, shape, buf)
+
+    def stats(self, expression: str, run_id: str = "") -> TensorSummary:
+        return TensorSummary.from_proto(self._rpc("TensorStats", pb.TensorStatsRequest(
+            session_id=self.id, expression=expression, run_id=run_id)))
+
+    def evaluate(self, expression: str, *, run_id: str = "", frame: Frame | int = 0, max_elements: int = 0) -> EvalResult:
+        """Evaluate an expression of the tdb expression language (see Capabilities.expression_functions)."""
+        fid = frame.id if isinstance(frame, Frame) else frame
+        r = self._rpc("Evaluate", pb.EvaluateRequest(session_id=self.id, expression=expression, frame_id=fid,
+                                                     max_elements=max_elements, run_id=run_id))
+        value = _wire.from_wire(r.value) if r.HasField("value") else None
+        summary = TensorSummary.from_proto(r.summary) if r.HasField("summary") else None
+        return EvalResult(r.result, value, summary, tuple(r.tokens))
+
+    # -- patching --------------------------------------------------------------------------------
+
+    def patch(self, site: str, op: str = "zero", value: Any = None, *, scalar: float = 0.0,
+              positions: Sequence[int] = (), heads: Sequence[int] = (), neurons: Sequence[int] = (),
+              batch: Sequence[int] = (), source_run_id: str = "", mean_over: str = "") -> PatchResult:
+        """Patch a site or unit: op in set | add | scale | zero | mean | copy_from_run.
+
+        At a stop on `site` the value is replaced now; a site that has not run yet gets the patch when it
+        runs; with no active run the patch applies to every following run (until clear_patches)."""
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {sorted(_OPS)}, not {op!r}")
+        req = pb.PatchRequest(session_id=self.id, site=site, op=_OPS[op], scalar=float(scalar),
+                              source_run_id=source_run_id, mean_over=mean_over,
+                              selector=pb.Selector(batch=list(batch), positions=list(positions), heads=list(heads),
+                                                   neurons=list(neurons)))
+        if value is not None:
+            if np.isscalar(value) and op in ("add", "scale"):
+                req.scalar = float(value)
+            else:
+                req.value.CopyFrom(_wire.to_wire(np.asarray(value)))
+        r = self._rpc("Patch", req)
+        return PatchResult(r.patch_id, r.applied_now, r.scope, r.message)
+
+    def clear_patches(self) -> int:
+        return self._rpc("ClearPatches", pb.ClearPatchesRequest(session_id=self.id)).cleared
+
+
+class EventCollector:
+    """Collects a session's events on a background thread (handy in tests and notebooks)."""
+
+    def __init__(self, session: Session, after_seq: int = 0):
+        self.events: list[Event] = []
+        self._cv = threading.Condition()
+        self._it = session.events(after_seq)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self._it:
+                with self._cv:
+                    self.events.append(ev)
+                    self._cv.notify_all()
+        except TdbError:
+            pass
+
+    def wait_for(self, kind: str, count: int = 1, timeout: float = 30.0) -> list[Event]:
+        with self._cv:
+            self._cv.wait_for(lambda: sum(e.kind == kind for e in self.events) >= count, timeout=timeout)
+            return [e for e in self.events if e.kind == kind]
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close:
+            close()

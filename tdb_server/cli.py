@@ -1,0 +1,61 @@
+"""The `tdb` command: `tdb serve`, `tdb dashboard`, `tdb dap`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        from streamlit_app.launch import run_dashboard
+    except ImportError as e:
+        print(f"tdb dashboard: the dashboard is not available ({e}); install the 'dashboard' extra",
+              file=sys.stderr)
+        return 2
+    return run_dashboard(server=args.server, port=args.port, model=args.model, host=args.host)
+
+
+def _dap(args: argparse.Namespace) -> int:
+    print("tdb dap: the Debug Adapter Protocol bridge is not built yet (see the IDE integration issue)",
+          file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tdb", description="tdb: a debugger for transformer language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve a model over gRPC")
+    p.add_argument("--model", default=None, help="a local HF model directory or a bundled model's name "
+                   "(default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(fn=_serve)
+
+    p = sub.add_parser("dashboard", help="the Streamlit dashboard")
+    p.add_argument("--server", default=None, help="HOST:PORT of a running tdb server (default: start one)")
+    p.add_argument("--model", default=None, help="model for the embedded server")
+    p.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(fn=_dashboard)
+
+    p = sub.add_parser("dap", help="Debug Adapter Protocol bridge for VS Code / nvim-dap")
+    p.set_defaults(fn=_dap)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Breakpoints: resolution of a site/unit/glob to sites, conditions, hit conditions, log points."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgument
+from . import expr
+
+_HIT = re.compile(r"^\s*(==|>=|>|%)?\s*(\d+)\s*$")
+_HEAD_UNIT = re.compile(r"^blocks\.(\d+)\.attn\.head\.(\d+)$")
+_NEURON_UNIT = re.compile(r"^blocks\.(\d+)\.mlp\.neuron\.(\d+)$")
+
+
+def parse_hit_condition(text: str) -> tuple[str, int] | None:
+    """'3' / '==3' -> stop on the 3rd hit only; '>=3', '>3'; '%2' -> every 2nd hit."""
+    if not text or not text.strip():
+        return None
+    m = _HIT.match(text)
+    if not m or int(m.group(2)) < 1 and m.group(1) == "%":
+        raise InvalidArgument(f"bad hit condition {text!r}: use N, ==N, >=N, >N or %N", reason="BAD_HIT_CONDITION")
+    return (m.group(1) or "==", int(m.group(2)))
+
+
+def hit_matches(cond: tuple[str, int] | None, hits: int) -> bool:
+    if cond is None:
+        return True
+    op, n = cond
+    return {"==": hits == n, ">=": hits >= n, ">": hits > n, "%": n > 0 and hits % n == 0}[op]
+
+
+@dataclass
+class Unit:
+    kind: str   # "head" or "neuron"
+    layer: int
+    index: int
+
+
+def parse_unit(name: str) -> Unit | None:
+    if m := _HEAD_UNIT.match(name):
+        return Unit("head", int(m.group(1)), int(m.group(2)))
+    if m := _NEURON_UNIT.match(name):
+        return Unit("neuron", int(m.group(1)), int(m.group(2)))
+    return None
+
+
+def unit_site(unit: Unit) -> str:
+    return f"blocks.{unit.layer}.attn.out" if unit.kind == "head" else f"blocks.{unit.layer}.mlp.post"
+
+
+@dataclass
+class BreakpointSpec:
+    id: int
+    name: str
+    when: int                    # 0 = after, 1 = before (protocol BreakWhen)
+    sites: list[str]
+    unit: Unit | None = None
+    condition: str = ""
+    condition_ast: Any = None
+    hit_condition: tuple[str, int] | None = None
+    log_message: str = ""
+    verified: bool = True
+    message: str = ""
+    hits: int = field(default=0)   # reset at every launch

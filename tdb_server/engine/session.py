@@ -1,0 +1,884 @@
+"""Debug sessions: a small state machine per session, and a forward pass per run in a worker thread.
+
+States of a run: RUNNING -> PAUSED -> RUNNING ... -> EXITED | TERMINATED | FAILED.
+The worker thread executes the HF forward with the adapter's dispatcher hooks; at every site it
+calls `DebugRun.on_site`, which applies patches, captures the value, and decides whether to stop
+(breakpoint, step, pause). To stop, the worker parks on the session's condition variable until a
+control call (continue / step / terminate) hands it a command — the one-slot hand-off.
+
+All state of a session is guarded by one lock (`Session.cv`). References handed to clients (frame
+ids, variables references) carry the stop id, so a reference from before a resume is rejected with
+ABORTED instead of silently pointing at a different value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from tdb.v1 import debugger_pb2 as pb
+
+from .. import wire
+from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, TdbServerError
+from ..model.sites import SiteError, enclosing, expand_glob, parse_site
+from . import expr, weights
+from .breakpoints import BreakpointSpec, Unit, hit_matches, parse_hit_condition, parse_unit, unit_site
+from .events import EventLog
+from .patches import PatchSpec, Selector, apply, apply_head, site_kind
+
+REF_SHIFT = 20          # references = stop_id << REF_SHIFT | index
+KEEP_RUNS = 8           # finished runs kept per session (for reads and copy_from_run)
+DEFAULT_WAIT_S = 60.0
+
+
+class RunTerminated(BaseException):
+    """Raised inside the forward (from a site hook) to unwind a terminated run.
+
+    A BaseException so that no `except Exception` inside model code swallows it."""
+
+
+_STATE_NAMES = {pb.IDLE: "idle", pb.RUNNING: "running", pb.PAUSED: "paused", pb.EXITED: "exited",
+                pb.TERMINATED: "terminated", pb.FAILED: "failed"}
+_DONE = (pb.EXITED, pb.TERMINATED, pb.FAILED)
+
+
+def site_dims(kind: str) -> list[str]:
+    return {
+        "attn.q": ["batch", "pos", "head", "d_head"], "attn.k": ["batch", "pos", "kv_head", "d_head"],
+        "attn.v": ["batch", "pos", "kv_head", "d_head"], "attn.z": ["batch", "pos", "head", "d_head"],
+        "attn.pattern": ["batch", "head", "query_pos", "key_pos"], "mlp.pre": ["batch", "pos", "neuron"],
+        "mlp.post": ["batch", "pos", "neuron"], "logits": ["batch", "pos", "vocab"],
+    }.get(kind, ["batch", "pos", "d_model"])
+
+
+@dataclass
+class StopState:
+    stop_id: int
+    site: str
+    when: int
+    reason: str
+    hit_ids: list[int]
+    description: str
+    value: torch.Tensor | None = None      # the site's (or unit's) value at an AFTER stop
+    exception: str = ""
+    refs: dict[int, Any] = field(default_factory=dict)
+
+    def to_proto(self) -> pb.StopInfo:
+        msg = pb.StopInfo(site=self.site, when=self.when, reason=self.reason, hit_breakpoint_ids=self.hit_ids,
+                          description=self.description, stop_id=self.stop_id, exception=self.exception)
+        if self.value is not None:
+            msg.value.CopyFrom(wire.summarize(self.value, site_dims(site_kind(self.site))))
+        return msg
+
+
+class DebugRun:
+    """One forward pass of a session (the adapter's SiteHandler)."""
+
+    def __init__(self, session: "Session", run_id: str, input_ids: torch.Tensor, lengths: torch.Tensor,
+                 capture: frozenset[str], sites: list[str], stop_on_entry: bool):
+        self.session, self.run_id = session, run_id
+        self.input_ids, self.lengths = input_ids, lengths       # [B, T], [B]
+        self.capture = capture
+        self.order = sites                                      # sites this run fires, in order
+        self.sites = frozenset(sites)
+        self.index = {s: i for i, s in enumerate(sites)}
+        self.stop_on_entry = stop_on_entry
+        self.state = pb.RUNNING
+        self.stop: StopState | None = None
+        self.captured: dict[str, torch.Tensor] = {}
+        self.z: dict[int, torch.Tensor] = {}                    # attn.z per layer (head units)
+        self.last_fired = -1                                    # index in `order` of the last site run
+        self.patches: list[PatchSpec] = []                      # run-scoped (pending or applied)
+        self.result: pb.RunResult | None = None
+        self.exception = ""
+        self.logits: torch.Tensor | None = None                 # [B, V] at the last real position
+        # control, guarded by session.cv
+        self.command: str | None = None
+        self.step: tuple[str, int] | None = None                # (kind, index of the stop it started from)
+        self.pause_requested = False
+        self.terminate_requested = False
+        self.thread: threading.Thread | None = None
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._work, name=f"tdb-run-{self.run_id}", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        s = self.session
+        adapter = s.adapter
+        B, T = self.input_ids.shape
+        s.events.emit(self.run_id, run_started=pb.RunStarted(batch=B, seq_len=T))
+        try:
+            if self.stop_on_entry and self.order:
+                self._park(StopState(0, self.order[0], pb.BEFORE, "entry", [], f"stopped on entry, before {self.order[0]}"))
+            mask = None
+            if bool((self.lengths < T).any()):
+                mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)
+            with torch.no_grad(), adapter.running(self):
+                out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            idx = (self.lengths - 1).to(logits.device)
+            self.logits = logits[torch.arange(B, device=logits.device), idx].float()   # [B, V]
+            self._finish(pb.EXITED)
+        except RunTerminated:
+            self._finish(pb.TERMINATED)
+        except BaseException as e:  # an exception inside the model ends the run, not the server
+            self.exception = f"{type(e).__name__}: {e}"
+            self._finish(pb.FAILED)
+
+    def _finish(self, state: int) -> None:
+        s = self.session
+        with s.cv:
+            self.state = state
+            if state == pb.FAILED:
+                self.stop = StopState(s.next_stop_id(), self.order[self.last_fired] if self.last_fired >= 0 else "",
+                                      pb.AFTER, "exception", [], f"exception: {self.exception}", exception=self.exception)
+            else:
+                self.stop = None
+            self.result = s.build_result(self, top_k=10)
+            s.cv.notify_all()
+        if state == pb.FAILED:
+            s.events.emit(self.run_id, stopped=self.stop.to_proto())
+        if state == pb.TERMINATED:
+            s.events.emit(self.run_id, terminated=pb.Terminated(reason="terminated"))
+        s.events.emit(self.run_id, run_exited=pb.RunExited(result=self.result))
+        s.run_finished(self)
+
+    # -- the site handler ------------------------------------------------------------------------
+
+    def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
+        s = self.session
+        i = self.index.get(site)
+        if i is None:
+            return None
+        if self.terminate_requested:
+            raise RunTerminated()
+        self.last_fired = i
+        new = self._apply_patches(site, value)
+        kind = site_kind(site)
+        if kind == "attn.z":
+            self.z[int(site.split(".")[1])] = new
+        if site in self.capture:
+            self.captured[site] = new
+        self._value = new
+        stop = self._should_stop_after(site, new)
+        if stop is not None:
+            self._park(stop)
+            new = self._value            # a patch at the stop replaces the value
+            if site in self.capture:
+                self.captured[site] = new
+            if kind == "attn.z":
+                self.z[int(site.split(".")[1])] = new
+        if i + 1 < len(self.order):
+            nxt = self.order[i + 1]
+            before = self._should_stop_before(nxt)
+            if before is not None:
+                self._park(before)
+        return None if new is value else new
+
+    def _apply_patches(self, site: str, value: torch.Tensor) -> torch.Tensor:
+        specs = [p for p in (*self.session.patches, *self.patches) if p.site == site]
+        for p in specs:
+            if p.head is not None:
+                layer = int(site.split(".")[1])
+                z = self.z.get(layer)
+                if z is None:
+                    raise FailedPrecondition(f"head patch {p.name}: attn.z of layer {layer} was not seen in this run")
+                value = apply_head(value, z, self.session.adapter.W_O(layer)[p.head], p, self.lengths)
+            else:
+                value = apply(value, p, self.lengths)
+            p.applied = True
+        return value
+
+    def _unit_value(self, unit: Unit | None, site: str, value: torch.Tensor) -> torch.Tensor:
+        if unit is None:
+            return value
+        if unit.kind == "neuron":
+            return value[..., unit.index]
+        z = self.z.get(unit.layer)
+        if z is None:
+            return value
+        return z[:, :, unit.index, :].to(value.dtype) @ self.session.adapter.W_O(unit.layer)[unit.index]
+
+    def _should_stop_after(self, site: str, value: torch.Tensor) -> StopState | None:
+        s = self.session
+        hit: list[int] = []
+        stop_value = value
+        for bp in s.breakpoints:
+            if bp.when != pb.AFTER or site not in bp.sites or not bp.verified:
+                continue
+            v = self._unit_value(bp.unit, site, value)
+            env = s.make_env(self, value=v, site=site)
+            if bp.condition_ast is not None:
+                try:
+                    ok = expr._truth(expr.evaluate(bp.condition_ast, env))
+                except TdbServerError as e:
+                    s.events.emit(self.run_id, output=pb.Output(category="stderr", site=site,
+                                                                text=f"breakpoint {bp.id} condition error: {e.message}"))
+                    ok = True  # stop so the user sees the problem
+                if not ok:
+                    continue
+            bp.hits += 1
+            if not hit_matches(bp.hit_condition, bp.hits):
+                continue
+            if bp.log_message:
+                text = expr.format_template(bp.log_message, env)
+                s.events.emit(self.run_id, output=pb.Output(category="console", site=site, text=text))
+                continue
+            hit.append(bp.id)
+            if bp.unit is not None:
+                stop_value = v
+        if hit:
+            return StopState(0, site, pb.AFTER, "breakpoint", hit, f"breakpoint {hit} at {site}", value=stop_value)
+        with s.cv:
+            step, pause = self.step, self.pause_requested
+        if pause:
+            return StopState(0, site, pb.AFTER, "pause", [], f"paused at {site}", value=value)
+        if step is not None and self._step_done(step, site):
+            return StopState(0, site, pb.AFTER, "step", [], f"step {step[0]} to {site}", value=value)
+        return None
+
+    def _should_stop_before(self, site: str) -> StopState | None:
+        hit = [bp.id for bp in self.session.breakpoints
+               if bp.when == pb.BEFORE and bp.verified and site in bp.sites and self._count_hit(bp)]
+        if hit:
+            return StopState(0, site, pb.BEFORE, "breakpoint", hit, f"breakpoint {hit} before {site}")
+        return None
+
+    def _count_hit(self, bp: BreakpointSpec) -> bool:
+        bp.hits += 1
+        if not hit_matches(bp.hit_condition, bp.hits):
+            return False
+        if bp.log_message:
+            env = self.session.make_env(self, value=None, site=bp.sites[0])
+            self.session.events.emit(self.run_id, output=pb.Output(
+                category="console", site=bp.sites[0], text=expr.format_template(bp.log_message, env)))
+            return False
+        return True
+
+    def _step_done(self, step: tuple[str, int], site: str) -> bool:
+        kind, start = step
+        start_site = self.order[start] if 0 <= start < len(self.order) else ""
+        if kind == "into":
+            return True
+        start_scopes = enclosing(start_site) if start_site else ()
+        if kind == "over":
+            # past the current block: the first site outside the block the step started in
+            block = start_scopes[0] if start_scopes else None
+            return block is None or not site.startswith(block + ".")
+        # out: the end of the enclosing module (attn -> attn.out, mlp -> mlp.out, block -> resid_post,
+        # model -> logits); from a module's last site, one level up.
+        return site == self._step_out_target(start_site)
+
+    def _step_out_target(self, start_site: str) -> str:
+        scopes = list(enclosing(start_site)) if start_site else []
+        while True:
+            scope = scopes[-1] if scopes else ""
+            end = self._scope_end(scope)
+            if end != start_site or not scopes:
+                return end
+            scopes.pop()
+
+    def _scope_end(self, scope: str) -> str:
+        inside = [x for x in self.order if x.startswith(scope + ".")] if scope else self.order
+        return inside[-1] if inside else self.order[-1]
+
+    def _park(self, stop: StopState) -> None:
+        """Stop here: report Stopped and wait for continue / step / terminate."""
+        s = self.session
+        with s.cv:
+            if self.terminate_requested:
+                raise RunTerminated()
+            stop.stop_id = s.next_stop_id()
+            self.stop, self.state = stop, pb.PAUSED
+            self.step, self.pause_requested, self.command = None, False, None
+            s.cv.notify_all()
+        s.events.emit(self.run_id, stopped=stop.to_proto())
+        with s.cv:
+            while self.command is None:
+                s.cv.wait()
+            cmd, self.command = self.command, None
+            if cmd == "terminate":
+                raise RunTerminated()
+
+    def current_value(self) -> torch.Tensor | None:
+        return getattr(self, "_value", None)
+
+
+class Session:
+    """A client's debugging context: breakpoints, session-scoped patches, runs and events."""
+
+    def __init__(self, adapter: Any, session_id: str, name: str, idle_timeout_s: float, event_capacity: int = 4096):
+        self.adapter, self.id, self.name = adapter, session_id, name
+        self.idle_timeout_s = idle_timeout_s
+        self.cv = threading.Condition()
+        self.events = EventLog(event_capacity)
+        self.breakpoints: list[BreakpointSpec] = []
+        self.patches: list[PatchSpec] = []                   # session-scoped
+        self.runs: OrderedDict[str, DebugRun] = OrderedDict()
+        self.current: DebugRun | None = None
+        self.last_activity = time.monotonic()
+        self.streams = 0
+        self.closed = False
+        self.device = weights.device(adapter)
+        self._stop_ids = itertools.count(1)
+        self._patch_ids = itertools.count(1)
+        self._run_ids = itertools.count(1)
+        self._ref_ids = itertools.count(1)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def next_stop_id(self) -> int:
+        return next(self._stop_ids)
+
+    @property
+    def all_sites(self) -> list[str]:
+        return list(self.adapter.info.sites)
+
+    def _parse_site(self, name: str) -> str:
+        return parse_site(name, self.adapter.info.n_layers).name
+
+    def _check_unit(self, unit: Unit) -> None:
+        info = self.adapter.info
+        if not 0 <= unit.layer < info.n_layers:
+            raise SiteError(f"layer {unit.layer} out of range: the model has {info.n_layers} layers")
+        limit = info.n_heads if unit.kind == "head" else info.d_mlp
+        if not 0 <= unit.index < limit:
+            raise SiteError(f"{unit.kind} {unit.index} out of range: layer {unit.layer} has {limit} {unit.kind}s")
+
+    def run_for(self, run_id: str = "") -> DebugRun:
+        if not run_id:
+            if self.current is not None:
+                return self.current
+            if self.runs:
+                return next(reversed(self.runs.values()))
+            raise FailedPrecondition("no run yet in this session: launch one first", reason="NO_RUN")
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} is not in this session (the last {KEEP_RUNS} runs are kept)",
+                           reason="UNKNOWN_RUN")
+        return run
+
+    # -- breakpoints -----------------------------------------------------------------------------
+
+    def set_breakpoints(self, requested: list[pb.Breakpoint]) -> list[BreakpointSpec]:
+        specs = []
+        verified_sites = set(self.adapter.verified_sites)
+        for i, bp in enumerate(requested, start=1):
+            name = bp.site.strip()
+            spec = BreakpointSpec(id=i, name=name, when=bp.when, sites=[], condition=bp.condition,
+                                  hit_condition=parse_hit_condition(bp.hit_condition), log_message=bp.log_message)
+            if bp.condition:
+                if bp.when == pb.BEFORE:
+                    raise InvalidArgument(f"breakpoint {i} ({name}): a condition needs the value, which does not "
+                                          "exist before the site runs; use when=AFTER", reason="BAD_CONDITION")
+                spec.condition_ast = expr.parse(bp.condition)
+            try:
+                if any(c in name for c in "*?["):
+                    spec.sites = expand_glob(name, self.all_sites)
+                    if not spec.sites:
+                        raise SiteError(f"no site matches {name!r}")
+                elif (unit := parse_unit(name)) is not None:
+                    self._check_unit(unit)
+                    spec.unit, spec.sites = unit, [unit_site(unit)]
+                else:
+                    spec.sites = [self._parse_site(name)]
+            except SiteError as e:
+                spec.verified, spec.message = False, e.message
+            else:
+                missing = [x for x in spec.sites if x not in verified_sites]
+                if missing and len(missing) == len(spec.sites):
+                    spec.verified = False
+                    spec.message = f"{missing[0]} is never reached by a forward pass of this model"
+                spec.sites = [x for x in spec.sites if x in verified_sites]
+            specs.append(spec)
+        with self.cv:
+            self.breakpoints = specs
+        run = self.current
+        if run is not None and run.state in (pb.RUNNING, pb.PAUSED):
+            for bp in specs:   # a breakpoint may ask for a site the run does not fire (attn.pattern)
+                extra = [x for x in bp.sites if x not in run.sites]
+                if extra:
+                    bp.message = (f"{extra[0]} is not computed in the current run; the breakpoint applies from the "
+                                  "next launch")
+        return specs
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str], token_ids: list[list[int]], prepend_bos: bool) -> list[list[int]]:
+        if prompts and token_ids:
+            raise InvalidArgument("give prompts or token_ids, not both", reason="BAD_INPUT")
+        if not prompts and not token_ids:
+            raise InvalidArgument("nothing to run: give a prompt or token ids", reason="BAD_INPUT")
+        tok = self.adapter.tokenizer
+        if prompts:
+            if tok is None:
+                raise FailedPrecondition("this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
+            seqs = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        else:
+            seqs = [list(ids) for ids in token_ids]
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        if prepend_bos:
+            if bos is None:
+                raise FailedPrecondition("this tokenizer has no BOS token", reason="NO_BOS")
+            seqs = [[bos] + s for s in seqs]
+        vocab = self.adapter.info.vocab_size
+        max_pos = weights.max_positions(self.adapter)
+        for b, ids in enumerate(seqs):
+            if not ids:
+                raise InvalidArgument(f"sequence {b} is empty", reason="BAD_INPUT")
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgument(f"token id {bad[0]} in sequence {b} is outside the vocabulary [0, {vocab})",
+                                      reason="BAD_TOKEN_ID")
+            if max_pos and len(ids) > max_pos:
+                raise InvalidArgument(f"sequence {b} has {len(ids)} tokens; the model takes at most {max_pos}",
+                                      reason="TOO_LONG")
+        return seqs
+
+    def launch(self, prompts: list[str], token_ids: list[list[int]], prepend_bos: bool, capture: list[str],
+               stop_on_entry: bool) -> DebugRun:
+        seqs = self._encode(prompts, token_ids, prepend_bos)
+        with self.cv:
+            if self.current is not None and self.current.state in (pb.RUNNING, pb.PAUSED):
+                raise FailedPrecondition(f"run {self.current.run_id} is still {_STATE_NAMES[self.current.state]}: "
+                                         "continue or terminate it first", reason="RUN_ACTIVE")
+        verified = [x for x in self.all_sites if x in set(self.adapter.verified_sites)]
+        if capture:
+            cap: set[str] = set()
+            for c in capture:
+                try:
+                    cap.update(expand_glob(c, verified) if any(ch in c for ch in "*?[") else [self._parse_site(c)])
+                except SiteError as e:
+                    raise e
+            capture_set = frozenset(cap)
+        else:
+            capture_set = frozenset(verified)
+        bp_sites = {x for bp in self.breakpoints for x in bp.sites}
+        pending_sites = {p.site for p in self.patches}
+        wanted_patterns = {x for x in verified if site_kind(x) == "attn.pattern"} & (capture_set | bp_sites | pending_sites)
+        sites = [x for x in verified if site_kind(x) != "attn.pattern" or x in wanted_patterns]
+        T = max(len(x) for x in seqs)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, x in enumerate(seqs):
+            ids[b, :len(x)] = torch.tensor(x)
+        lengths = torch.tensor([len(x) for x in seqs])
+        run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, capture_set, sites, stop_on_entry)
+        for bp in self.breakpoints:
+            bp.hits = 0
+        for p in self.patches:
+            p.applied = False
+        with self.cv:
+            self.current = run
+            self.runs[run.run_id] = run
+            while len(self.runs) > KEEP_RUNS:
+                old_id, old = next(iter(self.runs.items()))
+                if old is self.current:
+                    break
+                del self.runs[old_id]
+        run.start()
+        return run
+
+    def run_finished(self, run: DebugRun) -> None:
+        with self.cv:
+            run.patches = [p for p in run.patches if p.applied]
+            self.cv.notify_all()
+
+    def build_result(self, run: DebugRun, top_k: int = 10, include_logits: bool = False) -> pb.RunResult:
+        msg = pb.RunResult(run_id=run.run_id, state=run.state, exception=run.exception,
+                           lengths=[int(x) for x in run.lengths])
+        for row, n in zip(run.input_ids.tolist(), run.lengths.tolist()):
+            msg.input_ids.add(ids=row[:n])
+        if run.logits is not None:
+            probs = torch.softmax(run.logits, dim=-1)
+            k = min(top_k or 10, run.logits.shape[-1])
+            top = torch.topk(run.logits, k, dim=-1)
+            for b in range(run.logits.shape[0]):
+                tt = msg.top.add(batch_index=b, position=int(run.lengths[b]) - 1)
+                for tid, lg in zip(top.indices[b].tolist(), top.values[b].tolist()):
+                    tt.tokens.add(token_id=tid, text=self.decode([tid])[0], logit=lg, prob=float(probs[b, tid]))
+            if include_logits:
+                msg.last_logits.CopyFrom(wire.to_wire(run.logits))
+        return msg
+
+    def decode(self, ids: list[int]) -> list[str]:
+        tok = self.adapter.tokenizer
+        if tok is None:
+            return [f"<{i}>" for i in ids]
+        return [tok.decode([i]) for i in ids]
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def _active(self, what: str) -> DebugRun:
+        run = self.current
+        if run is None:
+            raise FailedPrecondition(f"cannot {what}: no run in this session; launch one first", reason="NO_RUN")
+        return run
+
+    def resume(self, command: str, step_kind: str | None = None) -> DebugRun:
+        run = self._active(command)
+        with self.cv:
+            if run.state != pb.PAUSED:
+                raise FailedPrecondition(f"cannot {command}: run {run.run_id} is {_STATE_NAMES[run.state]}, not paused",
+                                         reason="NOT_PAUSED")
+            if step_kind is not None:
+                start = run.index.get(run.stop.site, -1) if run.stop else -1
+                if run.stop is not None and run.stop.when == pb.BEFORE:
+                    start -= 1   # from "before S", stepping into runs S
+                run.step = (step_kind, start)
+            run.command = "go"
+            run.state, run.stop = pb.RUNNING, None   # the hand-off: the worker owns the run from here
+            self.cv.notify_all()
+        self.events.emit(run.run_id, continued=pb.Continued())
+        return run
+
+    def pause(self) -> DebugRun:
+        run = self._active("pause")
+        with self.cv:
+            if run.state == pb.RUNNING:
+                run.pause_requested = True
+        return run
+
+    def terminate(self) -> DebugRun:
+        run = self._active("terminate")
+        with self.cv:
+            if run.state in (pb.RUNNING, pb.PAUSED):
+                run.terminate_requested = True
+                run.command = "terminate"
+                self.cv.notify_all()
+        return run
+
+    def wait(self, run: DebugRun, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.cv:
+            while run.state == pb.RUNNING and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cv.wait(left)
+
+    def status(self, run: DebugRun | None = None) -> pb.RunStatus:
+        run = run or self.current
+        msg = pb.RunStatus(session_id=self.id)
+        for p in self.patches:
+            msg.patches.add(patch_id=p.id, site=p.name, op=p.describe(), scope="session", applied=p.applied)
+        if run is None:
+            msg.state = pb.IDLE
+            return msg
+        with self.cv:
+            msg.run_id, msg.state = run.run_id, run.state
+            if run.stop is not None:
+                msg.stop.CopyFrom(run.stop.to_proto())
+            if run.result is not None:
+                msg.result.CopyFrom(run.result)
+            for p in run.patches:
+                msg.patches.add(patch_id=p.id, site=p.name, op=p.describe(), scope="run", applied=p.applied)
+        return msg
+
+    # -- inspection ------------------------------------------------------------------------------
+
+    def _paused(self, what: str) -> tuple[DebugRun, StopState]:
+        run = self.current
+        if run is None or run.state != pb.PAUSED or run.stop is None:
+            state = _STATE_NAMES[run.state] if run else "idle"
+            raise FailedPrecondition(f"{what} needs a paused run (the session is {state})", reason="NOT_PAUSED")
+        return run, run.stop
+
+    def _new_ref(self, stop: StopState, payload: Any) -> int:
+        idx = len(stop.refs) + 1
+        ref = (stop.stop_id << REF_SHIFT) | idx
+        stop.refs[ref] = payload
+        return ref
+
+    def _resolve_ref(self, ref: int, what: str) -> tuple[DebugRun, StopState, Any]:
+        stop_id = ref >> REF_SHIFT
+        run = self.current
+        cur = run.stop if run is not None and run.state == pb.PAUSED else None
+        if cur is None or stop_id != cur.stop_id:
+            now = f"now at stop {cur.stop_id}" if cur else "the run is not paused now"
+            raise Aborted(f"{what} {ref} belongs to stop {stop_id}; the run has resumed since ({now}): "
+                          "get a fresh stack", reason="STALE_REFERENCE")
+        if ref not in cur.refs:
+            raise NotFound(f"{what} {ref} does not exist at this stop", reason="UNKNOWN_REFERENCE")
+        return run, cur, cur.refs[ref]
+
+    def stack(self) -> tuple[list[pb.StackFrame], int]:
+        run, stop = self._paused("the stack")
+        names = [stop.site, *reversed(enclosing(stop.site)), "model"] if stop.site else ["model"]
+        frames = []
+        for name in names:
+            prefix = "" if name == "model" else name
+            label = name if name != stop.site else (f"{name} (before)" if stop.when == pb.BEFORE else name)
+            frames.append(pb.StackFrame(id=self._new_ref(stop, ("frame", prefix)), name=label, site=prefix))
+        return frames, stop.stop_id
+
+    def scopes(self, frame_id: int) -> list[pb.Scope]:
+        run, stop, payload = self._resolve_ref(frame_id, "frame")
+        if payload[0] != "frame":
+            raise InvalidArgument(f"{frame_id} is not a frame id", reason="BAD_REFERENCE")
+        prefix = payload[1]
+        scopes = []
+        if prefix == stop.site and stop.value is not None:
+            scopes.append(pb.Scope(name="Value", variables_reference=self._new_ref(stop, ("value", prefix)), named_variables=1))
+        names = [x for x in run.order if x in run.captured and (not prefix or x == prefix or x.startswith(prefix + "."))]
+        scopes.append(pb.Scope(name="Captured", variables_reference=self._new_ref(stop, ("sites", tuple(names))),
+                               named_variables=len(names)))
+        if prefix == "":
+            n = len(self.patches) + len(run.patches)
+            scopes.append(pb.Scope(name="Patches", variables_reference=self._new_ref(stop, ("patches",)), named_variables=n))
+        return scopes
+
+    def _variable(self, stop: StopState, name: str, value: torch.Tensor, evaluate_name: str) -> pb.Variable:
+        shape = list(value.shape)
+        var = pb.Variable(name=name, evaluate_name=evaluate_name,
+                          type=f"tensor {str(value.dtype).replace('torch.', '')} {shape}")
+        if value.numel() == 1 and value.dim() == 0:
+            var.value = expr.render(value)
+            return var
+        summ = wire.summarize(value)
+        var.summary.CopyFrom(summ)
+        var.value = f"{shape} mean={summ.mean:.4g} norm={summ.norm:.4g} min={summ.min:.4g} max={summ.max:.4g}"
+        if summ.nan_count:
+            var.value += f" nan={summ.nan_count}"
+        var.variables_reference = self._new_ref(stop, ("expr", evaluate_name))
+        var.indexed_variables = shape[0] if shape else 0
+        return var
+
+    def variables(self, ref: int, start: int, count: int) -> list[pb.Variable]:
+        run, stop, payload = self._resolve_ref(ref, "variables reference")
+        kind = payload[0]
+        out: list[pb.Variable] = []
+        if kind == "value":
+            out.append(self._variable(stop, stop.site, stop.value, "x"))
+        elif kind == "sites":
+            names = list(payload[1])
+            names = names[start:start + count] if count else names[start:]
+            out = [self._variable(stop, n, run.captured[n], n) for n in names]
+        elif kind == "patches":
+            for p in (*self.patches, *run.patches):
+                out.append(pb.Variable(name=f"patch {p.id}", value=f"{p.describe()} ({p.scope}{', applied' if p.applied else ''})",
+                                       type="patch"))
+        elif kind == "expr":
+            base = payload[1]
+            value = self.evaluate_value(base, run)
+            n = value.shape[0] if value.dim() else 0
+            end = n if not count else min(n, start + count)
+            for i in range(max(start, 0), end):
+                out.append(self._variable(stop, f"[{i}]", value[i], f"{base}[{i}]"))
+        return out
+
+    def make_env(self, run: DebugRun, value: torch.Tensor | None, site: str = "") -> expr.Env:
+        adapter = self.adapter
+
+        def get_site(name: str) -> torch.Tensor:
+            canon = self._parse_site(name)
+            if canon in run.captured:
+                return run.captured[canon]
+            if canon not in run.index:
+                raise NotFound(f"{canon} is not computed in run {run.run_id} (attention patterns only when captured "
+                               "or a breakpoint asks)", reason="NOT_CAPTURED")
+            if run.state in (pb.RUNNING, pb.PAUSED) and run.index[canon] > run.last_fired:
+                raise FailedPrecondition(f"{canon} has not run yet in run {run.run_id}: step or continue until it does",
+                                         reason="NOT_YET_RUN")
+            raise NotFound(f"{canon} was not captured in run {run.run_id} (see the launch's capture list)",
+                           reason="NOT_CAPTURED")
+
+        return expr.Env(site=get_site, weight=lambda n: weights.weight(adapter, n), value=value,
+                        logit_lens=lambda x: weights.logit_lens(adapter, x), unembed=lambda x: weights.unembed(adapter, x),
+                        decode=self.decode, extra={"site": site})
+
+    def evaluate_value(self, expression: str, run: DebugRun | None = None, value: Any = None) -> Any:
+        run = run or self.run_for("")
+        if value is None and run.state == pb.PAUSED and run.stop is not None:
+            value = run.stop.value
+        return expr.evaluate(expression, self.make_env(run, value=value, site=run.stop.site if run.stop else ""))
+
+    # -- patching --------------------------------------------------------------------------------
+
+    def patch(self, name: str, op: str, selector: Selector, value: torch.Tensor | None, scalar: float,
+              source_run_id: str, mean_over: str) -> tuple[PatchSpec, bool]:
+        name = name.strip()
+        unit = parse_unit(name)
+        if unit is not None:
+            self._check_unit(unit)
+            site = unit_site(unit)
+            if unit.kind == "neuron":
+                selector.neurons = [unit.index]
+        else:
+            site = self._parse_site(name)
+        if site not in set(self.adapter.verified_sites):
+            raise FailedPrecondition(f"{site} is never reached by this model's forward pass", reason="UNVERIFIED_SITE")
+        if mean_over not in ("", "positions", "batch"):
+            raise InvalidArgument(f"mean_over must be 'positions' or 'batch', not {mean_over!r}", reason="BAD_PATCH")
+        if op in ("set",) and value is None:
+            raise InvalidArgument("op 'set' needs a value", reason="BAD_PATCH")
+        spec = PatchSpec(id=next(self._patch_ids), name=name, site=site, op=op, selector=selector,
+                         head=unit.index if unit is not None and unit.kind == "head" else None,
+                         value=value, scalar=scalar, mean_over=mean_over or "positions")
+        if op == "copy_from_run":
+            src = self.run_for(source_run_id) if source_run_id else None
+            if src is None:
+                raise InvalidArgument("copy_from_run needs source_run_id", reason="BAD_PATCH")
+            if src.state not in _DONE:
+                raise FailedPrecondition(f"source run {src.run_id} has not finished", reason="SOURCE_RUNNING")
+            spec.source = self._source(src, site, unit)
+            spec.source()  # fails now, with a clear message, if the source lacks the value
+        run = self.current
+        with self.cv:
+            active = run is not None and run.state in (pb.RUNNING, pb.PAUSED)
+            if not active:
+                spec.scope = "session"
+                self.patches.append(spec)
+                return spec, False
+            if run.state == pb.RUNNING:
+                raise FailedPrecondition("the run is running: pause it (or set a breakpoint) before patching it",
+                                         reason="RUNNING")
+            stop = run.stop
+            if site not in run.index:
+                raise FailedPrecondition(f"{site} is not computed in run {run.run_id}", reason="NOT_IN_RUN")
+            here = run.index.get(stop.site, -1)
+            there = run.index[site]
+            at_value = stop.when == pb.AFTER and there == here
+            if there < here or (there == here and stop.when == pb.AFTER and stop.value is None):
+                raise FailedPrecondition(
+                    f"{site} already ran in run {run.run_id} (the run is stopped at {stop.site}): a patch must be "
+                    "registered before its site runs — set a BEFORE breakpoint on it, or patch before launching",
+                    reason="SITE_ALREADY_RAN")
+            spec.scope = "run"
+            if at_value:
+                cur = run.current_value()
+                if spec.head is not None:
+                    layer = int(site.split(".")[1])
+                    new = apply_head(cur, run.z[layer], self.adapter.W_O(layer)[spec.head], spec, run.lengths)
+                else:
+                    new = apply(cur, spec, run.lengths)
+                run._value = new
+                if stop.value is not None and stop.value.shape == new.shape:
+                    stop.value = new   # the stop showed the site itself (not a unit's slice of it)
+                spec.applied = True
+                run.patches.append(spec)
+                return spec, True
+            run.patches.append(spec)
+            return spec, False
+
+    def _source(self, src: DebugRun, site: str, unit: Unit | None) -> Callable[[], torch.Tensor]:
+        def get() -> torch.Tensor:
+            if unit is not None and unit.kind == "head":
+                z = src.z.get(unit.layer)
+                if z is None:
+                    raise FailedPrecondition(f"run {src.run_id} has no attn.z for layer {unit.layer}", reason="NO_SOURCE_VALUE")
+                return z[:, :, unit.index, :] @ self.adapter.W_O(unit.layer)[unit.index]
+            if site not in src.captured:
+                raise FailedPrecondition(f"run {src.run_id} did not capture {site}", reason="NO_SOURCE_VALUE")
+            return src.captured[site]
+        return get
+
+    def clear_patches(self) -> int:
+        with self.cv:
+            n = len(self.patches)
+            self.patches = []
+            run = self.current
+            if run is not None and run.state not in (pb.RUNNING, pb.PAUSED):
+                n += len(run.patches)
+            return n
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self, reason: str = "closed") -> None:
+        with self.cv:
+            if self.closed:
+                return
+            self.closed = True
+            run = self.current
+            if run is not None and run.state in (pb.RUNNING, pb.PAUSED):
+                run.terminate_requested = True
+                run.command = "terminate"
+            self.cv.notify_all()
+        if run is not None and run.thread is not None:
+            run.thread.join(timeout=30)
+        self.events.emit("", terminated=pb.Terminated(reason=reason))
+        self.events.close()
+        with self.cv:
+            self.runs.clear()
+            self.current = None
+            self.patches = []
+
+
+class SessionManager:
+    """All sessions of one server over one model; closes abandoned ones."""
+
+    def __init__(self, adapter: Any, default_idle_timeout_s: float = 600.0, max_sessions: int = 64,
+                 reap_interval_s: float = 0.5):
+        self.adapter = adapter
+        self.default_idle_timeout_s = default_idle_timeout_s
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, args=(reap_interval_s,), name="tdb-reaper", daemon=True)
+        self._reaper.start()
+
+    def create(self, name: str = "", idle_timeout_s: float = 0.0) -> Session:
+        if idle_timeout_s < 0:
+            raise InvalidArgument("idle_timeout_s must be >= 0", reason="BAD_TIMEOUT")
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                from ..errors import ResourceExhausted
+                raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one",
+                                        reason="TOO_MANY_SESSIONS")
+            sid = uuid.uuid4().hex[:16]
+            s = Session(self.adapter, sid, name, idle_timeout_s or self.default_idle_timeout_s)
+            self._sessions[sid] = s
+            return s
+
+    def get(self, session_id: str) -> Session:
+        if not session_id:
+            raise InvalidArgument("session_id is required", reason="NO_SESSION_ID")
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"session {session_id!r} does not exist (closed, timed out, or never created)",
+                           reason="UNKNOWN_SESSION")
+        s.touch()
+        return s
+
+    def close(self, session_id: str, reason: str = "closed") -> None:
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+        if s is None:
+            raise NotFound(f"session {session_id!r} does not exist", reason="UNKNOWN_SESSION")
+        s.close(reason)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def _reap(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            for s in self.sessions():
+                if s.streams == 0 and now - s.last_activity > s.idle_timeout_s:
+                    try:
+                        self.close(s.id, reason="idle timeout")
+                    except NotFound:
+                        pass
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for s in self.sessions():
+            try:
+                self.close(s.id, reason="server shutting down")
+            except NotFound:
+                pass

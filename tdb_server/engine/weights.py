@@ -1,0 +1,53 @@
+"""Named weights and read-outs of a model adapter, as the expression language sees them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgument
+
+_LAYER_WEIGHT = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(W_O|b_O|W_out|b_out|W_in)$")
+
+
+def device(adapter: Any) -> torch.device:
+    return next(adapter.model.parameters()).device
+
+
+def weight(adapter: Any, name: str) -> torch.Tensor:
+    """W_U [D, V], b_U [V], W_E [V, D], blocks.L.attn.W_O [H, Dh, D], b_O [D], blocks.L.mlp.W_out [N, D],
+    b_out [D], W_in [D, N]."""
+    if name in ("W_U", "b_U", "W_E"):
+        return getattr(adapter, name)
+    m = _LAYER_WEIGHT.match(name)
+    if m is None:
+        raise InvalidArgument(f"unknown weight {name!r}: W_U, b_U, W_E, blocks.L.attn.W_O/b_O, "
+                              "blocks.L.mlp.W_in/W_out/b_out", reason="UNKNOWN_WEIGHT")
+    layer = int(m.group(1))
+    if not 0 <= layer < adapter.info.n_layers:
+        raise InvalidArgument(f"layer {layer} out of range (the model has {adapter.info.n_layers})",
+                              reason="OUT_OF_RANGE")
+    return getattr(adapter, m.group(3))(layer)
+
+
+def unembed(adapter: Any, x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ W_U + b_U -> [..., V] (no final norm)."""
+    W_U = adapter.W_U
+    return x.to(W_U.dtype) @ W_U + adapter.b_U
+
+
+def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
+    """The final norm then the unembedding of a residual stream [..., D] -> [..., V]."""
+    with torch.no_grad():
+        return unembed(adapter, adapter.final_norm(resid.to(adapter.W_U.dtype)))
+
+
+def max_positions(adapter: Any) -> int:
+    cfg = adapter.model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 0

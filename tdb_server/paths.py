@@ -1,0 +1,34 @@
+"""Where the bundled model(s) live inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+DEFAULT_MODEL = "austen"
+
+
+def bundled_models() -> dict[str, Path]:
+    """Name -> directory of every bundled model (a folder with a config.json)."""
+    if not BUNDLED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def default_model_path() -> Path:
+    models = bundled_models()
+    if DEFAULT_MODEL in models:
+        return models[DEFAULT_MODEL]
+    if models:
+        return next(iter(models.values()))
+    raise FileNotFoundError(f"no bundled model under {BUNDLED_DIR}; run scripts/train_bundled.py or pass --model")
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """`None` -> the default bundled model; a bundled model's name -> its folder; else the path."""
+    if not name_or_path:
+        return str(default_model_path())
+    models = bundled_models()
+    if name_or_path in models:
+        return str(models[name_or_path])
+    return name_or_path

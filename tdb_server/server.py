@@ -1,0 +1,112 @@
+"""Building and running the gRPC server.
+
+`create_server(address, adapter)` builds and starts a server and returns (server, port) — tests
+bind "127.0.0.1:0". `serve()` is the blocking entry point behind `tdb serve`: it loads the model,
+prints `tdb: listening on HOST:PORT` once the port is bound, and shuts down gracefully on
+SIGINT/SIGTERM. Standard gRPC health checking and server reflection are enabled when their packages
+(grpcio-health-checking, grpcio-reflection) are installed; the server runs without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tdb.v1 import debugger_pb2, debugger_pb2_grpc
+
+from .engine.session import SessionManager
+from .servicer import DebuggerServicer
+
+log = logging.getLogger("tdb.server")
+
+MAX_MESSAGE_BYTES = 256 << 20   # a patch value can be large; reads stream in ~1 MiB chunks anyway
+DEFAULT_WORKERS = 32            # paused runs do not hold RPC threads; long polls and streams do
+
+
+@dataclass
+class ServerHandle:
+    server: grpc.Server
+    port: int
+    sessions: SessionManager
+    health: Any = None
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        self.sessions.shutdown()
+        self.server.stop(grace).wait()
+
+
+def _enable_health_and_reflection(server: grpc.Server, service_names: list[str]) -> Any:
+    health = None
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        for name in ("", *service_names):
+            health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        service_names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    except ImportError:
+        log.warning("grpcio-health-checking is not installed: no gRPC health service")
+    try:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
+    except ImportError:
+        log.warning("grpcio-reflection is not installed: no server reflection")
+    return health
+
+
+def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORKERS,
+                  idle_timeout_s: float = 600.0, max_sessions: int = 64) -> tuple[ServerHandle, int]:
+    """Build, bind and start a server for `adapter` on `address` ("host:port"; port 0 = any free)."""
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tdb-rpc"),
+                         options=options)
+    sessions = SessionManager(adapter, default_idle_timeout_s=idle_timeout_s, max_sessions=max_sessions)
+    debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
+    names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name]
+    health = _enable_health_and_reflection(server, names)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        sessions.shutdown()
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    return ServerHandle(server, port, sessions, health), port
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
+          dtype: str = "auto", ready: threading.Event | None = None) -> int:
+    """Load the model, serve until SIGINT/SIGTERM, then shut down gracefully."""
+    from .model import load_model
+    from .paths import resolve_model
+
+    adapter = load_model(resolve_model(model), device=device, dtype=dtype)
+    handle, bound = create_server(f"{host}:{port}", adapter)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"tdb: listening on {shown_host}:{bound}", flush=True)
+    print(f"tdb: model {adapter.info.name} ({adapter.info.architecture}, {adapter.info.n_layers} layers, "
+          f"{adapter.info.device}, {adapter.info.dtype})", file=sys.stderr, flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    if ready is not None:
+        ready.set()
+    done.wait()
+    print("tdb: shutting down", file=sys.stderr, flush=True)
+    handle.stop(grace=2.0)
+    return 0

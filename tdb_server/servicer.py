@@ -1,0 +1,342 @@
+"""The Debugger gRPC servicer: one method per RPC, translating protos <-> engine calls, nothing else.
+
+`_rpc` is the one place that turns errors into gRPC statuses: a TdbServerError keeps its code and
+reason (sent as `tdb-reason` trailing metadata); anything unexpected becomes INTERNAL, logged with
+its traceback. No handler can take the server down.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+from typing import Any, Callable, Iterator
+
+import grpc
+import torch
+
+from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
+
+from . import PROTOCOL_VERSION, __version__, wire
+from .engine import expr, weights
+from .engine.patches import OPS, Selector
+from .engine.session import DEFAULT_WAIT_S, SessionManager, site_dims
+from .errors import InvalidArgument, ResourceExhausted, TdbServerError
+
+log = logging.getLogger("tdb.server")
+
+CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 16 << 20
+_OP_NAMES = {pb.SET: "set", pb.ADD: "add", pb.SCALE: "scale", pb.ZERO: "zero", pb.MEAN: "mean",
+             pb.COPY_FROM_RUN: "copy_from_run"}
+_STEP_NAMES = {pb.STEP_INTO: "into", pb.STEP_OVER: "over", pb.STEP_OUT: "out"}
+
+
+def _abort(context: grpc.ServicerContext, err: TdbServerError) -> None:
+    md = [("tdb-reason", err.reason)]
+    if err.suggestions:
+        md.append(("tdb-suggestions", ",".join(err.suggestions)))
+    context.set_trailing_metadata(md)
+    context.abort(err.code, err.message)
+
+
+def _convert(context: grpc.ServicerContext, e: BaseException) -> None:
+    if isinstance(e, TdbServerError):
+        _abort(context, e)
+    if isinstance(e, torch.OutOfMemoryError):
+        _abort(context, ResourceExhausted(f"out of memory on the model's device: {e}", reason="OUT_OF_MEMORY"))
+    log.exception("internal error in a tdb handler")
+    context.set_trailing_metadata([("tdb-reason", "INTERNAL")])
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+
+def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as e:  # noqa: BLE001 - the one conversion point
+            _convert(context, e)
+    return unary
+
+
+def _rpc_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    @functools.wraps(fn)
+    def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as e:  # noqa: BLE001
+            _convert(context, e)
+    return stream
+
+
+def _wait_s(ms: int) -> float:
+    return ms / 1000.0 if ms > 0 else DEFAULT_WAIT_S
+
+
+def capabilities(analyses: list[str] | None = None) -> common_pb2.Capabilities:
+    flags = {
+        "supportsConditionalBreakpoints": True, "supportsHitConditionalBreakpoints": True,
+        "supportsLogPoints": True, "supportsBreakBefore": True, "supportsStepInto": True,
+        "supportsStepOver": True, "supportsStepOut": True, "supportsPause": True, "supportsTerminate": True,
+        "supportsPatching": True, "supportsPatchBeforeRun": True, "supportsCopyFromRun": True,
+        "supportsEvaluate": True, "supportsReadTensor": True, "supportsEventReplay": True,
+        "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
+    }
+    return common_pb2.Capabilities(flags=flags, analyses=analyses or [], expression_functions=expr.FUNCTION_NAMES,
+                                   patch_ops=list(OPS))
+
+
+def model_info_proto(adapter: Any) -> common_pb2.ModelInfo:
+    info = adapter.info
+    verified = set(adapter.verified_sites)
+    sites = []
+    for name in info.sites:
+        kind = name.split(".", 2)[2] if name.startswith("blocks.") else name
+        layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+        sites.append(common_pb2.SiteInfo(name=name, dims=site_dims(kind), verified=name in verified, kind=kind,
+                                         layer=layer))
+    return common_pb2.ModelInfo(
+        name=info.name, architecture=info.architecture, n_layers=info.n_layers, n_heads=info.n_heads,
+        n_kv_heads=info.n_kv_heads, d_model=info.d_model, d_head=info.d_head, d_mlp=info.d_mlp,
+        vocab_size=info.vocab_size, dtype=info.dtype, device=info.device, sites=sites,
+        parallel_blocks=info.parallel_blocks, has_tokenizer=info.has_tokenizer,
+        source=str(getattr(adapter, "source", "") or ""), max_positions=weights.max_positions(adapter))
+
+
+class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
+    def __init__(self, adapter: Any, sessions: SessionManager):
+        self.adapter = adapter
+        self.sessions = sessions
+
+    # -- handshake -------------------------------------------------------------------------------
+
+    @_rpc
+    def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeResponse:
+        major = PROTOCOL_VERSION.split(".")[0]
+        if request.protocol_version and request.protocol_version.split(".")[0] != major:
+            raise InvalidArgument(f"client speaks protocol {request.protocol_version}; this server speaks "
+                                  f"{PROTOCOL_VERSION}", reason="PROTOCOL_MISMATCH")
+        return pb.InitializeResponse(protocol_version=PROTOCOL_VERSION, server_version=__version__,
+                                     capabilities=capabilities(), model=model_info_proto(self.adapter))
+
+    @_rpc
+    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        tok = self.adapter.tokenizer
+        if tok is None:
+            raise InvalidArgument("this model has no tokenizer", reason="NO_TOKENIZER")
+        ids = list(tok(request.text, add_special_tokens=False)["input_ids"])
+        if request.prepend_bos and tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        return pb.TokenizeResponse(ids=ids, tokens=[tok.decode([i]) for i in ids])
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    @_rpc
+    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
+        s = self.sessions.create(request.name, request.idle_timeout_s)
+        return pb.CreateSessionResponse(session_id=s.id, idle_timeout_s=s.idle_timeout_s)
+
+    @_rpc
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
+        self.sessions.close(request.session_id)
+        return pb.CloseSessionResponse()
+
+    @_rpc
+    def SetBreakpoints(self, request: pb.SetBreakpointsRequest, context: grpc.ServicerContext) -> pb.SetBreakpointsResponse:
+        s = self.sessions.get(request.session_id)
+        specs = s.set_breakpoints(list(request.breakpoints))
+        return pb.SetBreakpointsResponse(breakpoints=[
+            pb.BreakpointStatus(id=b.id, verified=b.verified, message=b.message, sites=b.sites) for b in specs])
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    @_rpc
+    def Launch(self, request: pb.LaunchRequest, context: grpc.ServicerContext) -> pb.RunStatus:
+        s = self.sessions.get(request.session_id)
+        run = s.launch(list(request.prompts), [list(t.ids) for t in request.token_ids], request.prepend_bos,
+                       list(request.capture), request.stop_on_entry)
+        if request.wait:
+            s.wait(run, _wait_s(request.wait_timeout_ms))
+        return s.status(run)
+
+    def _control(self, request: Any, command: str, step: str | None = None) -> pb.RunStatus:
+        s = self.sessions.get(request.session_id)
+        run = s.resume(command, step)
+        if request.wait:
+            s.wait(run, _wait_s(request.wait_timeout_ms))
+        return s.status(run)
+
+    @_rpc
+    def Continue(self, request: pb.ContinueRequest, context: grpc.ServicerContext) -> pb.RunStatus:
+        return self._control(request, "continue")
+
+    @_rpc
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.RunStatus:
+        return self._control(request, "step", _STEP_NAMES[request.kind])
+
+    @_rpc
+    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.RunStatus:
+        s = self.sessions.get(request.session_id)
+        run = s.pause()
+        if request.wait:
+            s.wait(run, _wait_s(request.wait_timeout_ms))
+        return s.status(run)
+
+    @_rpc
+    def Terminate(self, request: pb.TerminateRequest, context: grpc.ServicerContext) -> pb.RunStatus:
+        s = self.sessions.get(request.session_id)
+        run = s.terminate()
+        if request.wait and run.thread is not None:
+            run.thread.join(_wait_s(request.wait_timeout_ms))
+        return s.status(run)
+
+    @_rpc
+    def GetRunStatus(self, request: pb.GetRunStatusRequest, context: grpc.ServicerContext) -> pb.RunStatus:
+        s = self.sessions.get(request.session_id)
+        if request.wait and s.current is not None:
+            s.wait(s.current, _wait_s(request.wait_timeout_ms))
+        return s.status()
+
+    @_rpc
+    def GetResult(self, request: pb.GetResultRequest, context: grpc.ServicerContext) -> pb.RunResult:
+        s = self.sessions.get(request.session_id)
+        run = s.run_for(request.run_id)
+        return s.build_result(run, top_k=request.top_k or 10, include_logits=request.include_logits)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    @_rpc_stream
+    def Events(self, request: pb.EventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+        s = self.sessions.get(request.session_id)
+        s.streams += 1
+        try:
+            after = request.after_seq
+            events, truncated = s.events.since(after)
+            if truncated:
+                yield pb.Event(seq=after, invalidated=pb.Invalidated(what="events dropped from the replay ring"))
+            while context.is_active():
+                events, _ = s.events.since(after)
+                for ev in events:
+                    yield ev
+                    after = ev.seq
+                if s.events.closed and not s.events.since(after)[0]:
+                    return
+                s.events.wait(after, timeout=0.5)
+        finally:
+            s.streams -= 1
+            s.touch()
+
+    @_rpc
+    def PollEvents(self, request: pb.PollEventsRequest, context: grpc.ServicerContext) -> pb.PollEventsResponse:
+        s = self.sessions.get(request.session_id)
+        if request.timeout_ms > 0:
+            s.events.wait(request.after_seq, min(request.timeout_ms / 1000.0, 30.0))
+        events, truncated = s.events.since(request.after_seq, request.max_events)
+        return pb.PollEventsResponse(events=events, last_seq=s.events.last_seq, truncated=truncated)
+
+    # -- inspection ------------------------------------------------------------------------------
+
+    @_rpc
+    def GetStack(self, request: pb.GetStackRequest, context: grpc.ServicerContext) -> pb.GetStackResponse:
+        frames, stop_id = self.sessions.get(request.session_id).stack()
+        return pb.GetStackResponse(frames=frames, stop_id=stop_id)
+
+    @_rpc
+    def GetScopes(self, request: pb.GetScopesRequest, context: grpc.ServicerContext) -> pb.GetScopesResponse:
+        return pb.GetScopesResponse(scopes=self.sessions.get(request.session_id).scopes(request.frame_id))
+
+    @_rpc
+    def GetVariables(self, request: pb.GetVariablesRequest, context: grpc.ServicerContext) -> pb.GetVariablesResponse:
+        if request.start < 0 or request.count < 0:
+            raise InvalidArgument("start and count must be >= 0", reason="BAD_RANGE")
+        s = self.sessions.get(request.session_id)
+        return pb.GetVariablesResponse(variables=s.variables(request.variables_reference, request.start, request.count))
+
+    def _tensor(self, session_id: str, expression: str, run_id: str) -> torch.Tensor:
+        s = self.sessions.get(session_id)
+        run = s.run_for(run_id)
+        value = s.evaluate_value(expression, run)
+        if isinstance(value, expr.TopK):
+            value = value.values
+        if isinstance(value, (int, float, bool)):
+            value = torch.tensor(value)
+        if not isinstance(value, torch.Tensor):
+            raise InvalidArgument(f"{expression!r} is not a tensor", reason="NOT_A_TENSOR")
+        return value
+
+    @_rpc_stream
+    def ReadTensor(self, request: pb.ReadTensorRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
+        if request.chunk_bytes < 0 or request.chunk_bytes > MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"chunk_bytes must be in [0, {MAX_CHUNK_BYTES}]", reason="BAD_CHUNK_SIZE")
+        t = self._tensor(request.session_id, request.expression, request.run_id)
+        if request.dtype:
+            t = t.to(wire.torch_dtype(request.dtype))
+        data = memoryview(wire.tensor_bytes(t))
+        size = request.chunk_bytes or CHUNK_BYTES
+        total = len(data)
+        dtype = wire.wire_dtype(t.dtype)
+        crc = 0
+        offset = 0
+        while True:
+            piece = data[offset:offset + size]
+            crc = zlib.crc32(piece, crc)
+            last = offset + len(piece) >= total
+            chunk = pb.TensorChunk(offset=offset, data=bytes(piece), last=last)
+            if offset == 0:
+                chunk.dtype, chunk.total_bytes = dtype, total
+                chunk.shape.extend(t.shape)
+            if last:
+                chunk.crc32 = crc
+            yield chunk
+            offset += len(piece)
+            if last or not context.is_active():
+                return
+
+    @_rpc
+    def TensorStats(self, request: pb.TensorStatsRequest, context: grpc.ServicerContext) -> common_pb2.TensorSummary:
+        return wire.summarize(self._tensor(request.session_id, request.expression, request.run_id))
+
+    @_rpc
+    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+        s = self.sessions.get(request.session_id)
+        run = s.run_for(request.run_id)
+        if request.frame_id:
+            s._resolve_ref(request.frame_id, "frame")   # stale frames are ABORTED
+        value = s.evaluate_value(request.expression, run)
+        limit = request.max_elements or 4096
+        resp = pb.EvaluateResponse(result=expr.render(value))
+        if isinstance(value, expr.TopK):
+            resp.tokens.extend(s.decode([int(i) for i in value.indices.flatten().tolist()]))
+            resp.value.CopyFrom(wire.to_wire(torch.stack([value.values.float(), value.indices.float()])))
+            return resp
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            resp.tokens.extend(value)
+            return resp
+        if isinstance(value, (bool, int, float)):
+            value = torch.tensor(value)
+        if isinstance(value, torch.Tensor):
+            resp.summary.CopyFrom(wire.summarize(value))
+            if value.numel() <= limit:
+                resp.value.CopyFrom(wire.to_wire(value))
+        return resp
+
+    # -- patching --------------------------------------------------------------------------------
+
+    @_rpc
+    def Patch(self, request: pb.PatchRequest, context: grpc.ServicerContext) -> pb.PatchResponse:
+        s = self.sessions.get(request.session_id)
+        op = _OP_NAMES.get(request.op)
+        if op is None:
+            raise InvalidArgument(f"unknown patch op {request.op}", reason="BAD_PATCH_OP")
+        sel = request.selector
+        selector = Selector(batch=list(sel.batch), positions=list(sel.positions), heads=list(sel.heads),
+                            neurons=list(sel.neurons))
+        value = wire.from_wire(request.value) if request.HasField("value") else None
+        spec, now = s.patch(request.site, op, selector, value, request.scalar, request.source_run_id, request.mean_over)
+        return pb.PatchResponse(patch_id=spec.id, applied_now=now, scope=spec.scope,
+                                message=f"{spec.describe()}: {'applied at this stop' if now else 'registered'}")
+
+    @_rpc
+    def ClearPatches(self, request: pb.ClearPatchesRequest, context: grpc.ServicerContext) -> pb.ClearPatchesResponse:
+        return pb.ClearPatchesResponse(cleared=self.sessions.get(request.session_id).clear_patches())
