@@ -51,14 +51,29 @@ class _Stub:
         except grpc.RpcError as e:
             raise TdbError.from_rpc(e) from None
 
-    def stream(self, method: str, request: Any, timeout: float | None = None) -> Iterator[Any]:
-        call = getattr(self._stub, method)(request, timeout=timeout)
+    def stream(self, method: str, request: Any, timeout: float | None = None) -> "_Stream":
+        return _Stream(getattr(self._stub, method)(request, timeout=timeout))
+
+
+class _Stream:
+    """A server stream as an iterator that raises TdbError; `close()` cancels it from any thread."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> Any:
         try:
-            yield from call
+            return next(self._call)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
             raise TdbError.from_rpc(e) from None
-        finally:
-            call.cancel()
+
+    def close(self) -> None:
+        self._call.cancel()
 
 
 class TdbClient:
@@ -219,10 +234,11 @@ class Session:
 
     # -- events ----------------------------------------------------------------------------------
 
-    def events(self, after_seq: int = 0, timeout: float | None = None) -> Iterator[Event]:
-        """Stream the session's events (replaying retained ones after `after_seq`)."""
-        for m in self._rpc.stream("Events", pb.EventsRequest(session_id=self.id, after_seq=after_seq), timeout=timeout):
-            yield Event.from_proto(m)
+    def events(self, after_seq: int = 0, timeout: float | None = None) -> "EventStream":
+        """Stream the session's events (replaying retained ones after `after_seq`). Iterate it; `close()` it
+        (from any thread) to stop."""
+        return EventStream(self._rpc.stream("Events", pb.EventsRequest(session_id=self.id, after_seq=after_seq),
+                                            timeout=timeout))
 
     def poll_events(self, after_seq: int = 0, max_events: int = 0, timeout: float = 0.0) -> tuple[list[Event], int, bool]:
         """Events after `after_seq` (waiting up to `timeout` s for one): (events, last_seq, truncated)."""
@@ -266,13 +282,15 @@ class Session:
         shape: list[int] = []
         wdtype = 0
         crc = 0
-        for chunk in self._rpc.stream("ReadTensor", req, timeout=600):
+        stream = self._rpc.stream("ReadTensor", req, timeout=600)
+        for chunk in stream:
             if buf is None:
                 buf, shape, wdtype = bytearray(chunk.total_bytes), list(chunk.shape), chunk.dtype
             n = len(chunk.data)
             buf[chunk.offset:chunk.offset + n] = chunk.data
             crc = zlib.crc32(chunk.data, crc)
             if chunk.last:
+                stream.close()
                 if chunk.crc32 != crc:
                     raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"checksum mismatch reading {expression}")
                 break
@@ -320,6 +338,22 @@ class Session:
         return self._rpc("ClearPatches", pb.ClearPatchesRequest(session_id=self.id)).cleared
 
 
+class EventStream:
+    """An iterator of Event; close() cancels the underlying stream."""
+
+    def __init__(self, stream: _Stream):
+        self._stream = stream
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> Event:
+        return Event.from_proto(next(self._stream))
+
+    def close(self) -> None:
+        self._stream.close()
+
+
 class EventCollector:
     """Collects a session's events on a background thread (handy in tests and notebooks)."""
 
@@ -345,6 +379,5 @@ class EventCollector:
             return [e for e in self.events if e.kind == kind]
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close:
-            close()
+        self._it.close()
+        self._thread.join(timeout=5)

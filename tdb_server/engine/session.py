@@ -145,13 +145,13 @@ class DebugRun:
             else:
                 self.stop = None
             self.result = s.build_result(self, top_k=10)
+            if state == pb.FAILED:
+                s.events.emit(self.run_id, stopped=self.stop.to_proto())
+            if state == pb.TERMINATED:
+                s.events.emit(self.run_id, terminated=pb.Terminated(reason="terminated"))
+            s.events.emit(self.run_id, run_exited=pb.RunExited(result=self.result))
+            self.patches = [p for p in self.patches if p.applied]
             s.cv.notify_all()
-        if state == pb.FAILED:
-            s.events.emit(self.run_id, stopped=self.stop.to_proto())
-        if state == pb.TERMINATED:
-            s.events.emit(self.run_id, terminated=pb.Terminated(reason="terminated"))
-        s.events.emit(self.run_id, run_exited=pb.RunExited(result=self.result))
-        s.run_finished(self)
 
     # -- the site handler ------------------------------------------------------------------------
 
@@ -301,9 +301,8 @@ class DebugRun:
             stop.stop_id = s.next_stop_id()
             self.stop, self.state = stop, pb.PAUSED
             self.step, self.pause_requested, self.command = None, False, None
+            s.events.emit(self.run_id, stopped=stop.to_proto())   # before anyone can see PAUSED and resume
             s.cv.notify_all()
-        s.events.emit(self.run_id, stopped=stop.to_proto())
-        with s.cv:
             while self.command is None:
                 s.cv.wait()
             cmd, self.command = self.command, None
@@ -491,11 +490,6 @@ class Session:
         run.start()
         return run
 
-    def run_finished(self, run: DebugRun) -> None:
-        with self.cv:
-            run.patches = [p for p in run.patches if p.applied]
-            self.cv.notify_all()
-
     def build_result(self, run: DebugRun, top_k: int = 10, include_logits: bool = False) -> pb.RunResult:
         msg = pb.RunResult(run_id=run.run_id, state=run.state, exception=run.exception,
                            lengths=[int(x) for x in run.lengths])
@@ -540,8 +534,8 @@ class Session:
                 run.step = (step_kind, start)
             run.command = "go"
             run.state, run.stop = pb.RUNNING, None   # the hand-off: the worker owns the run from here
+            self.events.emit(run.run_id, continued=pb.Continued())
             self.cv.notify_all()
-        self.events.emit(run.run_id, continued=pb.Continued())
         return run
 
     def pause(self) -> DebugRun:
@@ -765,6 +759,8 @@ class Session:
                 else:
                     new = apply(cur, spec, run.lengths)
                 run._value = new
+                if site in run.capture:
+                    run.captured[site] = new
                 if stop.value is not None and stop.value.shape == new.shape:
                     stop.value = new   # the stop showed the site itself (not a unit's slice of it)
                 spec.applied = True

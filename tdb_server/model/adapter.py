@@ -1,0 +1,275 @@
+"""ModelAdapter: the real HF model plus what the debugger needs to talk about it.
+
+It wraps (never re-implements) a `...ForCausalLM` and its tokenizer and gives, the same way for every
+supported family: `info` (sizes, dtype, device, sites), weights for direct effects in one layout,
+the final norm's frozen-scale linearisation (for exact direct logit attribution), `running(handler)`
+(see hooks.py) and `forward`. On construction it switches the model to the attention wrapper and
+runs a parity self-check that also marks which sites are `verified` (actually reached).
+
+Weight layout (what analyses rely on; GPT-2's Conv1D [in, out] weights are converted here):
+
+| weight         | shape       | meaning                                                          |
+|----------------|-------------|------------------------------------------------------------------|
+| `W_O(L)`       | [H, Dh, D]  | per-head output projection: attn.out = sum_h z_h @ W_O[h] + b_O  |
+| `b_O(L)`       | [D]         | output projection bias (zeros if none)                           |
+| `W_in(L)`      | [N, D]      | row n: what neuron n reads (gated MLP: the gate projection)      |
+| `W_out(L)`     | [N, D]      | row n: what neuron n writes: mlp.out = sum_n post_n W_out[n] + b_out |
+| `b_out(L)`     | [D]         | down projection bias (zeros if none)                             |
+| `W_U`, `b_U`   | [D, V], [V] | unembedding (b_U zeros if none)                                  |
+| `W_E`          | [V, D]      | token embedding                                                  |
+
+Final norm, linearised with its scale frozen (exact for the full residual, and additive over any
+decomposition of it, which is what direct logit attribution needs):
+
+    final_norm(resid) == final_norm_linear(resid, s) + final_norm_bias,  s = final_norm_scale(resid)
+    final_norm_linear(x, s) = center(x) * s * weight      (center: x - mean(x) for LayerNorm,
+                                                          identity for RMSNorm)
+    s = 1 / sqrt(var(resid) + eps)  (LayerNorm)   or   1 / sqrt(mean(resid^2) + eps)  (RMSNorm)
+
+so logits = sum_c final_norm_linear(c, s) @ W_U + (final_norm_bias @ W_U + b_U) over components c of
+the residual stream. Centering is linear, so it distributes over components; the LayerNorm bias is
+not attributed to any component and goes to the constant term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tdb_server.errors import FailedPrecondition
+
+from .arch import ArchSpec, arch_for, get_path
+from .hooks import HookManager, Run, SiteHandler, install_attention_wrapper
+from .sites import all_sites, site_shape
+
+
+class ParityError(FailedPrecondition):
+    """The model with our hooks on every site does not reproduce plain HF logits."""
+
+    reason = "PARITY_CHECK_FAILED"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str          # config.model_type
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    dtype: str                 # e.g. "float32"
+    device: str                # e.g. "cpu", "cuda:0"
+    sites: list[str] = field(default_factory=list)  # all canonical sites, execution order
+    parallel_blocks: bool = False                     # attn and MLP both read resid_pre (NeoX)
+    has_tokenizer: bool = False
+    attn_implementation: str = ""                     # the wrapped one: "sdpa", "eager", ...
+
+
+class _Recorder:
+    """A handler that records (site, shape) without patching: used by the self-check."""
+
+    def __init__(self, sites: list[str]):
+        self.sites = frozenset(sites)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def on_site(self, site: str, value: torch.Tensor) -> None:
+        self.shapes[site] = tuple(value.shape)
+
+
+def _in_out(module: nn.Module, spec: ArchSpec) -> torch.Tensor:
+    """A projection's weight as [in, out] (nn.Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
+    w = module.weight.detach()
+    return w if spec.linear_layout == "conv1d" else w.T
+
+
+def _bias(module: nn.Module, size: int, like: torch.Tensor) -> torch.Tensor:
+    b = getattr(module, "bias", None)
+    return b.detach() if b is not None else torch.zeros(size, dtype=like.dtype, device=like.device)
+
+
+class ModelAdapter:
+    """A loaded HF causal LM, its tokenizer (or None) and the debugger's view of it."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, name: str | None = None,
+                 self_check: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        config = model.config
+        self.spec = arch_for(config.model_type)
+        self.blocks = get_path(model, self.spec.blocks)
+        n_layers = len(self.blocks)
+        n_heads = config.num_attention_heads
+        d_model = config.hidden_size
+        out_proj = get_path(self.blocks[0], self.spec.attn_out_proj)
+        d_head = _in_out(out_proj, self.spec).shape[0] // n_heads
+        param = next(model.parameters())
+        parallel = bool(self.spec.parallel_attr and getattr(config, self.spec.parallel_attr, False))
+        self._final_norm = get_path(model, self.spec.final_norm)
+        self._hooks = HookManager(model, self.spec, n_layers, n_heads)
+
+        reference = self._self_check_reference() if self_check else None
+        original_impl = install_attention_wrapper(model)
+        self.info = ModelInfo(
+            name=name or getattr(config, "_name_or_path", "") or config.model_type,
+            architecture=config.model_type,
+            n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            d_model=d_model, d_head=d_head, d_mlp=self.W_out(0).shape[0],
+            vocab_size=self.W_U.shape[1],
+            dtype=str(param.dtype).removeprefix("torch."), device=str(param.device),
+            sites=all_sites(n_layers), parallel_blocks=parallel,
+            has_tokenizer=tokenizer is not None, attn_implementation=original_impl,
+        )
+        self.verified_sites: frozenset[str] = frozenset()
+        self.unverified: dict[str, str] = {}  # site -> why it is not verified
+        if self_check:
+            self._self_check(*reference)
+
+    # --- running ------------------------------------------------------------------------------
+
+    def running(self, handler: SiteHandler | None) -> contextlib.AbstractContextManager[Run | None]:
+        """Context manager: forwards of `self.model` inside it, in this thread, call
+        `handler.on_site` for `handler.sites` (see hooks.py). Our hooks are removed on exit."""
+        return self._hooks.running(handler)
+
+    def forward(self, input_ids: torch.Tensor, handler: SiteHandler | None = None,
+                attention_mask: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; no KV cache."""
+        device = self.model.get_input_embeddings().weight.device
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        with torch.set_grad_enabled(grad), self.running(handler):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def installed_hook_count(self) -> int:
+        """Number of our hook handles currently on the model (0 when no run needs any)."""
+        return self._hooks.installed_hook_count()
+
+    def close(self) -> None:
+        """Give the model back as loaded: the original attention implementation, none of our hooks."""
+        if self.installed_hook_count():
+            raise FailedPrecondition("cannot close the adapter while runs hold hooks")
+        self.model.set_attn_implementation(self.info.attn_implementation)
+
+    # --- weights for direct effects -----------------------------------------------------------
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """[H, Dh, D]: head h writes z_h @ W_O[h]."""
+        w = _in_out(get_path(self.blocks[layer], self.spec.attn_out_proj), self.spec)  # [H*Dh, D]
+        return w.reshape(self.model.config.num_attention_heads, -1, w.shape[1])       # [H, Dh, D]
+
+    def b_O(self, layer: int) -> torch.Tensor:
+        """[D]"""
+        proj = get_path(self.blocks[layer], self.spec.attn_out_proj)
+        return _bias(proj, self.model.config.hidden_size, proj.weight)
+
+    def W_in(self, layer: int) -> torch.Tensor:
+        """[N, D]: row n is what neuron n reads (gated MLP: the gate projection)."""
+        return _in_out(get_path(self.blocks[layer], self.spec.mlp_in), self.spec).T
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """[N, D]: row n is what neuron n writes."""
+        return _in_out(get_path(self.blocks[layer], self.spec.mlp_out_proj), self.spec)
+
+    def b_out(self, layer: int) -> torch.Tensor:
+        """[D]"""
+        proj = get_path(self.blocks[layer], self.spec.mlp_out_proj)
+        return _bias(proj, self.model.config.hidden_size, proj.weight)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """[D, V]"""
+        return self.model.get_output_embeddings().weight.detach().T
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """[V]"""
+        unembed = self.model.get_output_embeddings()
+        return _bias(unembed, unembed.weight.shape[0], unembed.weight)
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """[V, D]"""
+        return self.model.get_input_embeddings().weight.detach()
+
+    # --- final norm, linearised ---------------------------------------------------------------
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._final_norm
+
+    def _norm_eps(self) -> float:
+        norm = self._final_norm
+        for attr in ("eps", "variance_epsilon"):
+            if isinstance(getattr(norm, attr, None), float):
+                return getattr(norm, attr)
+        raise AttributeError(f"cannot find eps on {type(norm).__name__}")
+
+    def final_norm_scale(self, resid: torch.Tensor) -> torch.Tensor:
+        """resid [..., D] (the full residual stream at the final norm) -> scale [..., 1], fp32."""
+        x = resid.float()
+        if self.spec.norm == "layernorm":
+            var = x.var(dim=-1, keepdim=True, unbiased=False)
+        else:
+            var = x.pow(2).mean(dim=-1, keepdim=True)
+        return torch.rsqrt(var + self._norm_eps())
+
+    def final_norm_linear(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [..., D] (any component of the residual), scale [..., 1] -> [..., D], in x's dtype."""
+        y = x.float()
+        if self.spec.norm == "layernorm":
+            y = y - y.mean(dim=-1, keepdim=True)
+        weight = getattr(self._final_norm, "weight", None)
+        y = y * scale
+        return (y * weight.float() if weight is not None else y).to(x.dtype)
+
+    @property
+    def final_norm_bias(self) -> torch.Tensor:
+        """[D] (zeros for RMSNorm)."""
+        return _bias(self._final_norm, self.model.config.hidden_size, self.W_E)
+
+    # --- self-check ---------------------------------------------------------------------------
+
+    def _check_ids(self) -> torch.Tensor:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        device = self.model.get_input_embeddings().weight.device
+        return (torch.arange(7, device=device) * 7 + 3).remainder(vocab)[None]  # [1, 7]
+
+    def _self_check_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain HF logits, before the attention wrapper goes in."""
+        ids = self._check_ids()
+        with torch.no_grad():
+            return ids, self.model(input_ids=ids, use_cache=False).logits
+
+    def _self_check(self, ids: torch.Tensor, reference: torch.Tensor) -> None:
+        """Hooks on every site, no patches: logits must match plain HF; reached sites are verified."""
+        recorder = _Recorder(self.info.sites)
+        hooked = self.forward(ids, handler=recorder)
+        if self.installed_hook_count() != 0:
+            raise ParityError("hooks were left on the model after the self-check run")
+        tol = 1e-4 if reference.dtype == torch.float32 else 2e-2
+        diff = (hooked.float() - reference.float()).abs().max().item()
+        scale = max(reference.float().abs().max().item(), 1.0)
+        if not diff <= tol * scale:
+            raise ParityError(f"{self.info.name}: logits with tdb hooks differ from plain HF by {diff:.3g} "
+                              f"(tolerance {tol * scale:.3g}); refusing to debug a model we would misreport")
+        batch, seq = ids.shape
+        verified, problems = set(), {}
+        for site in self.info.sites:
+            want = site_shape(site, self.info, batch, seq)
+            got = recorder.shapes.get(site)
+            if got is None:
+                problems[site] = "not reached by a forward pass"
+            elif got != want:
+                problems[site] = f"reached with shape {list(got)}, documented {list(want)}"
+            else:
+                verified.add(site)
+        self.verified_sites = frozenset(verified)
+        self.unverified = problems
