@@ -24,7 +24,8 @@ def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearr
         return raw.view(np.float32).reshape(shape)
     if dtype not in _NP:
         raise ValueError(f"unknown wire dtype {dtype}")
-    return np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape).copy()
+    arr = np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
+    return arr if isinstance(data, bytearray) else arr.copy()   # a bytearray is ours: no second copy
 
 
 def from_wire(msg: common_pb2.Tensor) -> np.ndarray:

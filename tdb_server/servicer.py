@@ -272,7 +272,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         t = self._tensor(request.session_id, request.expression, request.run_id)
         if request.dtype:
             t = t.to(wire.torch_dtype(request.dtype))
-        data = memoryview(wire.tensor_bytes(t))
+        data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
         size = request.chunk_bytes or CHUNK_BYTES
         total = len(data)
         dtype = wire.wire_dtype(t.dtype)

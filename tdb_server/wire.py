@@ -35,10 +35,17 @@ def torch_dtype(wire: int) -> torch.dtype:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Raw little-endian, C-order bytes of `t` (moved to the host)."""
+    return tensor_view(t).tobytes()
+
+
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """A byte view of `t` on the host, without copying when it is already a contiguous CPU tensor."""
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
+        t = t.view(torch.int16)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.numpy()).cast("B")
 
 
 def to_wire(t: torch.Tensor) -> common_pb2.Tensor:
