@@ -17,6 +17,7 @@ Every failed call raises `TdbError` (code, reason, message). Results are datacla
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 from typing import Any, Iterator, Sequence
@@ -80,13 +81,25 @@ class TdbClient:
     """A connection to one tdb server. Use as a context manager, or call close()."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 client_name: str = "tdb_client", metadata: Sequence[tuple[str, str]] | None = None):
+                 client_name: str = "tdb_client", token: str | None = None,
+                 root_certificates: bytes | None = None, tls: bool = False,
+                 metadata: Sequence[tuple[str, str]] | None = None):
+        """address: "host:port". token: the server's bearer token (default: $TDB_TOKEN).
+        root_certificates (PEM bytes) or tls=True (system roots): connect with TLS."""
         self.address = address
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        self._channel = grpc.insecure_channel(address, options=options)
-        if metadata:
-            self._channel = grpc.intercept_channel(self._channel, _MetadataInterceptor(list(metadata)))
+        if root_certificates is not None or tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        md = list(metadata or [])
+        token = token if token is not None else os.environ.get("TDB_TOKEN")
+        if token:
+            md.append(("authorization", f"Bearer {token}"))
+        if md:
+            self._channel = grpc.intercept_channel(self._channel, _MetadataInterceptor(md))
         self._rpc = _Stub(self._channel, timeout)
         self._client_name = client_name
         self._info: ServerInfo | None = None
@@ -117,7 +130,8 @@ class TdbClient:
                                                              protocol_version=PROTOCOL_VERSION))
             c = r.capabilities
             self._info = ServerInfo(r.protocol_version, r.server_version, dict(c.flags), tuple(c.analyses),
-                                    tuple(c.expression_functions), tuple(c.patch_ops), ModelInfo.from_proto(r.model))
+                                    tuple(c.expression_functions), tuple(c.patch_ops), ModelInfo.from_proto(r.model),
+                                    dict(c.limits))
         return self._info
 
     def model_info(self) -> ModelInfo:

@@ -65,6 +65,7 @@ class ServerInfo:
     expression_functions: tuple[str, ...]
     patch_ops: tuple[str, ...]
     model: ModelInfo
+    limits: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+from .limits import Limits
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .limits import Limits
     from .server import serve
 
-    return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+    limits = Limits(max_sessions=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens,
+                    max_batch=args.max_batch, idle_timeout_s=args.idle_timeout,
+                    session_capture_bytes=int(args.session_capture_mib * 2**20),
+                    total_capture_bytes=int(args.total_capture_mib * 2**20))
+    token = args.token or os.environ.get("TDB_TOKEN") or None
+    return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                 limits=limits, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -40,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--token", default=None, help="require this bearer token on every RPC (or set TDB_TOKEN)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    d = Limits()
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds before an idle session closes")
+    p.add_argument("--session-capture-mib", type=float, default=d.session_capture_bytes / 2**20)
+    p.add_argument("--total-capture-mib", type=float, default=d.total_capture_bytes / 2**20)
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("dashboard", help="the Streamlit dashboard")

@@ -22,6 +22,8 @@ import grpc
 from tdb.v1 import debugger_pb2, debugger_pb2_grpc
 
 from .engine.session import SessionManager
+from .limits import Limits
+from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DebuggerServicer
 
 log = logging.getLogger("tdb.server")
@@ -65,19 +67,35 @@ def _enable_health_and_reflection(server: grpc.Server, service_names: list[str])
     return health
 
 
-def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORKERS,
-                  idle_timeout_s: float = 600.0, max_sessions: int = 64) -> tuple[ServerHandle, int]:
-    """Build, bind and start a server for `adapter` on `address` ("host:port"; port 0 = any free)."""
+def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORKERS, limits: Limits | None = None,
+                  token: str | None = None, tls_cert: str | None = None,
+                  tls_key: str | None = None) -> tuple[ServerHandle, int]:
+    """Build, bind and start a server for `adapter` on `address` ("host:port"; port 0 = any free).
+
+    token: require `authorization: Bearer <token>` on every RPC but health checks.
+    tls_cert/tls_key: PEM files; the port then speaks TLS only."""
+    limits = limits or Limits()
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, limits.max_patch_bytes + (1 << 20))),
                ("grpc.so_reuseport", 0)]
+    interceptors = [TokenAuthInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tdb-rpc"),
-                         options=options)
-    sessions = SessionManager(adapter, default_idle_timeout_s=idle_timeout_s, max_sessions=max_sessions)
+                         options=options, interceptors=interceptors)
+    sessions = SessionManager(adapter, limits=limits)
     debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
     names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name]
     health = _enable_health_and_reflection(server, names)
-    port = server.add_insecure_port(address)
+    if bool(tls_cert) != bool(tls_key):
+        sessions.shutdown()
+        raise ValueError("TLS needs both a certificate and a key")
+    try:
+        if tls_cert:
+            port = server.add_secure_port(address, server_credentials(tls_cert, tls_key))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        sessions.shutdown()
+        raise OSError(f"cannot bind {address}: {e}") from None
     if port == 0:
         sessions.shutdown()
         raise OSError(f"cannot bind {address}")
@@ -86,13 +104,15 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
-          dtype: str = "auto", ready: threading.Event | None = None) -> int:
+          dtype: str = "auto", ready: threading.Event | None = None, limits: Limits | None = None,
+          token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> int:
     """Load the model, serve until SIGINT/SIGTERM, then shut down gracefully."""
     from .model import load_model
     from .paths import resolve_model
 
     adapter = load_model(resolve_model(model), device=device, dtype=dtype)
-    handle, bound = create_server(f"{host}:{port}", adapter)
+    handle, bound = create_server(f"{host}:{port}", adapter, limits=limits, token=token, tls_cert=tls_cert,
+                                  tls_key=tls_key)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"tdb: listening on {shown_host}:{bound}", flush=True)
     print(f"tdb: model {adapter.info.name} ({adapter.info.architecture}, {adapter.info.n_layers} layers, "

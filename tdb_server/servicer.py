@@ -74,7 +74,7 @@ def _wait_s(ms: int) -> float:
     return ms / 1000.0 if ms > 0 else DEFAULT_WAIT_S
 
 
-def capabilities(analyses: list[str] | None = None) -> common_pb2.Capabilities:
+def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | None = None) -> common_pb2.Capabilities:
     flags = {
         "supportsConditionalBreakpoints": True, "supportsHitConditionalBreakpoints": True,
         "supportsLogPoints": True, "supportsBreakBefore": True, "supportsStepInto": True,
@@ -84,7 +84,7 @@ def capabilities(analyses: list[str] | None = None) -> common_pb2.Capabilities:
         "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
     }
     return common_pb2.Capabilities(flags=flags, analyses=analyses or [], expression_functions=expr.FUNCTION_NAMES,
-                                   patch_ops=list(OPS))
+                                   patch_ops=list(OPS), limits=limits or {})
 
 
 def model_info_proto(adapter: Any) -> common_pb2.ModelInfo:
@@ -118,7 +118,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             raise InvalidArgument(f"client speaks protocol {request.protocol_version}; this server speaks "
                                   f"{PROTOCOL_VERSION}", reason="PROTOCOL_MISMATCH")
         return pb.InitializeResponse(protocol_version=PROTOCOL_VERSION, server_version=__version__,
-                                     capabilities=capabilities(), model=model_info_proto(self.adapter))
+                                     capabilities=capabilities(limits=self.sessions.limits.as_dict()),
+                                     model=model_info_proto(self.adapter))
 
     @_rpc
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
@@ -272,6 +273,10 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         t = self._tensor(request.session_id, request.expression, request.run_id)
         if request.dtype:
             t = t.to(wire.torch_dtype(request.dtype))
+        limit = self.sessions.limits.max_read_bytes
+        if t.numel() * t.element_size() > limit:
+            raise ResourceExhausted(f"{request.expression!r} is {t.numel() * t.element_size() / 2**20:.1f} MiB; reads are "
+                                    f"limited to {limit / 2**20:.1f} MiB: read a slice", reason="READ_TOO_LARGE")
         data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
         size = request.chunk_bytes or CHUNK_BYTES
         total = len(data)
@@ -332,6 +337,9 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         sel = request.selector
         selector = Selector(batch=list(sel.batch), positions=list(sel.positions), heads=list(sel.heads),
                             neurons=list(sel.neurons))
+        if request.HasField("value") and len(request.value.data) > self.sessions.limits.max_patch_bytes:
+            raise InvalidArgument(f"patch value of {len(request.value.data)} bytes exceeds the server's limit "
+                                  f"({self.sessions.limits.max_patch_bytes})", reason="PATCH_TOO_LARGE")
         value = wire.from_wire(request.value) if request.HasField("value") else None
         spec, now = s.patch(request.site, op, selector, value, request.scalar, request.source_run_id, request.mean_over)
         return pb.PatchResponse(patch_id=spec.id, applied_now=now, scope=spec.scope,

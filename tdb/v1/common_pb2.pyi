@@ -120,7 +120,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., d_model: _Optional[int] = ..., d_head: _Optional[int] = ..., d_mlp: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., parallel_blocks: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., source: _Optional[str] = ..., max_positions: _Optional[int] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("flags", "analyses", "expression_functions", "patch_ops")
+    __slots__ = ("flags", "analyses", "expression_functions", "patch_ops", "limits")
     class FlagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,15 +128,24 @@ class Capabilities(_message.Message):
         key: str
         value: bool
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bool] = ...) -> None: ...
+    class LimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     ANALYSES_FIELD_NUMBER: _ClassVar[int]
     EXPRESSION_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     PATCH_OPS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     flags: _containers.ScalarMap[str, bool]
     analyses: _containers.RepeatedScalarFieldContainer[str]
     expression_functions: _containers.RepeatedScalarFieldContainer[str]
     patch_ops: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, flags: _Optional[_Mapping[str, bool]] = ..., analyses: _Optional[_Iterable[str]] = ..., expression_functions: _Optional[_Iterable[str]] = ..., patch_ops: _Optional[_Iterable[str]] = ...) -> None: ...
+    limits: _containers.ScalarMap[str, float]
+    def __init__(self, flags: _Optional[_Mapping[str, bool]] = ..., analyses: _Optional[_Iterable[str]] = ..., expression_functions: _Optional[_Iterable[str]] = ..., patch_ops: _Optional[_Iterable[str]] = ..., limits: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("reason", "message", "suggestions")

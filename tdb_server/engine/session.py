@@ -26,8 +26,9 @@ import torch
 from tdb.v1 import debugger_pb2 as pb
 
 from .. import wire
-from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, TdbServerError
-from ..model.sites import SiteError, enclosing, expand_glob, parse_site
+from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TdbServerError
+from ..limits import Limits
+from ..model.sites import SiteError, enclosing, expand_glob, parse_site, site_shape
 from . import expr, weights
 from .breakpoints import BreakpointSpec, Unit, hit_matches, parse_hit_condition, parse_unit, unit_site
 from .events import EventLog
@@ -316,8 +317,11 @@ class DebugRun:
 class Session:
     """A client's debugging context: breakpoints, session-scoped patches, runs and events."""
 
-    def __init__(self, adapter: Any, session_id: str, name: str, idle_timeout_s: float, event_capacity: int = 4096):
+    def __init__(self, adapter: Any, session_id: str, name: str, idle_timeout_s: float, event_capacity: int = 4096,
+                 limits: Limits | None = None, total_captured: Callable[[], int] | None = None):
         self.adapter, self.id, self.name = adapter, session_id, name
+        self.limits = limits or Limits()
+        self._total_captured = total_captured or (lambda: self.captured_bytes())
         self.idle_timeout_s = idle_timeout_s
         self.cv = threading.Condition()
         self.events = EventLog(event_capacity)
@@ -356,6 +360,50 @@ class Session:
         limit = info.n_heads if unit.kind == "head" else info.d_mlp
         if not 0 <= unit.index < limit:
             raise SiteError(f"{unit.kind} {unit.index} out of range: layer {unit.layer} has {limit} {unit.kind}s")
+
+    def captured_bytes(self) -> int:
+        """Bytes of activations this session holds (its current and retained runs)."""
+        with self.cv:
+            return self._captured_bytes_unlocked()
+
+    def _captured_bytes_unlocked(self) -> int:
+        return sum(t.numel() * t.element_size() for run in self.runs.values() for t in run.captured.values())
+
+    def _estimate_capture(self, sites: frozenset[str], batch: int, seq: int) -> int:
+        info = self.adapter.info
+        itemsize = torch.empty((), dtype=getattr(torch, info.dtype, torch.float32)).element_size()
+        total = 0
+        for site in sites:
+            try:
+                shape = site_shape(site, info, batch, seq)
+            except Exception:  # noqa: BLE001 - an unknown shape counts as a residual stream
+                shape = (batch, seq, info.d_model)
+            n = 1
+            for d in shape:
+                n *= int(d)
+            total += n * itemsize
+        return total
+
+    def _reserve_capture(self, sites: frozenset[str], batch: int, seq: int) -> None:
+        """Refuse a launch whose captures would not fit the memory budgets (after dropping old runs)."""
+        need = self._estimate_capture(sites, batch, seq)
+        lim = self.limits
+        if need > lim.session_capture_bytes:
+            raise ResourceExhausted(
+                f"capturing {len(sites)} sites for batch {batch} x {seq} tokens needs {need / 2**20:.1f} MiB; this "
+                f"session may hold {lim.session_capture_bytes / 2**20:.1f} MiB: capture fewer sites (launch "
+                "capture=[...]) or send fewer tokens", reason="CAPTURE_BUDGET")
+        with self.cv:   # drop the oldest finished runs until the new one fits
+            while self.runs and self._captured_bytes_unlocked() + need > lim.session_capture_bytes:
+                oldest = next(iter(self.runs))
+                if self.runs[oldest] is self.current and self.current.state not in _DONE:
+                    break
+                del self.runs[oldest]
+        if self._total_captured() + need > lim.total_capture_bytes:
+            raise ResourceExhausted(
+                f"the server holds {self._total_captured() / 2**20:.1f} MiB of captured activations across sessions; "
+                f"this launch needs {need / 2**20:.1f} MiB more (limit {lim.total_capture_bytes / 2**20:.1f} MiB): "
+                "close idle sessions or capture fewer sites", reason="CAPTURE_BUDGET")
 
     def run_for(self, run_id: str = "") -> DebugRun:
         if not run_id:
@@ -433,8 +481,13 @@ class Session:
             if bos is None:
                 raise FailedPrecondition("this tokenizer has no BOS token", reason="NO_BOS")
             seqs = [[bos] + s for s in seqs]
+        if len(seqs) > self.limits.max_batch:
+            raise InvalidArgument(f"batch of {len(seqs)} sequences; this server takes at most {self.limits.max_batch}",
+                                  reason="BATCH_TOO_LARGE")
         vocab = self.adapter.info.vocab_size
         max_pos = weights.max_positions(self.adapter)
+        if not max_pos or max_pos > self.limits.max_prompt_tokens:
+            max_pos = self.limits.max_prompt_tokens
         for b, ids in enumerate(seqs):
             if not ids:
                 raise InvalidArgument(f"sequence {b} is empty", reason="BAD_INPUT")
@@ -470,6 +523,7 @@ class Session:
         wanted_patterns = {x for x in verified if site_kind(x) == "attn.pattern"} & (capture_set | bp_sites | pending_sites)
         sites = [x for x in verified if site_kind(x) != "attn.pattern" or x in wanted_patterns]
         T = max(len(x) for x in seqs)
+        self._reserve_capture(capture_set, len(seqs), T)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         for b, x in enumerate(seqs):
             ids[b, :len(x)] = torch.tensor(x)
@@ -815,11 +869,11 @@ class Session:
 class SessionManager:
     """All sessions of one server over one model; closes abandoned ones."""
 
-    def __init__(self, adapter: Any, default_idle_timeout_s: float = 600.0, max_sessions: int = 64,
-                 reap_interval_s: float = 0.5):
+    def __init__(self, adapter: Any, limits: Limits | None = None, reap_interval_s: float = 0.5):
         self.adapter = adapter
-        self.default_idle_timeout_s = default_idle_timeout_s
-        self.max_sessions = max_sessions
+        self.limits = limits or Limits()
+        self.default_idle_timeout_s = self.limits.idle_timeout_s
+        self.max_sessions = self.limits.max_sessions
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -831,11 +885,11 @@ class SessionManager:
             raise InvalidArgument("idle_timeout_s must be >= 0", reason="BAD_TIMEOUT")
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
-                from ..errors import ResourceExhausted
                 raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one",
                                         reason="TOO_MANY_SESSIONS")
             sid = uuid.uuid4().hex[:16]
-            s = Session(self.adapter, sid, name, idle_timeout_s or self.default_idle_timeout_s)
+            s = Session(self.adapter, sid, name, idle_timeout_s or self.default_idle_timeout_s, limits=self.limits,
+                        total_captured=self.total_captured_bytes)
             self._sessions[sid] = s
             return s
 
@@ -856,6 +910,9 @@ class SessionManager:
         if s is None:
             raise NotFound(f"session {session_id!r} does not exist", reason="UNKNOWN_SESSION")
         s.close(reason)
+
+    def total_captured_bytes(self) -> int:
+        return sum(s.captured_bytes() for s in self.sessions())
 
     def sessions(self) -> list[Session]:
         with self._lock:

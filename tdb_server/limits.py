@@ -1,0 +1,22 @@
+"""Server limits: configurable, with sane defaults, reported to clients in Capabilities.limits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 64
+    max_prompt_tokens: int = 8192          # per sequence (the model's own context length also applies)
+    max_batch: int = 256
+    max_read_bytes: int = 4 * GiB          # one ReadTensor / Evaluate result
+    session_capture_bytes: int = 4 * GiB   # activations a session may keep (current + retained runs)
+    total_capture_bytes: int = 16 * GiB    # across all sessions
+    idle_timeout_s: float = 600.0          # sessions with no request (and no open event stream)
+    max_patch_bytes: int = 256 << 20       # a tensor sent with Patch
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
