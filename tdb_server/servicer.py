@@ -18,6 +18,7 @@ import torch
 from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 
 from . import PROTOCOL_VERSION, __version__, wire
+from .analyses import analysis_names
 from .engine import expr, weights
 from .engine.patches import OPS, Selector
 from .engine.session import DEFAULT_WAIT_S, SessionManager, site_dims
@@ -83,7 +84,8 @@ def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | N
         "supportsEvaluate": True, "supportsReadTensor": True, "supportsEventReplay": True,
         "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
     }
-    return common_pb2.Capabilities(flags=flags, analyses=analyses or [], expression_functions=expr.FUNCTION_NAMES,
+    analyses = analysis_names() if analyses is None else analyses
+    return common_pb2.Capabilities(flags=flags, analyses=analyses, expression_functions=expr.FUNCTION_NAMES,
                                    patch_ops=list(OPS), limits=limits or {})
 
 
@@ -174,7 +176,11 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        return self._control(request, "step", _STEP_NAMES[request.kind])
+        kind = _STEP_NAMES.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(f"unknown step kind {request.kind}: STEP_INTO, STEP_OVER or STEP_OUT",
+                                  reason="BAD_STEP_KIND")
+        return self._control(request, "step", kind)
 
     @_rpc
     def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.RunStatus:

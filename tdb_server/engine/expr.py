@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
 
 MAX_EXPR_LEN = 2000
 
@@ -245,6 +245,8 @@ class _Interpreter:
         a, b = self.run(n.left), self.run(n.right)
         a = a.values if isinstance(a, TopK) else a
         b = b.values if isinstance(b, TopK) else b
+        if isinstance(a, int) and isinstance(b, int) and not isinstance(n.op, (ast.Add, ast.Sub)):
+            a = float(a)   # no unbounded Python integers (9**9**9 would never finish)
         try:
             return op(a, b)
         except RuntimeError as e:
@@ -370,6 +372,8 @@ def parse(expression: str) -> tuple[ast.Expression, dict[str, str]]:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
         raise InvalidArgument(f"cannot parse expression {expression!r}: {e.msg}", reason="BAD_EXPRESSION") from None
+    except (ValueError, RecursionError, MemoryError) as e:   # null bytes, absurd nesting
+        raise InvalidArgument(f"cannot parse expression: {type(e).__name__}", reason="BAD_EXPRESSION") from None
     return tree, placeholders
 
 
@@ -379,8 +383,14 @@ def evaluate(expression: str | tuple[ast.Expression, dict[str, str]], env: Env) 
     with torch.no_grad():
         try:
             return _Interpreter(env, ph).run(tree)
-        except (ZeroDivisionError, OverflowError, ValueError) as e:
-            raise InvalidArgument(f"cannot evaluate: {e}", reason="BAD_EXPRESSION") from None
+        except TdbServerError:
+            raise
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise ResourceExhausted(f"out of memory evaluating the expression: {e}", reason="OUT_OF_MEMORY") from None
+        except RecursionError:
+            raise InvalidArgument("expression nested too deeply", reason="BAD_EXPRESSION") from None
+        except Exception as e:  # noqa: BLE001 - only whitelisted operations run: any failure is the expression's
+            raise InvalidArgument(f"cannot evaluate: {type(e).__name__}: {e}", reason="BAD_EXPRESSION") from None
 
 
 def render(value: Any, max_elements: int = 64) -> str:

@@ -33,6 +33,7 @@ from . import expr, weights
 from .breakpoints import BreakpointSpec, Unit, hit_matches, parse_hit_condition, parse_unit, unit_site
 from .events import EventLog
 from .patches import PatchSpec, Selector, apply, apply_head, site_kind
+from .scheduler import scheduler_for
 
 REF_SHIFT = 20          # references = stop_id << REF_SHIFT | index
 KEEP_RUNS = 8           # finished runs kept per session (for reads and copy_from_run)
@@ -119,6 +120,7 @@ class DebugRun:
         B, T = self.input_ids.shape
         s.events.emit(self.run_id, run_started=pb.RunStarted(batch=B, seq_len=T))
         try:
+            self._take_turn()
             if self.stop_on_entry and self.order:
                 self._park(StopState(0, self.order[0], pb.BEFORE, "entry", [], f"stopped on entry, before {self.order[0]}"))
             mask = None
@@ -135,9 +137,20 @@ class DebugRun:
         except BaseException as e:  # an exception inside the model ends the run, not the server
             self.exception = f"{type(e).__name__}: {e}"
             self._finish(pb.FAILED)
+        finally:
+            self._give_turn()
+
+    def _take_turn(self) -> None:
+        self._ticket = self.session.scheduler.acquire()
+
+    def _give_turn(self) -> None:
+        ticket, self._ticket = getattr(self, "_ticket", None), None
+        if ticket is not None:
+            self.session.scheduler.release(ticket)
 
     def _finish(self, state: int) -> None:
         s = self.session
+        self._give_turn()
         with s.cv:
             self.state = state
             if state == pb.FAILED:
@@ -304,11 +317,14 @@ class DebugRun:
             self.step, self.pause_requested, self.command = None, False, None
             s.events.emit(self.run_id, stopped=stop.to_proto())   # before anyone can see PAUSED and resume
             s.cv.notify_all()
+        self._give_turn()                                           # a paused run never blocks the others
+        with s.cv:
             while self.command is None:
                 s.cv.wait()
             cmd, self.command = self.command, None
             if cmd == "terminate":
                 raise RunTerminated()
+        self._take_turn()
 
     def current_value(self) -> torch.Tensor | None:
         return getattr(self, "_value", None)
@@ -333,6 +349,7 @@ class Session:
         self.streams = 0
         self.closed = False
         self.device = weights.device(adapter)
+        self.scheduler = scheduler_for(adapter)
         self._stop_ids = itertools.count(1)
         self._patch_ids = itertools.count(1)
         self._run_ids = itertools.count(1)
@@ -425,6 +442,8 @@ class Session:
         verified_sites = set(self.adapter.verified_sites)
         for i, bp in enumerate(requested, start=1):
             name = bp.site.strip()
+            if bp.when not in (pb.AFTER, pb.BEFORE):
+                raise InvalidArgument(f"breakpoint {i}: 'when' must be AFTER or BEFORE", reason="BAD_BREAKPOINT")
             spec = BreakpointSpec(id=i, name=name, when=bp.when, sites=[], condition=bp.condition,
                                   hit_condition=parse_hit_condition(bp.hit_condition), log_message=bp.log_message)
             if bp.condition:
@@ -881,8 +900,9 @@ class SessionManager:
         self._reaper.start()
 
     def create(self, name: str = "", idle_timeout_s: float = 0.0) -> Session:
-        if idle_timeout_s < 0:
-            raise InvalidArgument("idle_timeout_s must be >= 0", reason="BAD_TIMEOUT")
+        if not (0 <= idle_timeout_s <= 7 * 86400):   # also rejects NaN
+            raise InvalidArgument("idle_timeout_s must be between 0 (the server's default) and 7 days",
+                                  reason="BAD_TIMEOUT")
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one",
