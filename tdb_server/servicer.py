@@ -106,6 +106,15 @@ def model_info_proto(adapter: Any) -> common_pb2.ModelInfo:
         source=str(getattr(adapter, "source", "") or ""), max_positions=weights.max_positions(adapter))
 
 
+def _status_or_oom(session: Any, run: Any) -> pb.RunStatus:
+    """The run's status; a run that died of out-of-memory fails the waiting request with RESOURCE_EXHAUSTED."""
+    if run.state == pb.FAILED and run.out_of_memory:
+        raise ResourceExhausted(f"the run ran out of memory on the model's device ({run.exception}); its captures "
+                                "were freed and the session is usable: capture fewer sites or send fewer tokens",
+                                reason="OUT_OF_MEMORY")
+    return session.status(run)
+
+
 class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def __init__(self, adapter: Any, sessions: SessionManager):
         self.adapter = adapter
@@ -161,14 +170,14 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
                        list(request.capture), request.stop_on_entry)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms))
-        return s.status(run)
+        return _status_or_oom(s, run)
 
     def _control(self, request: Any, command: str, step: str | None = None) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         run = s.resume(command, step)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms))
-        return s.status(run)
+        return _status_or_oom(s, run)
 
     @_rpc
     def Continue(self, request: pb.ContinueRequest, context: grpc.ServicerContext) -> pb.RunStatus:

@@ -519,3 +519,32 @@ def test_256_mib_read_arrives_intact_in_chunks(make_server):
         assert np.array_equal(arr, want)
         half = s.read("logits", "[1, 10:20]", dtype="float16")
         assert half.dtype == np.float16 and np.array_equal(half, want[1, 10:20].astype(np.float16))
+
+
+def test_nan_is_reported_once_as_an_event_and_a_watch_stops_on_it(client):
+    with client.session() as s:
+        s.patch("blocks.0.mlp.out", "scale", scalar=float("nan"), positions=[3])
+        assert s.launch(token_ids=IDS).state == "exited"
+        events, _, _ = s.poll_events()
+        warnings = [e for e in events if e.kind == "output" and e.data["category"] == "warning"]
+        assert len(warnings) == 1 and warnings[0].data["site"] == "blocks.0.mlp.out" and "NaN" in warnings[0].text
+        s.set_breakpoints([Breakpoint("blocks.*.resid_post", condition="any_nan")])
+        st = s.launch(token_ids=IDS)
+        assert st.site == "blocks.0.resid_post" and st.stop.value.nan_count > 0
+
+
+def test_out_of_memory_in_a_run_is_resource_exhausted_and_the_session_survives(client, monkeypatch):
+    with client.session() as s:
+        s.set_breakpoints([Breakpoint("blocks.0.attn.out", condition="oom_probe > 0")])
+        import tdb_server.engine.expr as expr_mod
+
+        def boom(x):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        monkeypatch.setitem(expr_mod._VALUE_STATS, "oom_probe", boom)
+        with pytest.raises(TdbError) as e:
+            s.launch(token_ids=IDS)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.reason == "OUT_OF_MEMORY"
+        monkeypatch.undo()
+        s.set_breakpoints([])
+        assert s.launch(token_ids=IDS).state == "exited"

@@ -107,6 +107,8 @@ class DebugRun:
         self.pause_requested = False
         self.terminate_requested = False
         self.thread: threading.Thread | None = None
+        self.nonfinite_seen = False
+        self.out_of_memory = False
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -136,6 +138,12 @@ class DebugRun:
             self._finish(pb.TERMINATED)
         except BaseException as e:  # an exception inside the model ends the run, not the server
             self.exception = f"{type(e).__name__}: {e}"
+            if isinstance(e, (torch.OutOfMemoryError, MemoryError, ResourceExhausted)):
+                self.out_of_memory = True
+                self.captured.clear()            # free what this run held
+                self.z.clear()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             self._finish(pb.FAILED)
         finally:
             self._give_turn()
@@ -178,6 +186,12 @@ class DebugRun:
             raise RunTerminated()
         self.last_fired = i
         new = self._apply_patches(site, value)
+        if not self.nonfinite_seen and new.is_floating_point() and not bool(torch.isfinite(new).all()):
+            self.nonfinite_seen = True   # reported once per run: the first site where NaN/Inf appears
+            s.events.emit(self.run_id, output=pb.Output(
+                category="warning", site=site,
+                text=f"NaN/Inf first appears at {site} ({int(torch.isnan(new).sum())} NaN, "
+                     f"{int(torch.isinf(new).sum())} Inf); set a breakpoint with condition 'any_nan' to stop there"))
         kind = site_kind(site)
         if kind == "attn.z":
             self.z[int(site.split(".")[1])] = new
@@ -235,6 +249,8 @@ class DebugRun:
             if bp.condition_ast is not None:
                 try:
                     ok = expr._truth(expr.evaluate(bp.condition_ast, env))
+                except ResourceExhausted:
+                    raise                 # out of memory: the run fails (and the request says so)
                 except TdbServerError as e:
                     s.events.emit(self.run_id, output=pb.Output(category="stderr", site=site,
                                                                 text=f"breakpoint {bp.id} condition error: {e.message}"))
