@@ -2,9 +2,9 @@
 
 from .client import EventCollector, Session, TdbClient
 from .errors import TdbError
-from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, ModelInfo, PatchResult, RunResult,
+from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, RunResult,
                     RunStatus, Scope, ServerInfo, SiteInfo, StopInfo, TensorSummary, TokenProb, Variable)
 
 __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "BreakpointStatus", "EvalResult",
-           "Event", "Frame", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
+           "Event", "Frame", "Generate", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
            "StopInfo", "TensorSummary", "TokenProb", "Variable"]

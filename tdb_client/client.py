@@ -28,15 +28,16 @@ import numpy as np
 from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 
 from . import _wire
+from .analysis import AnalysisMixin
 from .errors import TdbError
-from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, ModelInfo, PatchResult, RunResult,
+from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, RunResult,
                     RunStatus, Scope, ServerInfo, TensorSummary, Variable)
 
 PROTOCOL_VERSION = "1.0"
 MAX_MESSAGE_BYTES = 256 << 20
 _OPS = {"set": pb.SET, "add": pb.ADD, "scale": pb.SCALE, "zero": pb.ZERO, "mean": pb.MEAN,
         "copy_from_run": pb.COPY_FROM_RUN, "copy": pb.COPY_FROM_RUN}
-_STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT}
+_STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT, "token": pb.STEP_TOKEN}
 
 
 class _Stub:
@@ -77,7 +78,7 @@ class _Stream:
         self._call.cancel()
 
 
-class TdbClient:
+class TdbClient(AnalysisMixin):
     """A connection to one tdb server. Use as a context manager, or call close()."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
@@ -207,15 +208,18 @@ class Session:
 
     def launch(self, prompt: str | Sequence[str] | None = None, *, token_ids: Sequence[Sequence[int]] | None = None,
                prepend_bos: bool = False, capture: Sequence[str] = (), stop_on_entry: bool = False,
-               wait: bool = True, timeout: float = 60.0) -> RunStatus:
+               generate: "Generate | int | None" = None, wait: bool = True, timeout: float = 60.0) -> RunStatus:
         """Start a forward pass on a prompt (or a batch of prompts, or token ids).
 
-        With `wait` (default) returns once the run has stopped (breakpoint, entry) or ended."""
+        generate: a `Generate` (or a number of new tokens, greedy) to step through generation token by token.
+        With `wait` (default) returns once the run has stopped (breakpoint, entry, token) or ended."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         req = pb.LaunchRequest(session_id=self.id, prompts=prompts, prepend_bos=prepend_bos, capture=list(capture),
                                stop_on_entry=stop_on_entry, wait=wait, wait_timeout_ms=int(timeout * 1000))
         for ids in token_ids or []:
             req.token_ids.add(ids=[int(i) for i in ids])
+        if generate is not None:
+            req.generate.CopyFrom((Generate(generate) if isinstance(generate, int) else generate).to_proto())
         return _status(self._rpc("Launch", req, timeout=timeout + 30))
 
     def continue_(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
@@ -223,7 +227,8 @@ class Session:
                                                                 wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def step(self, kind: str = "into", wait: bool = True, timeout: float = 60.0) -> RunStatus:
-        """kind: "into" (next site), "over" (past the current block), "out" (end of the enclosing module)."""
+        """kind: "into" (next site), "over" (past the current block), "out" (end of the enclosing module),
+        "token" (generation: to the next token boundary)."""
         if kind not in _STEPS:
             raise ValueError(f"step kind must be one of {sorted(_STEPS)}, not {kind!r}")
         return _status(self._rpc("Step", pb.StepRequest(session_id=self.id, kind=_STEPS[kind], wait=wait,
@@ -329,7 +334,8 @@ class Session:
 
     def patch(self, site: str, op: str = "zero", value: Any = None, *, scalar: float = 0.0,
               positions: Sequence[int] = (), heads: Sequence[int] = (), neurons: Sequence[int] = (),
-              batch: Sequence[int] = (), source_run_id: str = "", mean_over: str = "") -> PatchResult:
+              batch: Sequence[int] = (), source_run_id: str = "", mean_over: str = "",
+              tokens: Sequence[int] = ()) -> PatchResult:
         """Patch a site or unit: op in set | add | scale | zero | mean | copy_from_run.
 
         At a stop on `site` the value is replaced now; a site that has not run yet gets the patch when it
@@ -337,7 +343,7 @@ class Session:
         if op not in _OPS:
             raise ValueError(f"op must be one of {sorted(_OPS)}, not {op!r}")
         req = pb.PatchRequest(session_id=self.id, site=site, op=_OPS[op], scalar=float(scalar),
-                              source_run_id=source_run_id, mean_over=mean_over,
+                              source_run_id=source_run_id, mean_over=mean_over, tokens=list(tokens),
                               selector=pb.Selector(batch=list(batch), positions=list(positions), heads=list(heads),
                                                    neurons=list(neurons)))
         if value is not None:

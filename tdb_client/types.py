@@ -97,12 +97,34 @@ class Breakpoint:
     condition: str = ""          # e.g. "norm > 40", "any_nan"
     hit_condition: str = ""      # e.g. "3", ">=2", "%2"
     log_message: str = ""        # a log point: print this ({norm}, {max}, ...) and go on
+    tokens: tuple[int, int] | None = None   # generation: only in steps first..last (inclusive)
 
     def to_proto(self) -> pb.Breakpoint:
         if self.when not in ("after", "before"):
             raise ValueError(f"when must be 'after' or 'before', not {self.when!r}")
-        return pb.Breakpoint(site=self.site, when=pb.BEFORE if self.when == "before" else pb.AFTER,
-                             condition=self.condition, hit_condition=self.hit_condition, log_message=self.log_message)
+        msg = pb.Breakpoint(site=self.site, when=pb.BEFORE if self.when == "before" else pb.AFTER,
+                            condition=self.condition, hit_condition=self.hit_condition, log_message=self.log_message)
+        if self.tokens is not None:
+            msg.tokens.first, msg.tokens.last = self.tokens
+        return msg
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Generation options for `Session.launch(..., generate=Generate(5))`."""
+
+    max_new_tokens: int
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_at_tokens: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def to_proto(self) -> pb.GenerateOptions:
+        return pb.GenerateOptions(max_new_tokens=self.max_new_tokens, sample=self.sample, temperature=self.temperature,
+                                  top_k=self.top_k, seed=self.seed, stop_at_tokens=self.stop_at_tokens,
+                                  stop_token_ids=list(self.stop_token_ids))
 
 
 @dataclass(frozen=True)
@@ -123,12 +145,13 @@ class StopInfo:
     stop_id: int
     exception: str
     value: TensorSummary | None
+    token: int = 0            # generation step of the forward pass this stop is in
 
     @classmethod
     def from_proto(cls, m: pb.StopInfo) -> "StopInfo":
         return cls(m.site, "before" if m.when == pb.BEFORE else "after", m.reason, tuple(m.hit_breakpoint_ids),
                    m.description, m.stop_id, m.exception,
-                   TensorSummary.from_proto(m.value) if m.HasField("value") else None)
+                   TensorSummary.from_proto(m.value) if m.HasField("value") else None, m.token)
 
 
 @dataclass(frozen=True)
@@ -148,13 +171,16 @@ class RunResult:
     exception: str
     input_ids: tuple[tuple[int, ...], ...]
     lengths: tuple[int, ...]
+    generated: tuple[tuple[int, ...], ...] = ()   # generation: new tokens per batch item
+    generated_text: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, m: pb.RunResult) -> "RunResult":
         top = tuple(tuple(TokenProb(t.token_id, t.text, t.logit, t.prob) for t in tt.tokens) for tt in m.top)
         logits = _wire.from_wire(m.last_logits) if m.HasField("last_logits") else None
         return cls(m.run_id, STATE_NAMES.get(m.state, "unknown"), top, logits, m.exception,
-                   tuple(tuple(t.ids) for t in m.input_ids), tuple(m.lengths))
+                   tuple(tuple(t.ids) for t in m.input_ids), tuple(m.lengths),
+                   tuple(tuple(t.ids) for t in m.generated), tuple(m.generated_text))
 
 
 @dataclass(frozen=True)
@@ -261,6 +287,9 @@ class Event:
             ev["text"] = m.terminated.reason
         elif kind == "invalidated":
             ev["text"] = m.invalidated.what
+        elif kind == "token":
+            ev["text"] = m.token.texts[0] if m.token.texts else ""
+            ev["data"] = {"step": m.token.step, "token_ids": list(m.token.token_ids), "texts": list(m.token.texts)}
         elif kind == "run_started":
             ev["data"] = {"batch": m.run_started.batch, "seq_len": m.run_started.seq_len}
         return cls(**ev)

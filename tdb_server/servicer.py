@@ -21,7 +21,7 @@ from . import PROTOCOL_VERSION, __version__, wire
 from .analyses import analysis_names
 from .engine import expr, weights
 from .engine.patches import OPS, Selector
-from .engine.session import DEFAULT_WAIT_S, SessionManager, site_dims
+from .engine.session import DEFAULT_WAIT_S, GenOptions, SessionManager, site_dims
 from .errors import InvalidArgument, ResourceExhausted, TdbServerError
 
 log = logging.getLogger("tdb.server")
@@ -30,7 +30,7 @@ CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 16 << 20
 _OP_NAMES = {pb.SET: "set", pb.ADD: "add", pb.SCALE: "scale", pb.ZERO: "zero", pb.MEAN: "mean",
              pb.COPY_FROM_RUN: "copy_from_run"}
-_STEP_NAMES = {pb.STEP_INTO: "into", pb.STEP_OVER: "over", pb.STEP_OUT: "out"}
+_STEP_NAMES = {pb.STEP_INTO: "into", pb.STEP_OVER: "over", pb.STEP_OUT: "out", pb.STEP_TOKEN: "token"}
 
 
 def _abort(context: grpc.ServicerContext, err: TdbServerError) -> None:
@@ -83,6 +83,7 @@ def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | N
         "supportsPatching": True, "supportsPatchBeforeRun": True, "supportsCopyFromRun": True,
         "supportsEvaluate": True, "supportsReadTensor": True, "supportsEventReplay": True,
         "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
+        "supportsGeneration": True, "supportsTokenStepping": True,
     }
     analyses = analysis_names() if analyses is None else analyses
     return common_pb2.Capabilities(flags=flags, analyses=analyses, expression_functions=expr.FUNCTION_NAMES,
@@ -166,8 +167,14 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc
     def Launch(self, request: pb.LaunchRequest, context: grpc.ServicerContext) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
+        gen = None
+        if request.HasField("generate") and request.generate.max_new_tokens != 0:
+            g = request.generate
+            gen = GenOptions(max_new_tokens=g.max_new_tokens, sample=g.sample, temperature=g.temperature or 1.0,
+                             top_k=g.top_k, seed=g.seed, stop_at_tokens=g.stop_at_tokens,
+                             stop_token_ids=tuple(g.stop_token_ids))
         run = s.launch(list(request.prompts), [list(t.ids) for t in request.token_ids], request.prepend_bos,
-                       list(request.capture), request.stop_on_entry)
+                       list(request.capture), request.stop_on_entry, gen)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms))
         return _status_or_oom(s, run)
@@ -356,7 +363,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             raise InvalidArgument(f"patch value of {len(request.value.data)} bytes exceeds the server's limit "
                                   f"({self.sessions.limits.max_patch_bytes})", reason="PATCH_TOO_LARGE")
         value = wire.from_wire(request.value) if request.HasField("value") else None
-        spec, now = s.patch(request.site, op, selector, value, request.scalar, request.source_run_id, request.mean_over)
+        spec, now = s.patch(request.site, op, selector, value, request.scalar, request.source_run_id, request.mean_over,
+                            tuple(request.tokens))
         return pb.PatchResponse(patch_id=spec.id, applied_now=now, scope=spec.scope,
                                 message=f"{spec.describe()}: {'applied at this stop' if now else 'registered'}")
 

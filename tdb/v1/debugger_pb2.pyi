@@ -19,6 +19,7 @@ class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_INTO: _ClassVar[StepKind]
     STEP_OVER: _ClassVar[StepKind]
     STEP_OUT: _ClassVar[StepKind]
+    STEP_TOKEN: _ClassVar[StepKind]
 
 class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ BEFORE: BreakWhen
 STEP_INTO: StepKind
 STEP_OVER: StepKind
 STEP_OUT: StepKind
+STEP_TOKEN: StepKind
 RUN_STATE_UNSPECIFIED: RunState
 IDLE: RunState
 RUNNING: RunState
@@ -120,18 +122,28 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Breakpoint(_message.Message):
-    __slots__ = ("site", "when", "condition", "hit_condition", "log_message")
+    __slots__ = ("site", "when", "condition", "hit_condition", "log_message", "tokens")
     SITE_FIELD_NUMBER: _ClassVar[int]
     WHEN_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     HIT_CONDITION_FIELD_NUMBER: _ClassVar[int]
     LOG_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     site: str
     when: BreakWhen
     condition: str
     hit_condition: str
     log_message: str
-    def __init__(self, site: _Optional[str] = ..., when: _Optional[_Union[BreakWhen, str]] = ..., condition: _Optional[str] = ..., hit_condition: _Optional[str] = ..., log_message: _Optional[str] = ...) -> None: ...
+    tokens: TokenRange
+    def __init__(self, site: _Optional[str] = ..., when: _Optional[_Union[BreakWhen, str]] = ..., condition: _Optional[str] = ..., hit_condition: _Optional[str] = ..., log_message: _Optional[str] = ..., tokens: _Optional[_Union[TokenRange, _Mapping]] = ...) -> None: ...
+
+class TokenRange(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
 
 class SetBreakpointsRequest(_message.Message):
     __slots__ = ("session_id", "breakpoints")
@@ -166,7 +178,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LaunchRequest(_message.Message):
-    __slots__ = ("session_id", "prompts", "token_ids", "prepend_bos", "capture", "stop_on_entry", "wait", "wait_timeout_ms")
+    __slots__ = ("session_id", "prompts", "token_ids", "prepend_bos", "capture", "stop_on_entry", "wait", "wait_timeout_ms", "generate")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +187,7 @@ class LaunchRequest(_message.Message):
     STOP_ON_ENTRY_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
@@ -183,7 +196,26 @@ class LaunchRequest(_message.Message):
     stop_on_entry: bool
     wait: bool
     wait_timeout_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., prepend_bos: _Optional[bool] = ..., capture: _Optional[_Iterable[str]] = ..., stop_on_entry: _Optional[bool] = ..., wait: _Optional[bool] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+    generate: GenerateOptions
+    def __init__(self, session_id: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., prepend_bos: _Optional[bool] = ..., capture: _Optional[_Iterable[str]] = ..., stop_on_entry: _Optional[bool] = ..., wait: _Optional[bool] = ..., wait_timeout_ms: _Optional[int] = ..., generate: _Optional[_Union[GenerateOptions, _Mapping]] = ...) -> None: ...
+
+class GenerateOptions(_message.Message):
+    __slots__ = ("max_new_tokens", "sample", "temperature", "top_k", "seed", "stop_at_tokens", "stop_token_ids")
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    max_new_tokens: int
+    sample: bool
+    temperature: float
+    top_k: int
+    seed: int
+    stop_at_tokens: bool
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_new_tokens: _Optional[int] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_at_tokens: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ContinueRequest(_message.Message):
     __slots__ = ("session_id", "wait", "wait_timeout_ms")
@@ -238,7 +270,7 @@ class GetRunStatusRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class StopInfo(_message.Message):
-    __slots__ = ("site", "when", "reason", "hit_breakpoint_ids", "description", "stop_id", "exception", "value")
+    __slots__ = ("site", "when", "reason", "hit_breakpoint_ids", "description", "stop_id", "exception", "value", "token")
     SITE_FIELD_NUMBER: _ClassVar[int]
     WHEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +279,7 @@ class StopInfo(_message.Message):
     STOP_ID_FIELD_NUMBER: _ClassVar[int]
     EXCEPTION_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     site: str
     when: BreakWhen
     reason: str
@@ -255,7 +288,8 @@ class StopInfo(_message.Message):
     stop_id: int
     exception: str
     value: _common_pb2.TensorSummary
-    def __init__(self, site: _Optional[str] = ..., when: _Optional[_Union[BreakWhen, str]] = ..., reason: _Optional[str] = ..., hit_breakpoint_ids: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., stop_id: _Optional[int] = ..., exception: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.TensorSummary, _Mapping]] = ...) -> None: ...
+    token: int
+    def __init__(self, site: _Optional[str] = ..., when: _Optional[_Union[BreakWhen, str]] = ..., reason: _Optional[str] = ..., hit_breakpoint_ids: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., stop_id: _Optional[int] = ..., exception: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.TensorSummary, _Mapping]] = ..., token: _Optional[int] = ...) -> None: ...
 
 class TokenProb(_message.Message):
     __slots__ = ("token_id", "text", "logit", "prob")
@@ -280,7 +314,7 @@ class TopTokens(_message.Message):
     def __init__(self, batch_index: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[TokenProb, _Mapping]]] = ...) -> None: ...
 
 class RunResult(_message.Message):
-    __slots__ = ("run_id", "state", "top", "last_logits", "exception", "input_ids", "lengths")
+    __slots__ = ("run_id", "state", "top", "last_logits", "exception", "input_ids", "lengths", "generated", "generated_text")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +322,8 @@ class RunResult(_message.Message):
     EXCEPTION_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     top: _containers.RepeatedCompositeFieldContainer[TopTokens]
@@ -295,7 +331,9 @@ class RunResult(_message.Message):
     exception: str
     input_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
     lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., top: _Optional[_Iterable[_Union[TopTokens, _Mapping]]] = ..., last_logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., exception: _Optional[str] = ..., input_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    generated: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    generated_text: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., top: _Optional[_Iterable[_Union[TopTokens, _Mapping]]] = ..., last_logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., exception: _Optional[str] = ..., input_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., lengths: _Optional[_Iterable[int]] = ..., generated: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., generated_text: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PatchInfo(_message.Message):
     __slots__ = ("patch_id", "site", "op", "scope", "applied")
@@ -423,8 +461,18 @@ class Invalidated(_message.Message):
     what: str
     def __init__(self, what: _Optional[str] = ...) -> None: ...
 
+class TokenGenerated(_message.Message):
+    __slots__ = ("step", "token_ids", "texts")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "time", "run_id", "stopped", "continued", "run_started", "run_exited", "output", "progress", "terminated", "invalidated")
+    __slots__ = ("seq", "time", "run_id", "stopped", "continued", "run_started", "run_exited", "output", "progress", "terminated", "invalidated", "token")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -436,6 +484,7 @@ class Event(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     TERMINATED_FIELD_NUMBER: _ClassVar[int]
     INVALIDATED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time: float
     run_id: str
@@ -447,7 +496,8 @@ class Event(_message.Message):
     progress: Progress
     terminated: Terminated
     invalidated: Invalidated
-    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., run_id: _Optional[str] = ..., stopped: _Optional[_Union[StopInfo, _Mapping]] = ..., continued: _Optional[_Union[Continued, _Mapping]] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., run_exited: _Optional[_Union[RunExited, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., terminated: _Optional[_Union[Terminated, _Mapping]] = ..., invalidated: _Optional[_Union[Invalidated, _Mapping]] = ...) -> None: ...
+    token: TokenGenerated
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., run_id: _Optional[str] = ..., stopped: _Optional[_Union[StopInfo, _Mapping]] = ..., continued: _Optional[_Union[Continued, _Mapping]] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., run_exited: _Optional[_Union[RunExited, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., terminated: _Optional[_Union[Terminated, _Mapping]] = ..., invalidated: _Optional[_Union[Invalidated, _Mapping]] = ..., token: _Optional[_Union[TokenGenerated, _Mapping]] = ...) -> None: ...
 
 class GetStackRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -616,7 +666,7 @@ class Selector(_message.Message):
     def __init__(self, batch: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., neurons: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PatchRequest(_message.Message):
-    __slots__ = ("session_id", "site", "op", "selector", "value", "scalar", "source_run_id", "mean_over")
+    __slots__ = ("session_id", "site", "op", "selector", "value", "scalar", "source_run_id", "mean_over", "tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -625,6 +675,7 @@ class PatchRequest(_message.Message):
     SCALAR_FIELD_NUMBER: _ClassVar[int]
     SOURCE_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MEAN_OVER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     site: str
     op: PatchOp
@@ -633,7 +684,8 @@ class PatchRequest(_message.Message):
     scalar: float
     source_run_id: str
     mean_over: str
-    def __init__(self, session_id: _Optional[str] = ..., site: _Optional[str] = ..., op: _Optional[_Union[PatchOp, str]] = ..., selector: _Optional[_Union[Selector, _Mapping]] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scalar: _Optional[float] = ..., source_run_id: _Optional[str] = ..., mean_over: _Optional[str] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., site: _Optional[str] = ..., op: _Optional[_Union[PatchOp, str]] = ..., selector: _Optional[_Union[Selector, _Mapping]] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scalar: _Optional[float] = ..., source_run_id: _Optional[str] = ..., mean_over: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PatchResponse(_message.Message):
     __slots__ = ("patch_id", "applied_now", "scope", "message")

@@ -64,3 +64,7 @@ class BreakpointSpec:
     verified: bool = True
     message: str = ""
     hits: int = field(default=0)   # reset at every launch
+    tokens: tuple[int, int] | None = None   # generation steps first..last (None = every step)
+
+    def in_tokens(self, step: int) -> bool:
+        return self.tokens is None or self.tokens[0] <= step <= self.tokens[1]

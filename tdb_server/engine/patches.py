@@ -56,6 +56,7 @@ class PatchSpec:
     mean_over: str = "positions"
     scope: str = "run"
     applied: bool = False
+    tokens: tuple[int, ...] = ()   # generation steps where it applies (empty = every step)
 
     def describe(self) -> str:
         extra = f" {self.scalar:g}" if self.op in ("scale", "add") and self.value is None else ""

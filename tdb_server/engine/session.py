@@ -13,7 +13,9 @@ ABORTED instead of silently pointing at a different value.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import math
 import threading
 import time
 import uuid
@@ -35,6 +37,7 @@ from .events import EventLog
 from .patches import PatchSpec, Selector, apply, apply_head, site_kind
 from .scheduler import scheduler_for
 
+BOUNDARY = -2          # step start index meaning "from a token boundary"
 REF_SHIFT = 20          # references = stop_id << REF_SHIFT | index
 KEEP_RUNS = 8           # finished runs kept per session (for reads and copy_from_run)
 DEFAULT_WAIT_S = 60.0
@@ -61,6 +64,19 @@ def site_dims(kind: str) -> list[str]:
 
 
 @dataclass
+class GenOptions:
+    """Generation settings of a run (max_new_tokens > 0)."""
+
+    max_new_tokens: int
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_at_tokens: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
 class StopState:
     stop_id: int
     site: str
@@ -70,11 +86,13 @@ class StopState:
     description: str
     value: torch.Tensor | None = None      # the site's (or unit's) value at an AFTER stop
     exception: str = ""
+    token: int = 0
     refs: dict[int, Any] = field(default_factory=dict)
 
     def to_proto(self) -> pb.StopInfo:
         msg = pb.StopInfo(site=self.site, when=self.when, reason=self.reason, hit_breakpoint_ids=self.hit_ids,
-                          description=self.description, stop_id=self.stop_id, exception=self.exception)
+                          description=self.description, stop_id=self.stop_id, exception=self.exception,
+                          token=self.token)
         if self.value is not None:
             msg.value.CopyFrom(wire.summarize(self.value, site_dims(site_kind(self.site))))
         return msg
@@ -84,8 +102,11 @@ class DebugRun:
     """One forward pass of a session (the adapter's SiteHandler)."""
 
     def __init__(self, session: "Session", run_id: str, input_ids: torch.Tensor, lengths: torch.Tensor,
-                 capture: frozenset[str], sites: list[str], stop_on_entry: bool):
+                 capture: frozenset[str], sites: list[str], stop_on_entry: bool, gen: GenOptions | None = None):
         self.session, self.run_id = session, run_id
+        self.gen = gen
+        self.token = 0                                          # generation step of the current forward
+        self.generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         self.input_ids, self.lengths = input_ids, lengths       # [B, T], [B]
         self.capture = capture
         self.order = sites                                      # sites this run fires, in order
@@ -125,14 +146,17 @@ class DebugRun:
             self._take_turn()
             if self.stop_on_entry and self.order:
                 self._park(StopState(0, self.order[0], pb.BEFORE, "entry", [], f"stopped on entry, before {self.order[0]}"))
-            mask = None
-            if bool((self.lengths < T).any()):
-                mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)
-            with torch.no_grad(), adapter.running(self):
-                out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            idx = (self.lengths - 1).to(logits.device)
-            self.logits = logits[torch.arange(B, device=logits.device), idx].float()   # [B, V]
+            if self.gen is not None:
+                self._generate()
+            else:
+                mask = None
+                if bool((self.lengths < T).any()):
+                    mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)
+                with torch.no_grad(), adapter.running(self):
+                    out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                idx = (self.lengths - 1).to(logits.device)
+                self.logits = logits[torch.arange(B, device=logits.device), idx].float()   # [B, V]
             self._finish(pb.EXITED)
         except RunTerminated:
             self._finish(pb.TERMINATED)
@@ -147,6 +171,58 @@ class DebugRun:
             self._finish(pb.FAILED)
         finally:
             self._give_turn()
+
+    def _generate(self) -> None:
+        """Token by token with the KV cache: each step is one forward pass over the new token only."""
+        s, gen = self.session, self.gen
+        adapter = s.adapter
+        rng = torch.Generator(device=s.device).manual_seed(gen.seed) if gen.sample else None
+        cur = self.input_ids.to(s.device)                 # [B, T] then [B, 1]
+        past = None
+        # transformers renamed past_key_values to cache (both exist across the 5.x versions we support)
+        cache_arg = "cache" if "cache" in inspect.signature(adapter.model.forward).parameters else "past_key_values"
+        done = torch.zeros(cur.shape[0], dtype=torch.bool, device=s.device)
+        with torch.no_grad(), adapter.running(self):
+            for step in range(gen.max_new_tokens):
+                self.token, self.last_fired = step, -1
+                out = adapter.model(input_ids=cur, use_cache=True, **{cache_arg: past})
+                past = out.get(cache_arg)
+                logits = out.logits[:, -1].float()        # [B, V]
+                self.logits = logits
+                nxt = self._choose(logits, rng)           # [B]
+                for b, t in enumerate(nxt.tolist()):
+                    self.generated[b].append(t)
+                texts = [self.session.decode([t])[0] for t in nxt.tolist()]
+                s.events.emit(self.run_id, token=pb.TokenGenerated(step=step, token_ids=nxt.tolist(), texts=texts))
+                if gen.stop_token_ids:
+                    done |= torch.isin(nxt, torch.tensor(gen.stop_token_ids, device=nxt.device))
+                last = step == gen.max_new_tokens - 1 or bool(done.all())
+                if not last:
+                    self._maybe_stop_at_boundary(step, texts)
+                if last:
+                    break
+                cur = nxt[:, None]
+
+    def _choose(self, logits: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        gen = self.gen
+        if not gen.sample:
+            return logits.argmax(-1)
+        logits = logits / (gen.temperature or 1.0)
+        if gen.top_k:
+            kth = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=rng)[:, 0]
+
+    def _maybe_stop_at_boundary(self, step: int, texts: list[str]) -> None:
+        """A token boundary is a step: stop here when asked (stop_at_tokens, or a step that runs to it)."""
+        with self.session.cv:
+            pending = self.step
+            pause = self.pause_requested
+        reach = pending is not None and pending[0] in ("token", "over", "out")
+        if self.gen.stop_at_tokens or reach or pause:
+            reason = "pause" if pause else ("step" if reach else "token")
+            self._park(StopState(0, "", pb.AFTER, reason, [], f"token {step} generated: {texts[0]!r}",
+                                 token=step))
 
     def _take_turn(self) -> None:
         self._ticket = self.session.scheduler.acquire()
@@ -214,7 +290,8 @@ class DebugRun:
         return None if new is value else new
 
     def _apply_patches(self, site: str, value: torch.Tensor) -> torch.Tensor:
-        specs = [p for p in (*self.session.patches, *self.patches) if p.site == site]
+        specs = [p for p in (*self.session.patches, *self.patches)
+                 if p.site == site and (not p.tokens or self.token in p.tokens)]
         for p in specs:
             if p.head is not None:
                 layer = int(site.split(".")[1])
@@ -242,7 +319,7 @@ class DebugRun:
         hit: list[int] = []
         stop_value = value
         for bp in s.breakpoints:
-            if bp.when != pb.AFTER or site not in bp.sites or not bp.verified:
+            if bp.when != pb.AFTER or site not in bp.sites or not bp.verified or not bp.in_tokens(self.token):
                 continue
             v = self._unit_value(bp.unit, site, value)
             env = s.make_env(self, value=v, site=site)
@@ -279,7 +356,8 @@ class DebugRun:
 
     def _should_stop_before(self, site: str) -> StopState | None:
         hit = [bp.id for bp in self.session.breakpoints
-               if bp.when == pb.BEFORE and bp.verified and site in bp.sites and self._count_hit(bp)]
+               if bp.when == pb.BEFORE and bp.verified and site in bp.sites and bp.in_tokens(self.token)
+               and self._count_hit(bp)]
         if hit:
             return StopState(0, site, pb.BEFORE, "breakpoint", hit, f"breakpoint {hit} before {site}")
         return None
@@ -297,6 +375,8 @@ class DebugRun:
 
     def _step_done(self, step: tuple[str, int], site: str) -> bool:
         kind, start = step
+        if kind == "token" or start == BOUNDARY:
+            return kind == "into"   # from a token boundary, into = the first site of the next forward
         start_site = self.order[start] if 0 <= start < len(self.order) else ""
         if kind == "into":
             return True
@@ -329,6 +409,7 @@ class DebugRun:
             if self.terminate_requested:
                 raise RunTerminated()
             stop.stop_id = s.next_stop_id()
+            stop.token = self.token
             self.stop, self.state = stop, pb.PAUSED
             self.step, self.pause_requested, self.command = None, False, None
             s.events.emit(self.run_id, stopped=stop.to_proto())   # before anyone can see PAUSED and resume
@@ -462,6 +543,11 @@ class Session:
                 raise InvalidArgument(f"breakpoint {i}: 'when' must be AFTER or BEFORE", reason="BAD_BREAKPOINT")
             spec = BreakpointSpec(id=i, name=name, when=bp.when, sites=[], condition=bp.condition,
                                   hit_condition=parse_hit_condition(bp.hit_condition), log_message=bp.log_message)
+            if bp.HasField("tokens"):
+                if not 0 <= bp.tokens.first <= bp.tokens.last:
+                    raise InvalidArgument(f"breakpoint {i}: token range {bp.tokens.first}..{bp.tokens.last} is empty or "
+                                          "negative", reason="BAD_BREAKPOINT")
+                spec.tokens = (bp.tokens.first, bp.tokens.last)
             if bp.condition:
                 if bp.when == pb.BEFORE:
                     raise InvalidArgument(f"breakpoint {i} ({name}): a condition needs the value, which does not "
@@ -536,8 +622,10 @@ class Session:
         return seqs
 
     def launch(self, prompts: list[str], token_ids: list[list[int]], prepend_bos: bool, capture: list[str],
-               stop_on_entry: bool) -> DebugRun:
+               stop_on_entry: bool, gen: GenOptions | None = None) -> DebugRun:
         seqs = self._encode(prompts, token_ids, prepend_bos)
+        if gen is not None:
+            self._check_generation(gen, seqs)
         with self.cv:
             if self.current is not None and self.current.state in (pb.RUNNING, pb.PAUSED):
                 raise FailedPrecondition(f"run {self.current.run_id} is still {_STATE_NAMES[self.current.state]}: "
@@ -563,7 +651,7 @@ class Session:
         for b, x in enumerate(seqs):
             ids[b, :len(x)] = torch.tensor(x)
         lengths = torch.tensor([len(x) for x in seqs])
-        run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, capture_set, sites, stop_on_entry)
+        run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, capture_set, sites, stop_on_entry, gen)
         for bp in self.breakpoints:
             bp.hits = 0
         for p in self.patches:
@@ -579,9 +667,31 @@ class Session:
         run.start()
         return run
 
+    def _check_generation(self, gen: GenOptions, seqs: list[list[int]]) -> None:
+        if not 0 < gen.max_new_tokens <= self.limits.max_prompt_tokens:
+            raise InvalidArgument(f"max_new_tokens must be in 1..{self.limits.max_prompt_tokens}", reason="BAD_GENERATE")
+        if len({len(x) for x in seqs}) > 1:
+            raise InvalidArgument("generation needs sequences of equal length (no padding)", reason="BAD_GENERATE")
+        max_pos = weights.max_positions(self.adapter)
+        if max_pos and len(seqs[0]) + gen.max_new_tokens > max_pos:
+            raise InvalidArgument(f"{len(seqs[0])} prompt tokens + {gen.max_new_tokens} new tokens exceed the model's "
+                                  f"{max_pos} positions", reason="TOO_LONG")
+        if gen.sample and not (gen.temperature >= 0 and math.isfinite(gen.temperature)):
+            raise InvalidArgument("temperature must be a finite number >= 0", reason="BAD_GENERATE")
+        if gen.top_k < 0:
+            raise InvalidArgument("top_k must be >= 0", reason="BAD_GENERATE")
+        vocab = self.adapter.info.vocab_size
+        if any(not 0 <= t < vocab for t in gen.stop_token_ids):
+            raise InvalidArgument(f"stop_token_ids must be in [0, {vocab})", reason="BAD_GENERATE")
+
     def build_result(self, run: DebugRun, top_k: int = 10, include_logits: bool = False) -> pb.RunResult:
         msg = pb.RunResult(run_id=run.run_id, state=run.state, exception=run.exception,
                            lengths=[int(x) for x in run.lengths])
+        if run.gen is not None:
+            for toks in run.generated:
+                msg.generated.add(ids=toks)
+                msg.generated_text.append(self.adapter.tokenizer.decode(toks) if self.adapter.tokenizer is not None
+                                          else " ".join(f"<{t}>" for t in toks))
         for row, n in zip(run.input_ids.tolist(), run.lengths.tolist()):
             msg.input_ids.add(ids=row[:n])
         if run.logits is not None:
@@ -617,9 +727,14 @@ class Session:
                 raise FailedPrecondition(f"cannot {command}: run {run.run_id} is {_STATE_NAMES[run.state]}, not paused",
                                          reason="NOT_PAUSED")
             if step_kind is not None:
+                if step_kind == "token" and run.gen is None:
+                    raise FailedPrecondition("a token step needs a generating run (launch with generate)",
+                                             reason="NOT_GENERATING")
                 start = run.index.get(run.stop.site, -1) if run.stop else -1
                 if run.stop is not None and run.stop.when == pb.BEFORE:
                     start -= 1   # from "before S", stepping into runs S
+                if run.stop is not None and run.stop.site == "" and run.stop.reason != "entry":
+                    start = BOUNDARY
                 run.step = (step_kind, start)
             run.command = "go"
             run.state, run.stop = pb.RUNNING, None   # the hand-off: the worker owns the run from here
@@ -791,7 +906,7 @@ class Session:
     # -- patching --------------------------------------------------------------------------------
 
     def patch(self, name: str, op: str, selector: Selector, value: torch.Tensor | None, scalar: float,
-              source_run_id: str, mean_over: str) -> tuple[PatchSpec, bool]:
+              source_run_id: str, mean_over: str, tokens: tuple[int, ...] = ()) -> tuple[PatchSpec, bool]:
         name = name.strip()
         unit = parse_unit(name)
         if unit is not None:
@@ -809,7 +924,9 @@ class Session:
             raise InvalidArgument("op 'set' needs a value", reason="BAD_PATCH")
         spec = PatchSpec(id=next(self._patch_ids), name=name, site=site, op=op, selector=selector,
                          head=unit.index if unit is not None and unit.kind == "head" else None,
-                         value=value, scalar=scalar, mean_over=mean_over or "positions")
+                         value=value, scalar=scalar, mean_over=mean_over or "positions", tokens=tuple(tokens))
+        if any(t < 0 for t in spec.tokens):
+            raise InvalidArgument("generation steps in `tokens` must be >= 0", reason="BAD_PATCH")
         if op == "copy_from_run":
             src = self.run_for(source_run_id) if source_run_id else None
             if src is None:
@@ -829,6 +946,14 @@ class Session:
                 raise FailedPrecondition("the run is running: pause it (or set a breakpoint) before patching it",
                                          reason="RUNNING")
             stop = run.stop
+            later_token = bool(spec.tokens) and min(spec.tokens) > run.token
+            if later_token or stop.site == "":      # a later token's forward, or at a token boundary
+                spec.scope = "run"
+                run.patches.append(spec)
+                return spec, False
+            if spec.tokens and run.token not in spec.tokens:
+                raise FailedPrecondition(f"generation step(s) {list(spec.tokens)} already ran (now at step {run.token})",
+                                         reason="SITE_ALREADY_RAN")
             if site not in run.index:
                 raise FailedPrecondition(f"{site} is not computed in run {run.run_id}", reason="NOT_IN_RUN")
             here = run.index.get(stop.site, -1)
