@@ -1,5 +1,7 @@
 """tdb_client: the typed Python client of a tdb server (returns numpy and dataclasses, never protos)."""
 
+from .analysis import (Ablation, AblationEffect, AblationResult, AttentionResult, Comparison, InputAttributionResult,
+                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, ResolvedTarget, Target, Trace)
 from .client import EventCollector, Session, TdbClient
 from .errors import TdbError
 from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, RunResult,
@@ -7,4 +9,6 @@ from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Gene
 
 __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "BreakpointStatus", "EvalResult",
            "Event", "Frame", "Generate", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
-           "StopInfo", "TensorSummary", "TokenProb", "Variable"]
+           "StopInfo", "TensorSummary", "TokenProb", "Variable",
+           "Ablation", "AblationEffect", "AblationResult", "AttentionResult", "Comparison", "InputAttributionResult",
+           "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace"]

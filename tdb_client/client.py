@@ -28,6 +28,7 @@ import numpy as np
 from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 
 from . import _wire
+from .analysis import AnalysisMixin
 from .errors import TdbError
 from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, RunResult,
                     RunStatus, Scope, ServerInfo, TensorSummary, Variable)
@@ -77,7 +78,7 @@ class _Stream:
         self._call.cancel()
 
 
-class TdbClient:
+class TdbClient(AnalysisMixin):
     """A connection to one tdb server. Use as a context manager, or call close()."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,

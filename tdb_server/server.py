@@ -19,9 +19,10 @@ from typing import Any
 
 import grpc
 
-from tdb.v1 import debugger_pb2, debugger_pb2_grpc
+from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_grpc
 
 from .engine.session import SessionManager
+from .analysis_servicer import AnalysisServicer
 from .limits import Limits
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DebuggerServicer
@@ -83,7 +84,9 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
                          options=options, interceptors=interceptors)
     sessions = SessionManager(adapter, limits=limits)
     debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
-    names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name]
+    analysis_pb2_grpc.add_AnalysisServicer_to_server(AnalysisServicer(adapter), server)
+    names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name,
+             analysis_pb2.DESCRIPTOR.services_by_name["Analysis"].full_name]
     health = _enable_health_and_reflection(server, names)
     if bool(tls_cert) != bool(tls_key):
         sessions.shutdown()

@@ -18,6 +18,7 @@ import torch
 from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 
 from . import PROTOCOL_VERSION, __version__, wire
+from .analyses import analysis_names
 from .engine import expr, weights
 from .engine.patches import OPS, Selector
 from .engine.session import DEFAULT_WAIT_S, GenOptions, SessionManager, site_dims
@@ -84,7 +85,7 @@ def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | N
         "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
         "supportsGeneration": True, "supportsTokenStepping": True,
     }
-    analyses = analyses or []
+    analyses = analysis_names() if analyses is None else analyses
     return common_pb2.Capabilities(flags=flags, analyses=analyses, expression_functions=expr.FUNCTION_NAMES,
                                    patch_ops=list(OPS), limits=limits or {})
 

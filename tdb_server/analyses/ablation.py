@@ -1,0 +1,218 @@
+"""Ablations and patches as analyses: replace the value of heads, neurons, attention or MLP layers or
+whole blocks, and read the target before and after.
+
+| node                    | site replaced        | part                    |
+|-------------------------|----------------------|-------------------------|
+| `blocks.L.attn.head.H`  | `blocks.L.attn.z`    | [:, pos, H, :]          |
+| `blocks.L.mlp.neuron.N` | `blocks.L.mlp.post`  | [:, pos, N]             |
+| `blocks.L.attn`         | `blocks.L.attn.out`  | [:, pos, :]             |
+| `blocks.L.mlp`          | `blocks.L.mlp.out`   | [:, pos, :]             |
+| `blocks.L`              | both of the above    |                         |
+
+Methods: `zero`; `mean` (over the prompt's positions, or over every token of a reference dataset);
+`resample` (the value the same node had at the same position on a source prompt of the same token
+length). Node names may be fnmatch patterns (`blocks.*.attn.head.*`). Applied together (one forward)
+or each separately (batched forwards: one batch element per ablation).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+
+from tdb_server.errors import InvalidArgument
+from tdb_server.model.sites import SiteError, parse_unit
+
+from .inputs import Target, position
+from .registry import register
+
+METHODS = ("zero", "mean", "resample")
+MAX_NODES = 100_000
+BATCH = 16  # ablations per batched forward
+_LAYER_RE = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp))?$")
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    node: str
+    method: str = "zero"
+    positions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Part:
+    site: str
+    index: int | None          # head / neuron index along the unit axis; None = the whole site
+
+
+@dataclass(frozen=True)
+class _Ablation:
+    node: str
+    method: str
+    positions: tuple[int, ...]  # non-negative, sorted
+    parts: tuple[_Part, ...]
+
+
+@dataclass
+class AblationOutcome:
+    node: str
+    before: float
+    after: float
+
+    @property
+    def effect(self) -> float:
+        return self.after - self.before
+
+
+def _parts(adapter, node: str) -> tuple[_Part, ...]:
+    info = adapter.info
+    if m := _LAYER_RE.match(node):
+        layer = int(m.group(1))
+        if layer >= info.n_layers:
+            raise InvalidArgument(f"ablation node {node!r}: layer {layer} out of range (0..{info.n_layers - 1})",
+                                  reason="BAD_NODE")
+        kinds = [m.group(2)] if m.group(2) else ["attn", "mlp"]
+        return tuple(_Part(f"blocks.{layer}.{k}.out", None) for k in kinds)
+    try:
+        unit = parse_unit(node, info.n_layers, info.n_heads, info.d_mlp)
+    except SiteError as e:
+        raise InvalidArgument(f"ablation node: {e.message}; or a layer: blocks.L, blocks.L.attn, blocks.L.mlp",
+                              reason="BAD_NODE", suggestions=e.suggestions) from None
+    if unit.kind == "latent":
+        raise InvalidArgument(f"ablation node {node!r}: SAE latents cannot be ablated here", reason="BAD_NODE")
+    return (_Part(unit.site, unit.index),)
+
+
+def _candidates(adapter, pattern: str) -> list[str]:
+    info = adapter.info
+    names = []
+    for layer in range(info.n_layers):
+        names += [f"blocks.{layer}", f"blocks.{layer}.attn", f"blocks.{layer}.mlp"]
+        names += [f"blocks.{layer}.attn.head.{h}" for h in range(info.n_heads)]
+        if "neuron" in pattern:
+            names += [f"blocks.{layer}.mlp.neuron.{n}" for n in range(info.d_mlp)]
+    return names
+
+
+def expand(adapter, specs: list[AblationSpec], n_tokens: int) -> list[_Ablation]:
+    """Validate specs and expand patterns into single-node ablations."""
+    if not specs:
+        raise InvalidArgument("no ablations given", reason="BAD_ABLATION")
+    out = []
+    for spec in specs:
+        method = spec.method or "zero"
+        if method not in METHODS:
+            raise InvalidArgument(f"unknown ablation method {method!r}; one of {', '.join(METHODS)}",
+                                  reason="BAD_ABLATION")
+        positions = tuple(sorted({position(p, n_tokens, "ablation position") for p in spec.positions}))
+        if any(c in spec.node for c in "*?["):
+            nodes = [n for n in _candidates(adapter, spec.node) if fnmatch.fnmatchcase(n, spec.node)]
+            if not nodes:
+                raise InvalidArgument(f"ablation pattern {spec.node!r} matches no head, neuron or layer",
+                                      reason="BAD_NODE")
+        else:
+            nodes = [spec.node]
+        out += [_Ablation(n, method, positions, _parts(adapter, n)) for n in nodes]
+        if len(out) > MAX_NODES:
+            raise InvalidArgument(f"more than {MAX_NODES} ablations", reason="BAD_ABLATION")
+    return out
+
+
+class _Capture:
+    def __init__(self, sites: set[str]):
+        self.sites = frozenset(sites)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def on_site(self, site, value):
+        self.values[site] = value.detach()
+        return None
+
+
+class _Patcher:
+    """Applies per-batch-element replacements: plan[site] = [(b, index, positions, replacement [T, ...])]."""
+
+    def __init__(self, plan: dict[str, list], extra: set[str]):
+        self.plan = plan
+        self.sites = frozenset(plan) | frozenset(extra)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def on_site(self, site, value):
+        if site not in self.plan:
+            self.values[site] = value.detach()
+            return None
+        new = value.clone()
+        for b, index, pos, repl in self.plan[site]:
+            repl = repl.to(new.dtype)
+            if index is None:
+                new[b, pos] = repl[pos]
+            else:
+                new[b, pos, index] = repl[pos, index]
+        return new
+
+
+def _forward(adapter, ids: list[int], handler) -> torch.Tensor:
+    return adapter.forward(torch.tensor([ids]), handler)
+
+
+@register("ablation", "zero / mean / resample ablation of heads, neurons, attention or MLP layers and whole blocks, "
+                      "together or each separately (batched); the target before and after")
+def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSpec], *, separately: bool = False,
+           reference: list[list[int]] | None = None, source: list[int] | None = None) -> tuple[float, list[AblationOutcome]]:
+    """Returns (target before, outcomes): one outcome per expanded node when `separately`, else one ("all")."""
+    T = len(token_ids)
+    ablations = expand(adapter, specs, T)
+    methods = {a.method for a in ablations}
+    if "resample" in methods and source is None:
+        raise InvalidArgument("resample ablation needs a source prompt", reason="BAD_ABLATION")
+    if source is not None and len(source) != T:
+        raise InvalidArgument(f"the resample source has {len(source)} tokens, the prompt {T}: resampling takes the "
+                              "value at the same positions, so they must have the same length", reason="LENGTH_MISMATCH")
+    if reference and "mean" not in methods:
+        raise InvalidArgument("a reference dataset is used only by mean ablations", reason="BAD_ABLATION")
+    last = f"blocks.{adapter.info.n_layers - 1}.resid_post"
+    sites = {p.site for a in ablations for p in a.parts}
+    with torch.no_grad():
+        clean = _Capture(sites | {last})
+        logits = _forward(adapter, token_ids, clean)
+        before = float(target.read(logits, clean.values[last])[0])
+        repl: dict[tuple[str, str], torch.Tensor] = {}
+        for site in sites:
+            x = clean.values[site][0]                                     # [T, ...]
+            if "zero" in methods:
+                repl["zero", site] = torch.zeros_like(x)
+            if "mean" in methods:
+                if reference:
+                    vals = []
+                    for ref in reference:
+                        cap = _Capture({site})
+                        _forward(adapter, ref, cap)
+                        vals.append(cap.values[site][0])
+                    mean = torch.cat(vals).float().mean(0)
+                else:
+                    mean = x.float().mean(0)
+                repl["mean", site] = mean.to(x.dtype).expand_as(x)
+        if source is not None:
+            cap = _Capture(sites)
+            _forward(adapter, source, cap)
+            for site in sites:
+                repl["resample", site] = cap.values[site][0]
+        groups = [[a] for a in ablations] if separately else [ablations]
+        afters: list[float] = []
+        chunk = 1 if not separately else BATCH
+        for start in range(0, len(groups), chunk):
+            batch = groups[start:start + chunk]
+            plan: dict[str, list] = {}
+            for b, group in enumerate(batch):
+                for a in group:
+                    pos = torch.tensor(list(a.positions) or list(range(T)))
+                    for p in a.parts:
+                        plan.setdefault(p.site, []).append((b, p.index, pos, repl[a.method, p.site]))
+            patcher = _Patcher(plan, {last})
+            out = adapter.forward(torch.tensor([token_ids] * len(batch)), patcher)
+            afters += [float(v) for v in target.read(out, patcher.values.get(last))]
+    if separately:
+        return before, [AblationOutcome(a.node, before, after) for a, after in zip(ablations, afters)]
+    return before, [AblationOutcome("all", before, afters[0])]

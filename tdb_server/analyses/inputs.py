@@ -1,0 +1,242 @@
+"""Prompts and targets: what an analysis reads (token ids) and what it explains (a scalar).
+
+A *target* is a scalar read from one position of one forward pass:
+
+| kind         | value                                                              | linear in the final residual |
+|--------------|--------------------------------------------------------------------|------------------------------|
+| `logit_diff` | mean logit(tokens) - mean logit(distractors)                       | yes (final norm scale frozen)|
+| `logit`      | mean logit(tokens)                                                 | yes                          |
+| `logprob`    | mean log p(tokens) (- mean log p(distractors), if any)             | only with distractors        |
+| `direction`  | final residual . direction (the input of the final norm)          | yes                          |
+
+Token strings are tokenized without special tokens. A string of several tokens is reduced to the
+*first differing token*: when one target and one distractor share a prefix of tokens (" Darcy" vs
+" Darcyson"), the shared prefix is appended to the prompt (position must be the last one) and the
+first tokens after it are compared; otherwise each multi-token string counts by its first token.
+Either way a note says so. Everything else that does not fit is an InvalidArgument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tdb_server.errors import FailedPrecondition, InvalidArgument
+
+KINDS = ("logit_diff", "logit", "logprob", "direction")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: text or token ids (not both)."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    prepend_bos: bool = False
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target as asked for (see the module docstring); `kind` "" = logit_diff with distractors, else logit."""
+
+    kind: str = ""
+    tokens: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    distractors: tuple[str, ...] = ()
+    distractor_ids: tuple[int, ...] = ()
+    position: int = -1
+    direction: torch.Tensor | None = None   # [D]
+
+
+@dataclass
+class Target:
+    """A resolved target: token ids, a non-negative position, how to read it from a forward pass."""
+
+    kind: str
+    token_ids: list[int]
+    distractor_ids: list[int]
+    position: int
+    direction: torch.Tensor | None = None   # [D], float32
+    description: str = ""
+    notes: list[str] = field(default_factory=list)
+    appended_ids: list[int] = field(default_factory=list)
+    value: float = float("nan")             # filled in by the analysis that ran the prompt
+
+    @property
+    def exact(self) -> bool:
+        """Do direct effects sum exactly to the value (is the target linear in the final residual)?"""
+        return self.kind != "logprob" or bool(self.distractor_ids)
+
+    @property
+    def needs_resid(self) -> bool:
+        return self.kind == "direction"
+
+    def read(self, logits: torch.Tensor, resid: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, T, V] (and, for `direction`, the final residual resid [B, T, D]) -> [B], float32,
+        differentiable."""
+        p = self.position
+        return self.read_rows(logits[:, p], None if resid is None else resid[:, p])
+
+    def read_rows(self, logits: torch.Tensor, resid: torch.Tensor | None = None) -> torch.Tensor:
+        """The target's formula on rows of logits [N, V] (direction: of residual vectors [N, D]) -> [N]."""
+        if self.kind == "direction":
+            return resid.float() @ self.direction.to(resid.device)
+        x = logits.float()                                          # [N, V]
+        if self.kind == "logprob":
+            x = torch.log_softmax(x, dim=-1)
+        value = x[:, self.token_ids].mean(-1)
+        if self.distractor_ids:
+            value = value - x[:, self.distractor_ids].mean(-1)
+        return value
+
+    def final_direction(self, adapter, logits_row: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """(d [D], constant, normed) such that the target is d . final_norm(resid) + constant when
+        `normed` (logit kinds, linearised for logprob), or d . resid when not (direction).
+        logits_row [V] is the prediction at the target position (for the logprob gradient)."""
+        if self.kind == "direction":
+            return self.direction.float(), 0.0, False
+        W_U, b_U = adapter.W_U.float(), adapter.b_U.float()      # [D, V], [V]
+        d = W_U[:, self.token_ids].mean(1)                        # [D]
+        const = b_U[self.token_ids].mean()
+        if self.distractor_ids:
+            d = d - W_U[:, self.distractor_ids].mean(1)
+            const = const - b_U[self.distractor_ids].mean()
+        elif self.kind == "logprob":  # d log p(a) / d x = W_U[:, a] - W_U p
+            probs = torch.softmax(logits_row.float(), dim=-1).to(W_U.device)
+            d = d - W_U @ probs
+            const = const - b_U @ probs
+        const = const + adapter.final_norm_bias.float() @ d
+        return d, float(const), True
+
+
+def decode(adapter, ids: list[int]) -> list[str]:
+    tok = adapter.tokenizer
+    if tok is None:
+        return [f"<{i}>" for i in ids]
+    return [tok.decode([i]) for i in ids]
+
+
+def encode(adapter, prompt: Prompt, what: str = "input") -> list[int]:
+    """Token ids of a prompt, validated (vocabulary, length, non-empty)."""
+    tok = adapter.tokenizer
+    if prompt.text and prompt.token_ids:
+        raise InvalidArgument(f"{what}: give a prompt or token_ids, not both", reason="BAD_INPUT")
+    if prompt.text:
+        if tok is None:
+            raise FailedPrecondition(f"{what}: this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
+        ids = list(tok(prompt.text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = [int(i) for i in prompt.token_ids]
+    if prompt.prepend_bos:
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        if bos is None:
+            raise FailedPrecondition(f"{what}: this model has no BOS token", reason="NO_BOS")
+        ids = [bos] + ids
+    if not ids:
+        raise InvalidArgument(f"{what}: nothing to run: give a prompt or token ids", reason="BAD_INPUT")
+    _check_ids(adapter, ids, what)
+    return ids
+
+
+def _check_ids(adapter, ids: list[int], what: str) -> None:
+    vocab = adapter.info.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidArgument(f"{what}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                              reason="BAD_TOKEN_ID")
+    cfg = adapter.model.config
+    max_pos = next((v for k in ("n_positions", "max_position_embeddings")
+                    if isinstance(v := getattr(cfg, k, None), int) and v > 0), 0)
+    if max_pos and len(ids) > max_pos:
+        raise InvalidArgument(f"{what}: {len(ids)} tokens; the model takes at most {max_pos}", reason="TOO_LONG")
+
+
+def position(pos: int, n: int, what: str = "position") -> int:
+    """A python-style index into n positions -> non-negative; InvalidArgument when out of range."""
+    if not -n <= pos < n:
+        raise InvalidArgument(f"{what} {pos} is out of range for {n} tokens (use 0..{n - 1} or -{n}..-1)",
+                              reason="OUT_OF_RANGE")
+    return pos % n
+
+
+def _token_lists(adapter, strings: tuple[str, ...], ids: tuple[int, ...], what: str) -> list[list[int]]:
+    seqs = [[int(i)] for i in ids]
+    if strings:
+        tok = adapter.tokenizer
+        if tok is None:
+            raise FailedPrecondition(f"{what}: this model has no tokenizer: give token ids", reason="NO_TOKENIZER")
+        for s in strings:
+            t = list(tok(s, add_special_tokens=False)["input_ids"])
+            if not t:
+                raise InvalidArgument(f"{what}: {s!r} tokenizes to nothing", reason="BAD_TARGET")
+            seqs.append(t)
+    for seq in seqs:
+        _check_ids(adapter, seq, what)
+    return seqs
+
+
+def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, list[int]]:
+    """Validate a target against a prompt's ids; returns the target and the ids to run (the prompt,
+    plus the shared prefix of multi-token targets when there is one)."""
+    kind = spec.kind or ("logit_diff" if (spec.distractors or spec.distractor_ids) else "logit")
+    if kind not in KINDS:
+        raise InvalidArgument(f"unknown target kind {kind!r}; one of {', '.join(KINDS)}", reason="BAD_TARGET")
+    pos_in = spec.position
+    n = len(ids)
+    if kind == "direction":
+        if spec.tokens or spec.token_ids or spec.distractors or spec.distractor_ids:
+            raise InvalidArgument("a direction target takes no tokens or distractors", reason="BAD_TARGET")
+        d = spec.direction
+        if d is None or tuple(d.shape) != (adapter.info.d_model,):
+            got = "none" if d is None else list(d.shape)
+            raise InvalidArgument(f"a direction target needs a direction of shape [{adapter.info.d_model}] "
+                                  f"(d_model); got {got}", reason="BAD_TARGET")
+        if not torch.isfinite(d).all():
+            raise InvalidArgument("the target direction has NaN or Inf entries", reason="BAD_TARGET")
+        p = position(pos_in, n, "target position")
+        t = Target(kind, [], [], p, d.float(), f"final residual . direction at position {p}")
+        return t, ids
+    if spec.direction is not None:
+        raise InvalidArgument(f"a {kind} target takes no direction (use kind direction)", reason="BAD_TARGET")
+    toks = _token_lists(adapter, spec.tokens, spec.token_ids, "target tokens")
+    dist = _token_lists(adapter, spec.distractors, spec.distractor_ids, "distractors")
+    if not toks:
+        raise InvalidArgument(f"a {kind} target needs at least one target token", reason="BAD_TARGET")
+    if kind == "logit_diff" and not dist:
+        raise InvalidArgument("a logit_diff target needs at least one distractor token", reason="BAD_TARGET")
+    notes: list[str] = []
+    appended: list[int] = []
+    if len(toks) == 1 and len(dist) == 1 and (len(toks[0]) > 1 or len(dist[0]) > 1):
+        a, b = toks[0], dist[0]
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        if k == len(a) or k == len(b):
+            raise InvalidArgument(f"target {decode(adapter, a)} and distractor {decode(adapter, b)}: one is a "
+                                  "prefix of the other, so no token tells them apart", reason="BAD_TARGET")
+        if k:
+            if position(pos_in, n, "target position") != n - 1:
+                raise InvalidArgument("target and distractor share their first token(s); they can be told apart "
+                                      "only after appending the shared prefix, which needs the last position",
+                                      reason="BAD_TARGET")
+            appended = a[:k]
+            notes.append(f"target and distractor share the prefix {''.join(decode(adapter, appended))!r}: it is "
+                         f"appended to the prompt and the first differing tokens are compared")
+        toks, dist = [a[k:]], [b[k:]]
+    for seq in [*toks, *dist]:
+        if len(seq) > 1:
+            first = decode(adapter, seq[:1])[0]
+            notes.append(f"{''.join(decode(adapter, seq))!r} is {len(seq)} tokens: using its first token {first!r}")
+    run_ids = ids + appended
+    p = len(run_ids) - 1 if appended else position(pos_in, n, "target position")
+    tok_ids = [s[0] for s in toks]
+    dist_ids = [s[0] for s in dist]
+    fmt = "logprob" if kind == "logprob" else "logit"
+
+    def mean(xs: list[int]) -> str:
+        words = [f"{fmt}({w!r})" for w in decode(adapter, xs)]
+        return words[0] if len(words) == 1 else f"mean({', '.join(words)})"
+
+    desc = mean(tok_ids) + (f" - {mean(dist_ids)}" if dist_ids else "") + f" at position {p}"
+    return Target(kind, tok_ids, dist_ids, p, None, desc, notes, appended), run_ids

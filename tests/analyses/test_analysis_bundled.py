@@ -1,0 +1,67 @@
+"""The bundled model's known induction circuit, found by the analyses (ground truth from its file).
+
+Prompt, answer and distractor come from ground_truth.json's demo ("... Mr. Darcy ... Mr." ->
+" Darcy" vs " Bingley"); the induction heads are those the training script measured.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tdb_client import Target
+from tdb_server.analyses import TargetSpec, resolve_target
+from tdb_server.analyses.node_table import TargetObjective, compute_node_table
+from tdb_server.paths import bundled_models
+
+pytestmark = pytest.mark.skipif(not bundled_models(), reason="no bundled model yet (scripts/train_bundled.py)")
+
+NEAR_TOP = 3  # "at or near the top": within the first three heads
+
+
+@pytest.fixture(scope="module")
+def truth():
+    from tdb_server.paths import default_model_path
+
+    gt = json.loads((default_model_path() / "ground_truth.json").read_text())
+    assert gt["induction_heads"], "the bundled model's card lists no induction head"
+    return gt
+
+
+def _rank_of_best(names: list[str], wanted: set[str]) -> int:
+    return min(names.index(n) for n in wanted if n in names)
+
+
+def test_induction_head_tops_the_direct_effects(bundled_client, truth):
+    demo = truth["demo"]
+    induction = {f"blocks.{l}.attn.head.{h}" for l, h in truth["induction_heads"]}
+    r = bundled_client.node_table(demo["prompt"], Target(demo["answer"], demo["distractor"]), node_types=["head"],
+                                  all_rows=True)
+    assert r.target.exact and r.target.value > 0   # the model prefers the answer
+    heads = r.all.to_pandas()
+    heads = heads[heads.query_pos == r.target.position].sort_values("direct_effect", ascending=False)
+    assert _rank_of_best(list(heads.node), induction) < NEAR_TOP, heads.head(6).to_string()
+
+
+def test_induction_head_tops_the_ablation_effects(bundled_client, truth):
+    demo = truth["demo"]
+    induction = {f"blocks.{l}.attn.head.{h}" for l, h in truth["induction_heads"]}
+    sweep = bundled_client.ablate(demo["prompt"], Target(demo["answer"], demo["distractor"]),
+                                  "blocks.*.attn.head.*", separately=True).to_pandas()
+    ranked = sweep.sort_values("effect")   # the most negative effect first: the most needed head
+    assert ranked.effect.iloc[0] < 0
+    assert _rank_of_best(list(ranked.node), induction) < NEAR_TOP, ranked.head(6).to_string()
+
+
+def test_bundled_node_table_sums_and_matches_in_process(bundled_client, bundled_adapter, truth):
+    demo = truth["demo"]
+    wire = bundled_client.node_table(demo["prompt"], Target(demo["answer"], demo["distractor"]), all_rows=True)
+    assert wire.direct_effect_sum == pytest.approx(wire.target.value, abs=1e-4)
+    ids = bundled_adapter.tokenizer(demo["prompt"], add_special_tokens=False)["input_ids"]
+    target, run = resolve_target(bundled_adapter, TargetSpec(tokens=(demo["answer"],),
+                                                             distractors=(demo["distractor"],)), ids)
+    local = compute_node_table(bundled_adapter, run, TargetObjective(target))
+    np.testing.assert_array_equal(wire.all.ids, local.table.ids.numpy())
+    np.testing.assert_array_equal(wire.all.metrics, local.table.metrics.numpy())
