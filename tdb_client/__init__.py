@@ -4,11 +4,12 @@ from .analysis import (Ablation, AblationEffect, AblationResult, AttentionResult
                        LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, ResolvedTarget, Target, Trace)
 from .client import EventCollector, Session, TdbClient
 from .errors import TdbError
-from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, RunResult,
+from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, ReplayReport,
+                    RunResult,
                     RunStatus, Scope, ServerInfo, SiteInfo, StopInfo, TensorSummary, TokenProb, Variable)
 
 __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "BreakpointStatus", "EvalResult",
-           "Event", "Frame", "Generate", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
+           "Event", "Frame", "Generate", "ReplayReport", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
            "StopInfo", "TensorSummary", "TokenProb", "Variable",
            "Ablation", "AblationEffect", "AblationResult", "AttentionResult", "Comparison", "InputAttributionResult",
            "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace"]

@@ -30,7 +30,8 @@ from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 from . import _wire
 from .analysis import AnalysisMixin
 from .errors import TdbError
-from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, RunResult,
+from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, ReplayReport,
+                    RunResult,
                     RunStatus, Scope, ServerInfo, TensorSummary, Variable)
 
 PROTOCOL_VERSION = "1.0"
@@ -144,6 +145,20 @@ class TdbClient(AnalysisMixin):
     def tokenize(self, text: str, prepend_bos: bool = False) -> tuple[list[int], list[str]]:
         r = self._rpc("Tokenize", pb.TokenizeRequest(text=text, prepend_bos=prepend_bos))
         return list(r.ids), list(r.tokens)
+
+    def replay(self, recording: str, *, stop_on_mismatch: bool = False, keep_session: bool = False,
+               timeout: float = 600.0) -> ReplayReport:
+        """Replay a recording (JSON text or a path to one) in a fresh session on this server.
+
+        keep_session: leave that session open at the recording's last state (Session(client, report.session_id, 0))."""
+        text = recording
+        if not recording.lstrip().startswith("{"):
+            with open(recording, encoding="utf-8") as f:
+                text = f.read()
+        r = self._rpc("ReplayRecording", pb.ReplayRecordingRequest(json=text, stop_on_mismatch=stop_on_mismatch,
+                                                                    keep_session=keep_session),
+                      timeout=timeout)
+        return ReplayReport(r.ok, r.actions, r.stops_checked, r.reads_checked, tuple(r.mismatches), r.session_id)
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -356,6 +371,16 @@ class Session:
 
     def clear_patches(self) -> int:
         return self._rpc("ClearPatches", pb.ClearPatchesRequest(session_id=self.id)).cleared
+
+    # -- record and replay -----------------------------------------------------------------------
+
+    def export_recording(self, path: str | None = None) -> str:
+        """This session's recording (JSON: model identity + actions + outcomes); also written to `path`."""
+        text = self._rpc("ExportRecording", pb.ExportRecordingRequest(session_id=self.id)).json
+        if path:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
 
 
 class EventStream:

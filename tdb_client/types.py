@@ -293,3 +293,13 @@ class Event:
         elif kind == "run_started":
             ev["data"] = {"batch": m.run_started.batch, "seq_len": m.run_started.seq_len}
         return cls(**ev)
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    ok: bool                       # every stop and every read matched the recording
+    actions: int
+    stops_checked: int
+    reads_checked: int
+    mismatches: tuple[str, ...]
+    session_id: str                # the replay's session, left open at the recording's last state

@@ -17,7 +17,9 @@ import torch
 
 from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 
-from . import PROTOCOL_VERSION, __version__, wire
+from google.protobuf import json_format
+
+from . import PROTOCOL_VERSION, __version__, recording, wire
 from .analyses import analysis_names
 from .engine import expr, weights
 from .engine.patches import OPS, Selector
@@ -107,6 +109,11 @@ def model_info_proto(adapter: Any) -> common_pb2.ModelInfo:
         source=str(getattr(adapter, "source", "") or ""), max_positions=weights.max_positions(adapter))
 
 
+def _recorded(session: Any, rpc: str, request: Any, status: pb.RunStatus) -> pb.RunStatus:
+    recording.record(session, rpc, request, recording.outcome(status))
+    return status
+
+
 def _status_or_oom(session: Any, run: Any) -> pb.RunStatus:
     """The run's status; a run that died of out-of-memory fails the waiting request with RESOURCE_EXHAUSTED."""
     if run.state == pb.FAILED and run.out_of_memory:
@@ -159,6 +166,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def SetBreakpoints(self, request: pb.SetBreakpointsRequest, context: grpc.ServicerContext) -> pb.SetBreakpointsResponse:
         s = self.sessions.get(request.session_id)
         specs = s.set_breakpoints(list(request.breakpoints))
+        recording.record(s, "SetBreakpoints", request, {})
         return pb.SetBreakpointsResponse(breakpoints=[
             pb.BreakpointStatus(id=b.id, verified=b.verified, message=b.message, sites=b.sites) for b in specs])
 
@@ -177,14 +185,14 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
                        list(request.capture), request.stop_on_entry, gen)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms))
-        return _status_or_oom(s, run)
+        return _recorded(s, "Launch", request, _status_or_oom(s, run))
 
     def _control(self, request: Any, command: str, step: str | None = None) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         run = s.resume(command, step)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms))
-        return _status_or_oom(s, run)
+        return _recorded(s, "Step" if step else "Continue", request, _status_or_oom(s, run))
 
     @_rpc
     def Continue(self, request: pb.ContinueRequest, context: grpc.ServicerContext) -> pb.RunStatus:
@@ -204,7 +212,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         run = s.pause()
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms))
-        return s.status(run)
+        return _recorded(s, "Pause", request, s.status(run))
 
     @_rpc
     def Terminate(self, request: pb.TerminateRequest, context: grpc.ServicerContext) -> pb.RunStatus:
@@ -212,7 +220,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         run = s.terminate()
         if request.wait and run.thread is not None:
             run.thread.join(_wait_s(request.wait_timeout_ms))
-        return s.status(run)
+        return _recorded(s, "Terminate", request, s.status(run))
 
     @_rpc
     def GetRunStatus(self, request: pb.GetRunStatusRequest, context: grpc.ServicerContext) -> pb.RunStatus:
@@ -300,6 +308,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             raise ResourceExhausted(f"{request.expression!r} is {t.numel() * t.element_size() / 2**20:.1f} MiB; reads are "
                                     f"limited to {limit / 2**20:.1f} MiB: read a slice", reason="READ_TOO_LARGE")
         data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
+        recording.record(self.sessions.get(request.session_id), "ReadTensor", request, recording.digest(t))
         size = request.chunk_bytes or CHUNK_BYTES
         total = len(data)
         dtype = wire.wire_dtype(t.dtype)
@@ -322,7 +331,10 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def TensorStats(self, request: pb.TensorStatsRequest, context: grpc.ServicerContext) -> common_pb2.TensorSummary:
-        return wire.summarize(self._tensor(request.session_id, request.expression, request.run_id))
+        summary = wire.summarize(self._tensor(request.session_id, request.expression, request.run_id))
+        recording.record(self.sessions.get(request.session_id), "TensorStats", request,
+                         {"summary": json_format.MessageToDict(summary)})
+        return summary
 
     @_rpc
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
@@ -330,8 +342,12 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         run = s.run_for(request.run_id)
         if request.frame_id:
             s._resolve_ref(request.frame_id, "frame")   # stale frames are ABORTED
-        value = s.evaluate_value(request.expression, run)
-        limit = request.max_elements or 4096
+        resp = self._evaluate(s, s.evaluate_value(request.expression, run), request.max_elements or 4096)
+        recording.record(s, "Evaluate", request, recording.outcome_of("Evaluate", resp))
+        return resp
+
+    @staticmethod
+    def _evaluate(s: Any, value: Any, limit: int) -> pb.EvaluateResponse:
         resp = pb.EvaluateResponse(result=expr.render(value))
         if isinstance(value, expr.TopK):
             resp.tokens.extend(s.decode([int(i) for i in value.indices.flatten().tolist()]))
@@ -365,9 +381,25 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         value = wire.from_wire(request.value) if request.HasField("value") else None
         spec, now = s.patch(request.site, op, selector, value, request.scalar, request.source_run_id, request.mean_over,
                             tuple(request.tokens))
+        recording.record(s, "Patch", request, {})
         return pb.PatchResponse(patch_id=spec.id, applied_now=now, scope=spec.scope,
                                 message=f"{spec.describe()}: {'applied at this stop' if now else 'registered'}")
 
     @_rpc
     def ClearPatches(self, request: pb.ClearPatchesRequest, context: grpc.ServicerContext) -> pb.ClearPatchesResponse:
-        return pb.ClearPatchesResponse(cleared=self.sessions.get(request.session_id).clear_patches())
+        s = self.sessions.get(request.session_id)
+        cleared = s.clear_patches()
+        recording.record(s, "ClearPatches", request, {})
+        return pb.ClearPatchesResponse(cleared=cleared)
+
+    # -- record and replay -----------------------------------------------------------------------
+
+    @_rpc
+    def ExportRecording(self, request: pb.ExportRecordingRequest, context: grpc.ServicerContext) -> pb.Recording:
+        return pb.Recording(json=recording.export(self.sessions.get(request.session_id)))
+
+    @_rpc
+    def ReplayRecording(self, request: pb.ReplayRecordingRequest, context: grpc.ServicerContext) -> pb.ReplayReport:
+        if len(request.json) > 64 << 20:
+            raise InvalidArgument("recording larger than 64 MiB", reason="BAD_RECORDING")
+        return recording.replay(self, request.json, request.stop_on_mismatch, request.keep_session)

@@ -710,3 +710,41 @@ class ClearPatchesResponse(_message.Message):
     CLEARED_FIELD_NUMBER: _ClassVar[int]
     cleared: int
     def __init__(self, cleared: _Optional[int] = ...) -> None: ...
+
+class ExportRecordingRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class Recording(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class ReplayRecordingRequest(_message.Message):
+    __slots__ = ("json", "stop_on_mismatch", "keep_session")
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    STOP_ON_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SESSION_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    stop_on_mismatch: bool
+    keep_session: bool
+    def __init__(self, json: _Optional[str] = ..., stop_on_mismatch: _Optional[bool] = ..., keep_session: _Optional[bool] = ...) -> None: ...
+
+class ReplayReport(_message.Message):
+    __slots__ = ("ok", "actions", "stops_checked", "reads_checked", "mismatches", "session_id")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    STOPS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    READS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    actions: int
+    stops_checked: int
+    reads_checked: int
+    mismatches: _containers.RepeatedScalarFieldContainer[str]
+    session_id: str
+    def __init__(self, ok: _Optional[bool] = ..., actions: _Optional[int] = ..., stops_checked: _Optional[int] = ..., reads_checked: _Optional[int] = ..., mismatches: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ...) -> None: ...

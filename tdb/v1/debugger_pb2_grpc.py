@@ -146,6 +146,16 @@ class DebuggerStub:
                 request_serializer=tdb_dot_v1_dot_debugger__pb2.ClearPatchesRequest.SerializeToString,
                 response_deserializer=tdb_dot_v1_dot_debugger__pb2.ClearPatchesResponse.FromString,
                 _registered_method=True)
+        self.ExportRecording = channel.unary_unary(
+                '/tdb.v1.Debugger/ExportRecording',
+                request_serializer=tdb_dot_v1_dot_debugger__pb2.ExportRecordingRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_debugger__pb2.Recording.FromString,
+                _registered_method=True)
+        self.ReplayRecording = channel.unary_unary(
+                '/tdb.v1.Debugger/ReplayRecording',
+                request_serializer=tdb_dot_v1_dot_debugger__pb2.ReplayRecordingRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_debugger__pb2.ReplayReport.FromString,
+                _registered_method=True)
 
 
 class DebuggerServicer:
@@ -294,6 +304,20 @@ class DebuggerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRecording(self, request, context):
+        """Record and replay: a session's actions (breakpoints, launches, control, patches, reads with the
+        digests of what they returned) as a JSON file, replayable on any server with the same model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayRecording(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DebuggerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -406,6 +430,16 @@ def add_DebuggerServicer_to_server(servicer, server):
                     servicer.ClearPatches,
                     request_deserializer=tdb_dot_v1_dot_debugger__pb2.ClearPatchesRequest.FromString,
                     response_serializer=tdb_dot_v1_dot_debugger__pb2.ClearPatchesResponse.SerializeToString,
+            ),
+            'ExportRecording': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportRecording,
+                    request_deserializer=tdb_dot_v1_dot_debugger__pb2.ExportRecordingRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_debugger__pb2.Recording.SerializeToString,
+            ),
+            'ReplayRecording': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayRecording,
+                    request_deserializer=tdb_dot_v1_dot_debugger__pb2.ReplayRecordingRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_debugger__pb2.ReplayReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1002,6 +1036,60 @@ class Debugger:
             '/tdb.v1.Debugger/ClearPatches',
             tdb_dot_v1_dot_debugger__pb2.ClearPatchesRequest.SerializeToString,
             tdb_dot_v1_dot_debugger__pb2.ClearPatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Debugger/ExportRecording',
+            tdb_dot_v1_dot_debugger__pb2.ExportRecordingRequest.SerializeToString,
+            tdb_dot_v1_dot_debugger__pb2.Recording.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Debugger/ReplayRecording',
+            tdb_dot_v1_dot_debugger__pb2.ReplayRecordingRequest.SerializeToString,
+            tdb_dot_v1_dot_debugger__pb2.ReplayReport.FromString,
             options,
             channel_credentials,
             insecure,

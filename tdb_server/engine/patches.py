@@ -63,8 +63,12 @@ class PatchSpec:
         return f"{self.op}{extra} {self.name} [{self.selector.describe()}]"
 
 
-def _mask(shape: torch.Size, kind: str, sel: Selector, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask over `shape` selecting the batch items/positions/heads/neurons of `sel`."""
+def _mask(shape: torch.Size, kind: str, sel: Selector, device: torch.device, offset: int = 0) -> torch.Tensor | None:
+    """Boolean mask over `shape` selecting the batch items/positions/heads/neurons of `sel`.
+
+    Positions are absolute: with a KV cache the value covers positions offset..offset+T-1 (negative
+    positions count from the end of the sequence so far), and positions outside that window select
+    nothing."""
     axes = [(0, sel.batch, "batch")]
     axes.append((_POS_DIM.get(kind, 1), sel.positions, "position"))
     if kind in _HEAD_DIM:
@@ -82,12 +86,16 @@ def _mask(shape: torch.Size, kind: str, sel: Selector, device: torch.device) -> 
         if dim >= len(shape):
             raise InvalidArgument(f"{kind} of shape {list(shape)} has no {what} dimension", reason="BAD_SELECTOR")
         n = shape[dim]
-        bad = [i for i in idx if not -n <= i < n]
+        total = n + offset if what == "position" else n
+        bad = [i for i in idx if not -total <= i < total]
         if bad:
-            raise InvalidArgument(f"{what} index {bad[0]} out of range for size {n} (shape {list(shape)})",
+            raise InvalidArgument(f"{what} index {bad[0]} out of range for size {total} (shape {list(shape)})",
                                   reason="OUT_OF_RANGE")
+        local = [i % total - (offset if what == "position" else 0) for i in idx]
         m = torch.zeros(n, dtype=torch.bool, device=device)
-        m[torch.tensor([i % n for i in idx], device=device)] = True
+        local = [j for j in local if 0 <= j < n]
+        if local:
+            m[torch.tensor(local, device=device)] = True
         view = [1] * len(shape)
         view[dim] = n
         m = m.view(view)
@@ -134,19 +142,19 @@ def _replacement(v: torch.Tensor, spec: PatchSpec, kind: str, lengths: torch.Ten
     raise InvalidArgument(f"unknown patch op {spec.op!r}; ops: {OPS}", reason="BAD_PATCH_OP")
 
 
-def apply(v: torch.Tensor, spec: PatchSpec, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply a site patch (not a head unit) to `v`; returns a new tensor."""
+def apply(v: torch.Tensor, spec: PatchSpec, lengths: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Apply a site patch (not a head unit) to `v`; returns a new tensor. `offset`: cached positions before v."""
     kind = site_kind(spec.site)
-    mask = _mask(v.shape, kind, spec.selector, v.device)
+    mask = _mask(v.shape, kind, spec.selector, v.device, offset)
     new = _replacement(v, spec, kind, lengths)
     return new if mask is None else torch.where(mask, new, v)
 
 
 def apply_head(attn_out: torch.Tensor, z: torch.Tensor, W_O_h: torch.Tensor, spec: PatchSpec,
-               lengths: torch.Tensor | None = None) -> torch.Tensor:
+               lengths: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """Apply a head-unit patch to attn.out [B, T, D] given z [B, T, H, Dh] and W_O[h] [Dh, D]."""
     write = z[:, :, spec.head, :].to(W_O_h.dtype) @ W_O_h  # [B, T, D]
-    mask = _mask(write.shape, "attn.out", spec.selector, write.device)
+    mask = _mask(write.shape, "attn.out", spec.selector, write.device, offset)
     new = _replacement(write, spec, "attn.out", lengths)
     if mask is not None:
         new = torch.where(mask, new, write)

@@ -130,6 +130,7 @@ class DebugRun:
         self.thread: threading.Thread | None = None
         self.nonfinite_seen = False
         self.out_of_memory = False
+        self.forced_stops: list[tuple[str, int]] = []           # replays: stop here as a pause did
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -218,6 +219,9 @@ class DebugRun:
         with self.session.cv:
             pending = self.step
             pause = self.pause_requested
+            if ("", step) in self.forced_stops:
+                self.forced_stops.remove(("", step))
+                pause = True
         reach = pending is not None and pending[0] in ("token", "over", "out")
         if self.gen.stop_at_tokens or reach or pause:
             reason = "pause" if pause else ("step" if reach else "token")
@@ -298,11 +302,17 @@ class DebugRun:
                 z = self.z.get(layer)
                 if z is None:
                     raise FailedPrecondition(f"head patch {p.name}: attn.z of layer {layer} was not seen in this run")
-                value = apply_head(value, z, self.session.adapter.W_O(layer)[p.head], p, self.lengths)
+                value = apply_head(value, z, self.session.adapter.W_O(layer)[p.head], p, self.lengths,
+                                   self.position_offset)
             else:
-                value = apply(value, p, self.lengths)
+                value = apply(value, p, self.lengths, self.position_offset)
             p.applied = True
         return value
+
+    @property
+    def position_offset(self) -> int:
+        """Positions held in the KV cache before this forward's (generation steps after the first)."""
+        return 0 if self.token == 0 else int(self.input_ids.shape[1]) + self.token - 1
 
     def _unit_value(self, unit: Unit | None, site: str, value: torch.Tensor) -> torch.Tensor:
         if unit is None:
@@ -348,7 +358,10 @@ class DebugRun:
             return StopState(0, site, pb.AFTER, "breakpoint", hit, f"breakpoint {hit} at {site}", value=stop_value)
         with s.cv:
             step, pause = self.step, self.pause_requested
-        if pause:
+            forced = (site, self.token) in self.forced_stops
+            if forced:
+                self.forced_stops.remove((site, self.token))
+        if pause or forced:
             return StopState(0, site, pb.AFTER, "pause", [], f"paused at {site}", value=value)
         if step is not None and self._step_done(step, site):
             return StopState(0, site, pb.AFTER, "step", [], f"step {step[0]} to {site}", value=value)
@@ -445,6 +458,8 @@ class Session:
         self.last_activity = time.monotonic()
         self.streams = 0
         self.closed = False
+        self.recording: list[dict[str, Any]] = []             # actions, for ExportRecording
+        self._forced: list[tuple[str, int]] = []
         self.device = weights.device(adapter)
         self.scheduler = scheduler_for(adapter)
         self._stop_ids = itertools.count(1)
@@ -652,6 +667,7 @@ class Session:
             ids[b, :len(x)] = torch.tensor(x)
         lengths = torch.tensor([len(x) for x in seqs])
         run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, capture_set, sites, stop_on_entry, gen)
+        run.forced_stops, self._forced = self._forced, []
         for bp in self.breakpoints:
             bp.hits = 0
         for p in self.patches:
@@ -741,6 +757,16 @@ class Session:
             self.events.emit(run.run_id, continued=pb.Continued())
             self.cv.notify_all()
         return run
+
+    def force_stop(self, site: str, token: int = 0) -> None:
+        """Stop (as a pause) when the run reaches `site` in generation step `token` ("" = the token boundary).
+        Used by replays to land where a recorded pause landed; applies to the current or the next run."""
+        with self.cv:
+            run = self.current
+            if run is not None and run.state in (pb.RUNNING, pb.PAUSED):
+                run.forced_stops.append((site, token))
+            else:
+                self._forced.append((site, token))
 
     def pause(self) -> DebugRun:
         run = self._active("pause")
@@ -969,9 +995,10 @@ class Session:
                 cur = run.current_value()
                 if spec.head is not None:
                     layer = int(site.split(".")[1])
-                    new = apply_head(cur, run.z[layer], self.adapter.W_O(layer)[spec.head], spec, run.lengths)
+                    new = apply_head(cur, run.z[layer], self.adapter.W_O(layer)[spec.head], spec, run.lengths,
+                                     run.position_offset)
                 else:
-                    new = apply(cur, spec, run.lengths)
+                    new = apply(cur, spec, run.lengths, run.position_offset)
                 run._value = new
                 if site in run.capture:
                     run.captured[site] = new

@@ -1,0 +1,216 @@
+"""Record and replay of debugging sessions.
+
+A recording ("tdb-recording/1", JSON) holds the model's identity (architecture, config and weights
+hashes, tokenizer hash, dtype) and the session's actions in order — SetBreakpoints, Launch, Continue,
+Step, Pause, Terminate, Patch, ClearPatches, and the reads (ReadTensor, TensorStats, Evaluate) — each
+with its request (protobuf JSON) and its outcome: where the run stopped, or the SHA-256 of the bytes a
+read returned. Replaying it on a server with the same model re-issues the requests through the same
+servicer code in a fresh session and checks every stop and every read bit for bit. A pause (a timing
+accident in the original) is replayed as a stop at the place the pause landed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import weakref
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf import json_format
+
+from tdb.v1 import debugger_pb2 as pb
+
+from . import __version__, wire
+from .errors import FailedPrecondition, InvalidArgument
+
+FORMAT = "tdb-recording/1"
+CONTROL = ("Launch", "Continue", "Step", "Pause", "Terminate")
+READS = ("ReadTensor", "TensorStats", "Evaluate")
+SETUP = ("SetBreakpoints", "Patch", "ClearPatches")
+_REQUESTS = {"SetBreakpoints": pb.SetBreakpointsRequest, "Launch": pb.LaunchRequest, "Continue": pb.ContinueRequest,
+             "Step": pb.StepRequest, "Pause": pb.PauseRequest, "Terminate": pb.TerminateRequest,
+             "Patch": pb.PatchRequest, "ClearPatches": pb.ClearPatchesRequest, "ReadTensor": pb.ReadTensorRequest,
+             "TensorStats": pb.TensorStatsRequest, "Evaluate": pb.EvaluateRequest}
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_FP_LOCK = threading.Lock()
+
+
+def fingerprint(adapter: Any) -> dict[str, str]:
+    """The model's identity: hashes of its config, weights (every parameter's bytes) and tokenizer."""
+    with _FP_LOCK:
+        if adapter in _FINGERPRINTS:
+            return _FINGERPRINTS[adapter]
+        cfg = adapter.model.config.to_dict()
+        for key in ("_name_or_path", "transformers_version", "_attn_implementation_internal", "_attn_implementation",
+                    "attn_implementation", "torch_dtype", "dtype"):
+            cfg.pop(key, None)
+        w = hashlib.sha256()
+        for name, p in sorted(adapter.model.state_dict().items()):
+            w.update(name.encode())
+            w.update(wire.tensor_view(p.detach()))
+        tok = adapter.tokenizer
+        t = hashlib.sha256()
+        if tok is not None:
+            t.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
+        fp = {"name": adapter.info.name, "architecture": adapter.info.architecture, "dtype": adapter.info.dtype,
+              "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+              "weights_sha256": w.hexdigest(), "tokenizer_sha256": t.hexdigest() if tok is not None else ""}
+        _FINGERPRINTS[adapter] = fp
+        return fp
+
+
+def digest(t: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+            "sha256": hashlib.sha256(wire.tensor_view(t)).hexdigest()}
+
+
+def outcome(status: pb.RunStatus) -> dict[str, Any]:
+    out: dict[str, Any] = {"state": pb.RunState.Name(status.state), "run_id": status.run_id}
+    if status.HasField("stop"):
+        st = status.stop
+        out["stop"] = {"site": st.site, "when": pb.BreakWhen.Name(st.when), "reason": st.reason,
+                       "token": st.token, "hits": list(st.hit_breakpoint_ids)}
+    if status.HasField("result") and status.result.top:
+        out["top"] = [t.tokens[0].token_id for t in status.result.top if t.tokens]
+    return out
+
+
+def record(session: Any, rpc: str, request: Any, result: dict[str, Any]) -> None:
+    """Append one action to the session's recording (requests are stored without the session id)."""
+    req = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    req.pop("session_id", None)
+    session.recording.append({"rpc": rpc, "request": req, "outcome": result})
+
+
+def export(session: Any) -> str:
+    doc = {"format": FORMAT, "tdb_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "model": fingerprint(session.adapter), "actions": list(session.recording)}
+    return json.dumps(doc, indent=1)
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _ReplayContext:
+    """A stand-in for grpc.ServicerContext when the replay calls servicer methods in-process."""
+
+    def is_active(self) -> bool:
+        return True
+
+    def set_trailing_metadata(self, md: Any) -> None:
+        pass
+
+    def add_callback(self, cb: Any) -> bool:
+        return True
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Abort(code, details)
+
+
+def _forced_pauses(actions: list[dict]) -> dict[int, tuple[str, int]]:
+    """For each resume followed (before the next resume) by a Pause that landed somewhere: where it landed."""
+    forced: dict[int, tuple[str, int]] = {}
+    last_resume = None
+    for i, a in enumerate(actions):
+        if a["rpc"] in ("Launch", "Continue", "Step"):
+            last_resume = i
+        elif a["rpc"] == "Pause" and last_resume is not None:
+            stop = a["outcome"].get("stop")
+            if stop and stop.get("reason") == "pause":
+                forced[last_resume] = (stop["site"], int(stop.get("token", 0)))
+    return forced
+
+
+def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_session: bool = False) -> pb.ReplayReport:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"the recording is not JSON: {e}", reason="BAD_RECORDING") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("actions"), list):
+        raise InvalidArgument(f"not a {FORMAT} recording", reason="BAD_RECORDING")
+    mine, theirs = fingerprint(servicer.adapter), doc.get("model") or {}
+    for key in ("architecture", "config_sha256", "weights_sha256", "tokenizer_sha256", "dtype"):
+        if theirs.get(key) != mine.get(key):
+            raise FailedPrecondition(
+                f"the recording was made on another model: {key} is {theirs.get(key)!r} there and {mine.get(key)!r} "
+                f"here (recorded on {theirs.get('name')!r}, this server holds {mine.get('name')!r})",
+                reason="MODEL_MISMATCH")
+    actions = doc["actions"]
+    session = servicer.sessions.create("replay")
+    try:
+        return _replay_into(servicer, session, actions, stop_on_mismatch)
+    finally:
+        if not keep_session:
+            servicer.sessions.close(session.id, reason="replay finished")
+
+
+def _replay_into(servicer: Any, session: Any, actions: list[dict], stop_on_mismatch: bool) -> pb.ReplayReport:
+    report = pb.ReplayReport(session_id=session.id)
+    forced = _forced_pauses(actions)
+    ctx = _ReplayContext()
+    for i, action in enumerate(actions):
+        rpc = action.get("rpc")
+        if rpc not in _REQUESTS:
+            raise InvalidArgument(f"action {i}: unknown rpc {rpc!r}", reason="BAD_RECORDING")
+        req = json_format.ParseDict(action.get("request") or {}, _REQUESTS[rpc](), ignore_unknown_fields=False)
+        req.session_id = session.id
+        if rpc in ("Launch", "Continue", "Step", "Pause", "Terminate"):
+            req.wait = True
+        if i in forced:
+            session.force_stop(*forced[i])
+        want = action.get("outcome") or {}
+        try:
+            if rpc == "ReadTensor":
+                chunks = list(servicer.ReadTensor(req, ctx))
+                first = chunks[0]
+                data = b"".join(c.data for c in chunks)
+                dtype = str(wire.torch_dtype(first.dtype)).replace("torch.", "")
+                got: dict[str, Any] = {"dtype": dtype, "shape": list(first.shape),
+                                       "sha256": hashlib.sha256(data).hexdigest()}
+            else:
+                resp = getattr(servicer, rpc)(req, ctx)
+                got = outcome_of(rpc, resp)
+        except _Abort as e:
+            got = {"error": e.code.name, "message": e.details}
+        report.actions += 1
+        problems = _compare(rpc, want, got)
+        if rpc in CONTROL and "stop" in want:
+            report.stops_checked += 1
+        if rpc in READS:
+            report.reads_checked += 1
+        for p in problems:
+            report.mismatches.append(f"action {i} ({rpc}): {p}")
+        if problems and stop_on_mismatch:
+            break
+    report.ok = not report.mismatches
+    return report
+
+
+def outcome_of(rpc: str, resp: Any) -> dict[str, Any]:
+    if rpc in CONTROL:
+        return outcome(resp)
+    if rpc == "TensorStats":
+        return {"summary": json_format.MessageToDict(resp)}
+    if rpc == "Evaluate":
+        out = {"result": resp.result, "tokens": list(resp.tokens)}
+        if resp.HasField("value"):
+            out["sha256"] = hashlib.sha256(resp.value.data).hexdigest()
+        return out
+    return {}
+
+
+def _compare(rpc: str, want: dict[str, Any], got: dict[str, Any]) -> list[str]:
+    if rpc in CONTROL and want.get("state") == "RUNNING":
+        return []       # recorded without waiting: the next action's outcome says where it went
+    if rpc in SETUP:
+        return [f"failed on replay: {got['message']}"] if "error" in got else []
+    keys = [k for k in want if k != "run_id"]
+    return [f"{k}: recorded {want[k]!r}, replayed {got.get(k)!r}" for k in keys if got.get(k) != want[k]]
