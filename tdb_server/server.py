@@ -108,12 +108,14 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
           dtype: str = "auto", ready: threading.Event | None = None, limits: Limits | None = None,
-          token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> int:
+          token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+          device_map: str | dict | None = None, offload_folder: str | None = None) -> int:
     """Load the model, serve until SIGINT/SIGTERM, then shut down gracefully."""
     from .model import load_model
     from .paths import resolve_model
 
-    adapter = load_model(resolve_model(model), device=device, dtype=dtype)
+    adapter = load_model(resolve_model(model), device=device, dtype=dtype, device_map=device_map,
+                         offload_folder=offload_folder)
     handle, bound = create_server(f"{host}:{port}", adapter, limits=limits, token=token, tls_cert=tls_cert,
                                   tls_key=tls_key)
     shown_host = f"[{host}]" if ":" in host else host

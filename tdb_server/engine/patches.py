@@ -153,7 +153,7 @@ def apply(v: torch.Tensor, spec: PatchSpec, lengths: torch.Tensor | None = None,
 def apply_head(attn_out: torch.Tensor, z: torch.Tensor, W_O_h: torch.Tensor, spec: PatchSpec,
                lengths: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """Apply a head-unit patch to attn.out [B, T, D] given z [B, T, H, Dh] and W_O[h] [Dh, D]."""
-    write = z[:, :, spec.head, :].to(W_O_h.dtype) @ W_O_h  # [B, T, D]
+    write = z[:, :, spec.head, :].to(W_O_h.dtype) @ W_O_h.to(z.device)  # [B, T, D]
     mask = _mask(write.shape, "attn.out", spec.selector, write.device, offset)
     new = _replacement(write, spec, "attn.out", lengths)
     if mask is not None:

@@ -322,7 +322,7 @@ class DebugRun:
         z = self.z.get(unit.layer)
         if z is None:
             return value
-        return z[:, :, unit.index, :].to(value.dtype) @ self.session.adapter.W_O(unit.layer)[unit.index]
+        return z[:, :, unit.index, :].to(value.dtype) @ self.session.adapter.W_O(unit.layer)[unit.index].to(z.device)
 
     def _should_stop_after(self, site: str, value: torch.Tensor) -> StopState | None:
         s = self.session
@@ -1016,7 +1016,7 @@ class Session:
                 z = src.z.get(unit.layer)
                 if z is None:
                     raise FailedPrecondition(f"run {src.run_id} has no attn.z for layer {unit.layer}", reason="NO_SOURCE_VALUE")
-                return z[:, :, unit.index, :] @ self.adapter.W_O(unit.layer)[unit.index]
+                return z[:, :, unit.index, :] @ self.adapter.W_O(unit.layer)[unit.index].to(z.device)
             if site not in src.captured:
                 raise FailedPrecondition(f"run {src.run_id} did not capture {site}", reason="NO_SOURCE_VALUE")
             return src.captured[site]

@@ -13,7 +13,15 @@ _LAYER_WEIGHT = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(W_O|b_O|W_out|b_out|W_
 
 
 def device(adapter: Any) -> torch.device:
-    return next(adapter.model.parameters()).device
+    """Where inputs go: the input embedding's device (with a device_map, the first module's)."""
+    model = adapter.model
+    dm = getattr(model, "hf_device_map", None)
+    if dm:
+        first = next(iter(dm.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        return torch.device("cpu" if first == "disk" else first)
+    return model.get_input_embeddings().weight.device
 
 
 def weight(adapter: Any, name: str) -> torch.Tensor:
@@ -35,13 +43,16 @@ def weight(adapter: Any, name: str) -> torch.Tensor:
 def unembed(adapter: Any, x: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ W_U + b_U -> [..., V] (no final norm)."""
     W_U = adapter.W_U
-    return x.to(W_U.dtype) @ W_U + adapter.b_U
+    return x.to(dtype=W_U.dtype, device=W_U.device) @ W_U + adapter.b_U
 
 
 def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
     """The final norm then the unembedding of a residual stream [..., D] -> [..., V]."""
+    norm = adapter.final_norm
+    weight = next(norm.parameters(), None)
+    dev = weight.device if weight is not None and weight.device.type != "meta" else resid.device
     with torch.no_grad():
-        return unembed(adapter, adapter.final_norm(resid.to(adapter.W_U.dtype)))
+        return unembed(adapter, norm(resid.to(dtype=adapter.W_U.dtype, device=dev)))
 
 
 def max_positions(adapter: Any) -> int:

@@ -82,15 +82,29 @@ class _Recorder:
         self.shapes[site] = tuple(value.shape)
 
 
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A module's parameter, detached. Under accelerate's offloading (device_map with "disk" or CPU offload)
+    the module holds a meta tensor between forwards; the real one is read from its hook's weights map."""
+    p = getattr(module, name, None)
+    if p is None:
+        return None
+    if p.device.type != "meta":
+        return p.detach()
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is None:
+        raise RuntimeError(f"{type(module).__name__}.{name} is on the meta device and has no offload map")
+    return weights_map[name].detach()
+
+
 def _in_out(module: nn.Module, spec: ArchSpec) -> torch.Tensor:
     """A projection's weight as [in, out] (nn.Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
-    w = module.weight.detach()
+    w = _param(module, "weight")
     return w if spec.linear_layout == "conv1d" else w.T
 
 
 def _bias(module: nn.Module, size: int, like: torch.Tensor) -> torch.Tensor:
-    b = getattr(module, "bias", None)
-    return b.detach() if b is not None else torch.zeros(size, dtype=like.dtype, device=like.device)
+    b = _param(module, "bias")
+    return b if b is not None else torch.zeros(size, dtype=like.dtype, device=like.device)
 
 
 class ModelAdapter:
@@ -168,7 +182,7 @@ class ModelAdapter:
     def b_O(self, layer: int) -> torch.Tensor:
         """[D]"""
         proj = get_path(self.blocks[layer], self.spec.attn_out_proj)
-        return _bias(proj, self.model.config.hidden_size, proj.weight)
+        return _bias(proj, self.model.config.hidden_size, _param(proj, "weight"))
 
     def W_in(self, layer: int) -> torch.Tensor:
         """[N, D]: row n is what neuron n reads (gated MLP: the gate projection)."""
@@ -181,23 +195,24 @@ class ModelAdapter:
     def b_out(self, layer: int) -> torch.Tensor:
         """[D]"""
         proj = get_path(self.blocks[layer], self.spec.mlp_out_proj)
-        return _bias(proj, self.model.config.hidden_size, proj.weight)
+        return _bias(proj, self.model.config.hidden_size, _param(proj, "weight"))
 
     @property
     def W_U(self) -> torch.Tensor:
         """[D, V]"""
-        return self.model.get_output_embeddings().weight.detach().T
+        return _param(self.model.get_output_embeddings(), "weight").T
 
     @property
     def b_U(self) -> torch.Tensor:
         """[V]"""
         unembed = self.model.get_output_embeddings()
-        return _bias(unembed, unembed.weight.shape[0], unembed.weight)
+        weight = _param(unembed, "weight")
+        return _bias(unembed, weight.shape[0], weight)
 
     @property
     def W_E(self) -> torch.Tensor:
         """[V, D]"""
-        return self.model.get_input_embeddings().weight.detach()
+        return _param(self.model.get_input_embeddings(), "weight")
 
     # --- final norm, linearised ---------------------------------------------------------------
 
@@ -226,9 +241,9 @@ class ModelAdapter:
         y = x.float()
         if self.spec.norm == "layernorm":
             y = y - y.mean(dim=-1, keepdim=True)
-        weight = getattr(self._final_norm, "weight", None)
+        weight = _param(self._final_norm, "weight")
         y = y * scale
-        return (y * weight.float() if weight is not None else y).to(x.dtype)
+        return (y * weight.float().to(y.device) if weight is not None else y).to(x.dtype)
 
     @property
     def final_norm_bias(self) -> torch.Tensor:

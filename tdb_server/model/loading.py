@@ -7,10 +7,11 @@ switches it to the attention wrapper and runs the parity self-check (see adapter
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
-from tdb_server.errors import InvalidArgument, NotFound
+from tdb_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from .adapter import ModelAdapter
 from .arch import arch_for
@@ -45,9 +46,13 @@ def _dtype(dtype: str):
 
 
 def load_model(path_or_name: str, device: str = "auto", dtype: str = "auto",
-               self_check: bool = True) -> ModelAdapter:
+               self_check: bool = True, device_map: str | dict | None = None,
+               offload_folder: str | None = None) -> ModelAdapter:
     """Load a causal LM from a local directory (or a name in the local HF cache; never downloads).
-    A model without a tokenizer still loads (`info.has_tokenizer` is False)."""
+    A model without a tokenizer still loads (`info.has_tokenizer` is False).
+
+    device_map: spread the model over devices with accelerate ("auto", "balanced", or a dict from module
+    names to "cuda:0" / "cpu" / "disk"); offload_folder holds "disk" modules. `device` is then ignored."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -55,8 +60,21 @@ def load_model(path_or_name: str, device: str = "auto", dtype: str = "auto",
     except (OSError, ValueError) as e:
         raise NotFound(f"no model at {path_or_name!r}: {e}", reason="MODEL_NOT_FOUND") from e
     arch_for(config.model_type)  # unsupported architecture -> clear error before loading weights
-    model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=_dtype(dtype))
-    model = model.to(_device(device)).eval().requires_grad_(False)
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise FailedPrecondition("device_map needs the accelerate package (pip install accelerate)",
+                                     reason="NO_ACCELERATE") from None
+        if offload_folder is None and (device_map in ("auto", "balanced", "sequential")
+                                       or (isinstance(device_map, dict) and "disk" in device_map.values())):
+            offload_folder = tempfile.mkdtemp(prefix="tdb-offload-")
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=_dtype(dtype),
+                                                     device_map=device_map, offload_folder=offload_folder)
+        model = model.eval().requires_grad_(False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=_dtype(dtype))
+        model = model.to(_device(device)).eval().requires_grad_(False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_name, local_files_only=True)
     except Exception:  # no tokenizer files, or an unusable tokenizer: the model is still useful
