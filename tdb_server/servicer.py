@@ -240,7 +240,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc_stream
     def Events(self, request: pb.EventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         s = self.sessions.get(request.session_id)
-        s.streams += 1
+        with s.cv:
+            s.streams += 1          # an open stream keeps the session alive
         try:
             after = request.after_seq
             events, truncated = s.events.since(after)
@@ -255,7 +256,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
                     return
                 s.events.wait(after, timeout=0.5)
         finally:
-            s.streams -= 1
+            with s.cv:
+                s.streams -= 1
             s.touch()
 
     @_rpc
