@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 import zlib
 from typing import Any, Iterator, Sequence
 
@@ -96,7 +97,10 @@ class TdbClient(AnalysisMixin):
             self._channel = grpc.secure_channel(address, creds, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
-        md = list(metadata or [])
+        # A per-client affinity key: a load balancer hashing on it sends all of this client's calls (and so
+        # its sessions) to one server (see docs/deploy.md).
+        self.affinity_key = uuid.uuid4().hex
+        md = [("tdb-affinity", self.affinity_key), *(metadata or [])]
         token = token if token is not None else os.environ.get("TDB_TOKEN")
         if token:
             md.append(("authorization", f"Bearer {token}"))
