@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -19,8 +20,12 @@ def _serve(args: argparse.Namespace) -> int:
                     session_capture_bytes=int(args.session_capture_mib * 2**20),
                     total_capture_bytes=int(args.total_capture_mib * 2**20))
     token = args.token or os.environ.get("TDB_TOKEN") or None
+    device_map = args.device_map
+    if device_map and device_map.lstrip().startswith("{"):
+        device_map = json.loads(device_map)
     return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                 limits=limits, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                 limits=limits, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                 device_map=device_map, offload_folder=args.offload_folder)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -34,9 +39,11 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _dap(args: argparse.Namespace) -> int:
-    print("tdb dap: the Debug Adapter Protocol bridge is not built yet (see the IDE integration issue)",
-          file=sys.stderr)
-    return 2
+    from tdb_client.dap import run_stdio, run_tcp
+
+    if args.listen is None:
+        return run_stdio()
+    return run_tcp(args.host, args.listen, once=args.once)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device-map", default=None, help='spread the model over devices with accelerate: "auto", '
+                   '"balanced", or a JSON map like \'{"transformer.h.0": "cuda:0", "transformer.h.1": "cpu"}\'')
+    p.add_argument("--offload-folder", default=None, help="folder for modules mapped to \"disk\"")
     p.add_argument("--token", default=None, help="require this bearer token on every RPC (or set TDB_TOKEN)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
@@ -69,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8501)
     p.set_defaults(fn=_dashboard)
 
-    p = sub.add_parser("dap", help="Debug Adapter Protocol bridge for VS Code / nvim-dap")
+    p = sub.add_parser("dap", help="Debug Adapter Protocol bridge for VS Code / nvim-dap",
+                       description="Speak DAP on stdin/stdout (the default), or on TCP with --listen. The launch "
+                       "configuration names a running server (\"server\": \"host:port\") or the model for an "
+                       "embedded one (\"model\"; default: the bundled model).")
+    p.add_argument("--listen", type=int, default=None, metavar="PORT",
+                   help="serve DAP clients on TCP PORT instead of stdio (0 picks a free port; the port is printed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind with --listen")
+    p.add_argument("--once", action="store_true", help="with --listen: exit after the first client disconnects")
     p.set_defaults(fn=_dap)
 
     args = parser.parse_args(argv)

@@ -1,0 +1,76 @@
+"""Running the adapter: over stdio (the IDE starts `tdb dap` per debug session) or over TCP
+(`tdb dap --listen PORT`: DAP "server" mode, one adapter per connection, until killed).
+
+On stdio the protocol owns the process's original stdout: file descriptor 1 is pointed at stderr so
+that nothing printed while loading a model (warnings, progress bars) can corrupt the stream. When
+the client disconnects (or closes stdin) the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import NoReturn
+
+from . import backend
+from .adapter import DebugAdapter
+from .protocol import Channel
+
+log = logging.getLogger("tdb.dap")
+
+
+def run_stdio() -> NoReturn:
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    DebugAdapter(Channel(out)).serve(sys.stdin.buffer)
+    # The reader thread may still be blocked reading stdin, which the interpreter cannot finalize
+    # under it: clean up explicitly and leave without finalizing.
+    backend.stop_embedded()
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _serve_connection(conn: socket.socket) -> None:
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = conn.makefile("rb"), conn.makefile("wb")
+        adapter = DebugAdapter(Channel(writer))
+        try:
+            adapter.serve(reader)
+        finally:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)      # unblocks the adapter's reader thread
+            except OSError:
+                pass
+            adapter.reader.join(timeout=5)
+            reader.close()
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+
+def run_tcp(host: str = "127.0.0.1", port: int = 0, once: bool = False) -> int:
+    """Listen on host:port (0 = any free port), print `tdb dap: listening on HOST:PORT`, serve clients."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.create_server((host, port), family=family)
+    bound = server.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tdb dap: listening on {shown}:{bound}", flush=True)
+    try:
+        with server:
+            while True:
+                conn, peer = server.accept()
+                log.info("DAP client connected from %s", peer)
+                if once:
+                    _serve_connection(conn)
+                    return 0
+                threading.Thread(target=_serve_connection, args=(conn,), name="tdb-dap-conn", daemon=True).start()
+    except KeyboardInterrupt:
+        return 0
