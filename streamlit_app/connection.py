@@ -1,0 +1,133 @@
+"""The dashboard's connection to a tdb server: a cached client, per-user sessions, error display.
+
+One `TdbClient` per server address is shared by every browser tab (`st.cache_resource`); debugging
+sessions are per user (`st.session_state`), because a paused run belongs to the person who paused
+it. Errors from the server (`TdbError`) are shown as messages, never tracebacks; a lost server is a
+message too.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import grpc
+import streamlit as st
+
+from tdb_client import ServerInfo, Session, TdbClient, TdbError
+
+from . import state
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+ENV_SERVER = "TDB_SERVER"          # set by `tdb dashboard` for the Streamlit process
+SESSION_IDLE_S = 1800.0            # a tab left open keeps its paused run for half an hour
+
+T = TypeVar("T")
+
+
+def server_address() -> str:
+    """The server to talk to: `?server=HOST:PORT`, else $TDB_SERVER, else the default port."""
+    return state.url_get(state.SERVER) or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
+
+
+@st.cache_resource(show_spinner=False)
+def get_client(address: str) -> TdbClient:
+    return TdbClient(address, timeout=120.0, client_name="tdb-dashboard")
+
+
+def describe(e: TdbError, address: str = "") -> str:
+    """A person-readable line for a TdbError."""
+    if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and e.reason in (
+            "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        where = f" at {address}" if address else ""
+        return f"Lost the connection to the tdb server{where}: {e.message or e.code.name}. Is it still running?"
+    text = f"{e.message} ({e.reason})"
+    if e.suggestions:
+        text += " — did you mean: " + ", ".join(e.suggestions[:5]) + "?"
+    return text
+
+
+def show_error(e: BaseException, what: str = "") -> None:
+    prefix = f"{what}: " if what else ""
+    if isinstance(e, TdbError):
+        st.error(prefix + describe(e, server_address()), icon=":material/warning:")
+    else:
+        st.error(f"{prefix}{type(e).__name__}: {e}", icon=":material/warning:")
+        with st.expander("details (a bug in the dashboard: please report it)"):
+            st.code("".join(traceback.format_exception(e)), language=None)
+
+
+@contextmanager
+def shown_errors(what: str = "") -> Iterator[None]:
+    """Run a block; a TdbError (or a bad input) inside it becomes an error message on the page."""
+    try:
+        yield
+    except (TdbError, ValueError) as e:
+        show_error(e, what)
+
+
+def attempt(fn: Callable[[], T], what: str = "") -> T | None:
+    """`fn()`, or None after showing its error."""
+    try:
+        return fn()
+    except (TdbError, ValueError) as e:
+        show_error(e, what)
+        return None
+
+
+@dataclass
+class Context:
+    """What every page gets: the server address, the client and the server's description."""
+
+    address: str
+    client: TdbClient
+    info: ServerInfo
+
+    @property
+    def model(self):
+        return self.info.model
+
+    def has_analysis(self, name: str) -> bool:
+        return name in self.info.analyses
+
+    def session(self, name: str) -> Session:
+        """This user's session `name` on this server (created on first use, recreated when it expired)."""
+        key = f"tdb.session.{name}.{self.address}"
+        s: Session | None = st.session_state.get(key)
+        if s is not None and not s.closed:
+            try:
+                s.status()
+                return s
+            except TdbError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+        s = self.client.session(name=f"dashboard-{name}", idle_timeout_s=SESSION_IDLE_S)
+        st.session_state[key] = s
+        return s
+
+    def drop_session(self, name: str) -> None:
+        key = f"tdb.session.{name}.{self.address}"
+        s = st.session_state.pop(key, None)
+        if s is not None:
+            try:
+                s.close()
+            except TdbError:
+                pass
+
+
+def connect(address: str | None = None) -> Context | None:
+    """Connect (or reuse the cached connection); on failure, show why and return None."""
+    address = address or server_address()
+    client = get_client(address)
+    try:
+        client.wait_ready(timeout=3.0)
+        info = client.initialize()
+    except TdbError as e:
+        st.error(describe(e, address) if e.code != grpc.StatusCode.UNAVAILABLE
+                 else f"No tdb server is answering at {address}. Start one with `tdb serve`, or open "
+                      f"this page with `?server=HOST:PORT`.", icon=":material/power_off:")
+        return None
+    return Context(address, client, info)

@@ -1,0 +1,210 @@
+"""Debugger: breakpoints on sites, launch, continue / step into / over / out, the stack, variables
+(tensor summaries, expandable to a heatmap or a histogram), a patch at the stop, and the event log.
+
+The run lives on the server in this user's "debugger" session, so it stays paused between reruns of
+the page; every rerun asks the server where it stands (`status()`), and polls new events.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from tdb_client import Breakpoint, RunStatus, Session
+
+from .. import charts, state
+from ..connection import Context, attempt, shown_errors
+from ..runs import Prompt
+from ..widgets import prompt_input, show_tokens, summary_row, tensor_view
+
+TITLE, ICON = "Debugger", ":material/bug_report:"
+EVENT_LOG_SIZE = 200
+K_EVENTS, K_SEQ, K_BPS, K_TOKENS = "dbg.events", "dbg.seq", "dbg.bps_set", "dbg.tokens"
+
+
+def _breakpoints(ctx: Context, s: Session) -> None:
+    """The breakpoints editor: sites from the model, plus units / globs; sent when they change."""
+    sites = ctx.model.site_names
+    picked = state.url_multiselect("Break at sites", state.BREAKPOINTS, sites, placeholder="pick sites…")
+    extra = state.url_text_input("…and units or globs", "bpx", "",
+                                 placeholder="blocks.1.attn.head.2, blocks.*.mlp.out",
+                                 help="A unit (blocks.L.attn.head.H, blocks.L.mlp.neuron.N) or a glob over sites.")
+    cond = state.url_text_input("Condition (optional)", "cond", "", placeholder="norm > 40, any_nan",
+                                help="Stop only when this holds for the value at the site.")
+    names = picked + [e.strip() for e in extra.split(",") if e.strip()]
+    want = (tuple(names), cond)
+    if st.session_state.get(K_BPS) != (s.id, want):
+        statuses = attempt(lambda: s.set_breakpoints([Breakpoint(n, condition=cond) for n in names]), "breakpoints")
+        if statuses is None:
+            return
+        st.session_state[K_BPS] = (s.id, want)
+        st.session_state["dbg.bp_status"] = statuses
+    for b in st.session_state.get("dbg.bp_status", []):
+        if not b.verified:
+            st.warning(f"breakpoint {b.id} not verified: {b.message}", icon=":material/warning:")
+
+
+def _controls(s: Session, status: RunStatus, prompt: Prompt | None) -> None:
+    paused = status.state == "paused"
+    live = status.state in ("paused", "running")
+    cols = st.columns([1, 1, 1, 1, 1, 1, 2], vertical_alignment="center")
+    stop_on_entry = cols[6].checkbox("stop on entry", key="dbg.entry", help="Pause before the first site runs.")
+    clicked = {
+        "launch": cols[0].button("Launch", icon=":material/play_arrow:", type="primary", disabled=prompt is None, key="dbg.launch"),
+        "continue": cols[1].button("Continue", icon=":material/fast_forward:", disabled=not paused, key="dbg.continue"),
+        "into": cols[2].button("Into", icon=":material/subdirectory_arrow_right:", disabled=not paused, key="dbg.into", help="step into: the next site"),
+        "over": cols[3].button("Over", icon=":material/redo:", disabled=not paused, key="dbg.over", help="step over: past the current block"),
+        "out": cols[4].button("Out", icon=":material/north_east:", disabled=not paused, key="dbg.out", help="step out: end of the enclosing module"),
+        "terminate": cols[5].button("Stop", icon=":material/stop:", disabled=not live, key="dbg.terminate"),
+    }
+    action = next((k for k, v in clicked.items() if v), None)
+    if action is None:
+        return
+    with shown_errors(action):
+        if action == "launch":
+            if live:
+                s.terminate()
+            assert prompt is not None
+            st.session_state[K_TOKENS] = prompt.tokens
+            s.launch(token_ids=[list(prompt.ids)], stop_on_entry=stop_on_entry)
+        elif action == "continue":
+            s.continue_()
+        elif action in ("into", "over", "out"):
+            s.step(action)
+        elif action == "terminate":
+            s.terminate()
+        st.rerun()  # redraw the toolbar for the new state
+
+
+def _status_line(status: RunStatus) -> None:
+    if status.state == "paused" and status.stop:
+        st.success(f"**paused** at `{status.stop.site}` ({status.stop.when}) — {status.stop.reason}"
+                   + (f": {status.stop.description}" if status.stop.description else ""), icon=":material/pause_circle:")
+    elif status.state == "exited":
+        st.info("the run finished", icon=":material/flag:")
+    elif status.state == "failed":
+        msg = status.result.exception if status.result else ""
+        st.error(f"the run failed: {msg}", icon=":material/error:")
+    elif status.state == "idle":
+        st.caption("no run yet: pick breakpoints and press Launch")
+    else:
+        st.caption(f"run state: {status.state}")
+
+
+def _stack_and_variables(ctx: Context, s: Session, status: RunStatus, inspector) -> None:
+    """Stack and variables table here; the selected variable's tensor in `inspector` (a column)."""
+    frames = s.stack()
+    if not frames:
+        return
+    st.markdown("**Stack**")
+    names = [f.name for f in frames]
+    pick = st.radio("stack", range(len(frames)), format_func=names.__getitem__, key=f"dbg.frame.{status.stop.stop_id}",
+                    label_visibility="collapsed")
+    frame = frames[pick]
+    rows, variables = [], {}
+    for scope in s.scopes(frame):
+        for v in s.variables(scope):
+            label = f"{scope.name}: {v.name}"
+            variables[label] = v
+            rows.append({"scope": scope.name, **summary_row(v.name, v.summary)})
+    st.markdown("**Variables**")
+    if not rows:
+        st.caption("nothing captured in this frame")
+        return
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.4g")
+                                for c in ("mean", "std", "min", "max", "norm")})
+    with inspector:
+        label = st.selectbox("Inspect", list(variables), key="dbg.inspect")
+        v = variables[label]
+        if v.summary is None:
+            st.code(v.value)
+            return
+        st.caption(f"`{v.name}` — {v.type}")
+        arr = attempt(lambda: s.read(v.evaluate_name), f"read {v.name}")
+        if arr is not None:
+            site = v.name if v.name in ctx.model.site_names else (status.site or "")
+            dims = next((x.dims for x in ctx.model.sites if x.name == site), ())
+            tensor_view(arr, dims, key=f"dbg.view.{label}", tokens=st.session_state.get(K_TOKENS), title=v.name)
+
+
+def _patch_form(ctx: Context, s: Session, status: RunStatus) -> None:
+    with st.expander("Patch at this stop"):
+        with st.form("dbg.patch"):
+            site = st.text_input("site or unit", value=status.site or "", key="dbg.patch.site",
+                                 help="e.g. blocks.1.attn.out, blocks.1.attn.head.2, blocks.0.mlp.neuron.7")
+            ops = [o for o in ctx.info.patch_ops if o != "copy_from_run"] or ["zero", "scale", "add", "set", "mean"]
+            a, b = st.columns(2)
+            op = a.selectbox("op", ops, key="dbg.patch.op")
+            scalar = b.number_input("value (set / add / scale)", value=0.0, key="dbg.patch.scalar")
+            c, d, e = st.columns(3)
+            positions = c.text_input("positions", placeholder="all", key="dbg.patch.pos")
+            heads = d.text_input("heads", placeholder="all", key="dbg.patch.heads")
+            neurons = e.text_input("neurons", placeholder="all", key="dbg.patch.neurons")
+            if st.form_submit_button("Apply patch"):
+                with shown_errors("patch"):
+                    ints = [_ints(x) for x in (positions, heads, neurons)]
+                    value = scalar if op == "set" else None
+                    r = s.patch(site.strip(), op, value, scalar=scalar, positions=ints[0], heads=ints[1],
+                                neurons=ints[2])
+                    st.success(f"patch {r.patch_id}: {'applied now' if r.applied_now else 'pending'} "
+                               f"(scope: {r.scope}) {r.message}")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _events(s: Session) -> None:
+    log: list[dict] = st.session_state.setdefault(f"{K_EVENTS}.{s.id}", [])
+    seq = st.session_state.get(f"{K_SEQ}.{s.id}", 0)
+    events, last, _ = s.poll_events(after_seq=seq, timeout=0.0)
+    for e in events:
+        what = e.stop.site if e.stop else (e.text or "")
+        if e.kind == "stopped" and e.stop:
+            what = f"{e.stop.site} ({e.stop.reason})"
+        if e.kind == "run_exited" and e.result and e.result.top and e.result.top[0]:
+            t = e.result.top[0][0]
+            what = f"top token {t.text!r} p={t.prob:.3f}"
+        log.append({"seq": e.seq, "run": e.run_id, "event": e.kind, "detail": what})
+    st.session_state[f"{K_SEQ}.{s.id}"] = max(seq, last)
+    del log[:-EVENT_LOG_SIZE]
+    with st.expander(f"Event log ({len(log)})", expanded=False):
+        if log:
+            st.dataframe(pd.DataFrame(log[::-1]), hide_index=True, width="stretch", height=240)
+
+
+def _result(s: Session, status: RunStatus) -> None:
+    if status.state != "exited":
+        return
+    r = attempt(lambda: s.result(top_k=10, include_logits=False), "result")
+    if r and r.top:
+        top = r.top[0]
+        st.markdown("**Next-token candidates**")
+        st.altair_chart(charts.prob_bars([t.text for t in top], [t.prob for t in top]), width="content")
+
+
+def render(ctx: Context) -> None:
+    st.header(f"{ICON} Debugger")
+    s = ctx.session("debugger")
+    a, b = st.columns([3, 2], gap="large")
+    with a:
+        prompt = prompt_input(ctx)
+        if prompt is not None:
+            show_tokens(prompt)
+    with b:
+        _breakpoints(ctx, s)
+    _controls(s, s.status(), prompt)
+    status = s.status()
+    _status_line(status)
+    if status.state == "paused":
+        left, right = st.columns([1, 1], gap="large")
+        with left:
+            with shown_errors("inspect"):
+                _stack_and_variables(ctx, s, status, right)
+            _patch_form(ctx, s, status)
+    _result(s, status)
+    _events(s)

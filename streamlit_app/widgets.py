@@ -1,0 +1,114 @@
+"""Pieces shared by several pages: the prompt box, the tensor viewer, "not available yet" notes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from tdb_client import TensorSummary
+
+from . import charts, state
+from .connection import Context
+from .runs import Prompt, make_prompt, show_token
+
+MAX_ROWS, MAX_COLS = 256, 512     # a heatmap bigger than this is cut (and says so)
+# the bundled model's demo (scripts/train_bundled.py): it should continue with " Darcy", by induction
+EXAMPLE_PROMPT = ("When Mr. Darcy entered the room, Elizabeth coloured, and Mrs. Bennet was all civility. "
+                  "Nobody spoke for some minutes, till at last Mr.")
+EXAMPLE_IDS = "5 17 42 8 99 23 61 5 17 42 8 99 23"
+
+
+def example_prompt(ctx: Context) -> str:
+    return EXAMPLE_PROMPT if ctx.model.has_tokenizer else EXAMPLE_IDS
+
+
+def prompt_input(ctx: Context, key: str = state.PROMPT, label: str = "Prompt", **kw) -> Prompt | None:
+    """The prompt box (its text lives in the URL, shared by every page) and the prompt's tokens."""
+    help_ = None if ctx.model.has_tokenizer else "This model has no tokenizer: type token ids separated by spaces."
+    text = state.url_text_input(label, key, example_prompt(ctx), area=True, height=80, help=help_, **kw)
+    try:
+        return make_prompt(ctx, text)
+    except ValueError as e:
+        st.error(str(e), icon=":material/warning:")
+        return None
+
+
+def show_tokens(prompt: Prompt) -> None:
+    st.caption(f"{len(prompt)} tokens: " + " ".join(f"`{show_token(t)}`" for t in prompt.tokens))
+
+
+def not_available(ctx: Context, what: str, needs: Sequence[str], issue: str) -> bool:
+    """Say so (and return True) when the server does not offer any of the analyses `needs`."""
+    if any(ctx.has_analysis(n) for n in needs):
+        return False
+    offered = ", ".join(ctx.info.analyses) or "none"
+    st.info(f"**{what}** is not available on this server yet: it needs the server analyses "
+            f"{', '.join(f'`{n}`' for n in needs)} ({issue}). This server offers: {offered}.", icon=":material/construction:")
+    return True
+
+
+def summary_row(name: str, s: TensorSummary | None) -> dict:
+    if s is None:
+        return {"name": name}
+    return {"name": name, "shape": "×".join(map(str, s.shape)), "dtype": s.dtype, "mean": s.mean, "std": s.std,
+            "min": s.min, "max": s.max, "norm": s.norm, "nan": s.nan_count, "inf": s.inf_count}
+
+
+def _default_axes(dims: Sequence[str]) -> tuple[int, int]:
+    """Rows = the (query) position axis when there is one, columns = the last axis."""
+    n = len(dims)
+    rows = next((i for i, d in enumerate(dims) if d in ("query_pos", "pos") and i != n - 1), max(0, n - 2))
+    return rows, n - 1
+
+
+def tensor_view(arr: np.ndarray, dims: Sequence[str], key: str, *, tokens: Sequence[str] | None = None,
+                title: str = "", max_width: int = 340) -> None:
+    """A tensor as a heatmap (pick the row and column axes, index the others) or a histogram."""
+    arr = np.asarray(arr)
+    if arr.ndim == 0:
+        st.metric(title or "value", f"{float(arr):.6g}")
+        return
+    dims = list(dims) if len(dims) == arr.ndim else [f"dim{i}" for i in range(arr.ndim)]
+    kind = st.radio("view", ["heatmap", "histogram"], horizontal=True, key=f"{key}.kind", label_visibility="collapsed")
+    if kind == "histogram":
+        st.altair_chart(charts.histogram(arr, title=title), width="content")
+        return
+    if arr.ndim == 1:
+        arr, dims = arr[None, :], ["", dims[0]]
+    r0, c0 = _default_axes(dims)
+    names = [f"{i}: {d} ({n})" for i, (d, n) in enumerate(zip(dims, arr.shape))]
+    a, b = st.columns(2)
+    rows = a.selectbox("rows", range(arr.ndim), index=r0, format_func=names.__getitem__, key=f"{key}.rows")
+    cols = b.selectbox("columns", range(arr.ndim), index=c0, format_func=names.__getitem__, key=f"{key}.cols")
+    if rows == cols:
+        st.warning("pick two different axes")
+        return
+    index: list[object] = [slice(None)] * arr.ndim
+    others = [i for i in range(arr.ndim) if i not in (rows, cols)]
+    if others:
+        boxes = st.columns(len(others))
+        for box, i in zip(boxes, others):
+            index[i] = int(box.number_input(f"{dims[i]} index", 0, arr.shape[i] - 1, 0, key=f"{key}.idx{i}"))
+    z = arr[tuple(index)]
+    if rows > cols:
+        z = z.T                                   # [rows, cols]
+    cut = z.shape[0] > MAX_ROWS or z.shape[1] > MAX_COLS
+    z = z[:MAX_ROWS, :MAX_COLS]
+
+    def labels(axis: int, n: int) -> list[str]:
+        if tokens is not None and dims[axis] in ("pos", "query_pos", "key_pos") and len(tokens) >= n:
+            return [f"{i} {show_token(t)}" for i, t in enumerate(tokens[:n])]
+        return [str(i) for i in range(n)]
+
+    st.altair_chart(charts.heatmap(z, labels(rows, z.shape[0]), labels(cols, z.shape[1]), title=title,
+                                   row_title=dims[rows], col_title=dims[cols], max_width=max_width),
+                    width="content")
+    if cut:
+        st.caption(f"showing the first {MAX_ROWS} rows × {MAX_COLS} columns")
+
+
+def top_tokens_table(rows: Sequence[tuple[int, str, float, float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"token": show_token(t), "id": i, "prob": p, "logit": lg} for i, t, p, lg in rows])

@@ -1,0 +1,55 @@
+"""Dashboard fixtures: the app under Streamlit's AppTest against a real in-process tdb server.
+
+The server is the bundled model when it is in the package (its ground_truth.json names the induction
+heads), else the tiny random GPT-2 (no tokenizer: prompts are token ids). Nothing is mocked: every
+number on a page comes over the wire from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dash_helpers import RANDOM_IDS, open_page  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DashModel:
+    address: str
+    bundled: bool
+    prompt: str                  # the page's prompt box text
+    target: str
+    distractor: str
+    ground_truth: dict | None    # the bundled model's ground_truth.json
+
+
+@pytest.fixture(scope="session")
+def dash(request) -> DashModel:
+    from tdb_server.paths import bundled_models, default_model_path
+
+    if bundled_models():
+        address = request.getfixturevalue("bundled_server")
+        gt_file = default_model_path() / "ground_truth.json"
+        gt = json.loads(gt_file.read_text()) if gt_file.is_file() else None
+        demo = (gt or {}).get("demo", {})
+        from streamlit_app.widgets import EXAMPLE_PROMPT
+
+        return DashModel(address, True, demo.get("prompt", EXAMPLE_PROMPT), demo.get("answer", " Darcy"),
+                         demo.get("distractor", " Bingley"), gt)
+    return DashModel(request.getfixturevalue("gpt2_server"), False, RANDOM_IDS, "17", "42", None)
+
+
+@pytest.fixture
+def page(dash):
+    def open_(name: str, **params: str):
+        return open_page(dash.address, name, **params)
+    return open_
+

@@ -1,0 +1,74 @@
+"""The Debugger page, headless: breakpoints from the model's sites, launch, stepping moves the stack,
+variables expand to a heatmap / histogram of the real tensor, a patch at the stop changes the result,
+and the event log fills."""
+
+from __future__ import annotations
+
+import numpy as np
+from dash_helpers import RANDOM_IDS, assert_clean, button, charts, frame, open_page
+
+from tdb_client import TdbClient
+
+IDS = RANDOM_IDS
+
+
+def _stack(at) -> list[str]:
+    return list(at.radio(key=next(k for k in _keys(at) if k.startswith("dbg.frame."))).options)
+
+
+def _keys(at) -> list[str]:
+    return [r.key for r in at.radio if r.key]
+
+
+def test_launch_step_inspect_patch_continue(gpt2_server):
+    at = open_page(gpt2_server, "debugger", prompt=IDS, bp="blocks.0.attn.out")
+    assert at.multiselect(key="url.bp").value == ["blocks.0.attn.out"]
+    assert not button(at, "Launch").disabled and button(at, "Into").disabled
+
+    button(at, "Launch").click().run()
+    assert_clean(at)
+    assert any("paused" in s.value and "blocks.0.attn.out" in s.value for s in at.success)
+    assert _stack(at) == ["blocks.0.attn.out", "blocks.0.attn", "blocks.0", "model"]
+    assert not button(at, "Into").disabled                          # the toolbar follows the new state
+
+    # the variables table and the tensor viewer show the real tensor
+    variables = frame(at)
+    assert "blocks.0.attn.out" in set(variables["name"])
+    heat = charts(at)[-1]["frames"][0]
+    with TdbClient(gpt2_server) as c, c.session() as s:
+        s.launch(token_ids=[[int(t) for t in IDS.split()]], capture=["blocks.0.attn.out"])
+        want = s.read("blocks.0.attn.out")[0]                      # [pos, d_model]
+    got = heat.pivot(index="row", columns="col", values="value")
+    assert got.shape == want.shape and np.isclose(got.to_numpy().sum(), want.sum(), rtol=1e-4, atol=1e-6)
+    at.radio(key=next(k for k in _keys(at) if k.startswith("dbg.view."))).set_value("histogram").run()
+    assert_clean(at)
+    hist = charts(at)[-1]["frames"][0]
+    assert hist["count"].sum() == want.size
+
+    # stepping moves the stack
+    button(at, "Into").click().run()
+    assert_clean(at)
+    assert _stack(at)[0] == "blocks.0.resid_mid"
+    button(at, "Over").click().run()
+    assert _stack(at)[0] != "blocks.0.resid_mid"
+
+    # patch at the stop (zero everything from here on), then continue: the result changes
+    at.text_input(key="dbg.patch.site").set_value("blocks.1.attn.out")
+    at.selectbox(key="dbg.patch.op").set_value("zero")
+    at.button[[b.label for b in at.button].index("Apply patch")].click().run()
+    assert_clean(at)
+    assert any("patch" in s.value for s in at.success)
+    button(at, "Continue").click().run()
+    assert_clean(at)
+    assert any("the run finished" in i.value for i in at.info)
+    assert charts(at)[-1]["encoding"]["x"]["field"] == "prob"         # next-token candidates
+
+    log = frame(at, -1)
+    assert {"run_started", "stopped", "run_exited"} <= set(log["event"])
+
+
+def test_unknown_breakpoint_is_a_message(gpt2_server):
+    at = open_page(gpt2_server, "debugger", prompt=IDS, bpx="blocks.0.atn.out")
+    assert not at.exception
+    msgs = [w.value for w in at.warning] + [e.value for e in at.error]
+    assert any("blocks.0.attn.out" in m for m in msgs), msgs          # the nearest valid name is suggested
