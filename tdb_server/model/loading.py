@@ -79,6 +79,8 @@ def load_model(path_or_name: str, device: str = "auto", dtype: str = "auto",
         tokenizer = AutoTokenizer.from_pretrained(path_or_name, local_files_only=True)
     except Exception:  # no tokenizer files, or an unusable tokenizer: the model is still useful
         tokenizer = None
+    if tokenizer is not None and len(tokenizer) <= 1:
+        tokenizer = None   # transformers 5 builds an empty tokenizer when a folder has no tokenizer files
     name = os.path.basename(os.path.normpath(path_or_name)) if os.path.isdir(path_or_name) else path_or_name
     return ModelAdapter(model, tokenizer, name=name, self_check=self_check)
 

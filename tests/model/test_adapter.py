@@ -207,3 +207,11 @@ def test_generate_with_kv_cache(ids):
                           ("blocks.1.resid_mid", (b, t, 32))]
     assert shapes[-3:] == [("blocks.1.attn.k", (b, t + 2, 2, 8)), ("blocks.1.attn.pattern", (b, 4, 1, t + 2)),
                            ("blocks.1.resid_mid", (b, 1, 32))]
+
+
+def test_a_folder_without_tokenizer_files_loads_without_a_tokenizer(tmp_path):
+    from tdb_server.model import build_random_model, load_model
+
+    build_random_model("gpt2").model.save_pretrained(tmp_path)
+    adapter = load_model(str(tmp_path), device="cpu")
+    assert adapter.tokenizer is None and adapter.info.has_tokenizer is False
