@@ -32,11 +32,28 @@ class DashModel:
 
 
 @pytest.fixture(scope="session")
-def dash(request) -> DashModel:
+def dash_server(request):
+    """A server of the dashboard's own (its pages leave sessions open, as a browser tab would), on its own
+    adapter object, so other tests' hook and session checks never see the dashboard's sessions."""
+    from tdb_server.model import build_random_model, load_model
+    from tdb_server.paths import bundled_models, default_model_path
+    from tdb_server.server import create_server
+
+    if bundled_models():
+        adapter = load_model(str(default_model_path()), device="cpu", dtype="float32")
+    else:
+        adapter = build_random_model("gpt2", seed=0)
+    handle, port = create_server("127.0.0.1:0", adapter)
+    yield f"127.0.0.1:{port}"
+    handle.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def dash(request, dash_server) -> DashModel:
     from tdb_server.paths import bundled_models, default_model_path
 
     if bundled_models():
-        address = request.getfixturevalue("bundled_server")
+        address = dash_server
         gt_file = default_model_path() / "ground_truth.json"
         gt = json.loads(gt_file.read_text()) if gt_file.is_file() else None
         demo = (gt or {}).get("demo", {})
@@ -44,7 +61,7 @@ def dash(request) -> DashModel:
 
         return DashModel(address, True, demo.get("prompt", EXAMPLE_PROMPT), demo.get("answer", " Darcy"),
                          demo.get("distractor", " Bingley"), gt)
-    return DashModel(request.getfixturevalue("gpt2_server"), False, RANDOM_IDS, "17", "42", None)
+    return DashModel(dash_server, False, RANDOM_IDS, "17", "42", None)
 
 
 @pytest.fixture
@@ -53,3 +70,14 @@ def page(dash):
         return open_page(dash.address, name, **params)
     return open_
 
+
+
+@pytest.fixture(scope="session")
+def dash_gpt2_server():
+    """The tiny random GPT-2 on a server (and adapter object) of the dashboard tests' own."""
+    from tdb_server.model import build_random_model
+    from tdb_server.server import create_server
+
+    handle, port = create_server("127.0.0.1:0", build_random_model("gpt2", seed=0))
+    yield f"127.0.0.1:{port}"
+    handle.stop(grace=None)

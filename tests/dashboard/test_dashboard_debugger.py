@@ -20,8 +20,8 @@ def _keys(at) -> list[str]:
     return [r.key for r in at.radio if r.key]
 
 
-def test_launch_step_inspect_patch_continue(gpt2_server):
-    at = open_page(gpt2_server, "debugger", prompt=IDS, bp="blocks.0.attn.out")
+def test_launch_step_inspect_patch_continue(dash_gpt2_server):
+    at = open_page(dash_gpt2_server, "debugger", prompt=IDS, bp="blocks.0.attn.out")
     assert at.multiselect(key="url.bp").value == ["blocks.0.attn.out"]
     assert not button(at, "Launch").disabled and button(at, "Into").disabled
 
@@ -35,7 +35,7 @@ def test_launch_step_inspect_patch_continue(gpt2_server):
     variables = frame(at)
     assert "blocks.0.attn.out" in set(variables["name"])
     heat = charts(at)[-1]["frames"][0]
-    with TdbClient(gpt2_server) as c, c.session() as s:
+    with TdbClient(dash_gpt2_server) as c, c.session() as s:
         s.launch(token_ids=[[int(t) for t in IDS.split()]], capture=["blocks.0.attn.out"])
         want = s.read("blocks.0.attn.out")[0]                      # [pos, d_model]
     got = heat.pivot(index="row", columns="col", values="value")
@@ -67,8 +67,8 @@ def test_launch_step_inspect_patch_continue(gpt2_server):
     assert {"run_started", "stopped", "run_exited"} <= set(log["event"])
 
 
-def test_unknown_breakpoint_is_a_message(gpt2_server):
-    at = open_page(gpt2_server, "debugger", prompt=IDS, bpx="blocks.0.atn.out")
+def test_unknown_breakpoint_is_a_message(dash_gpt2_server):
+    at = open_page(dash_gpt2_server, "debugger", prompt=IDS, bpx="blocks.0.atn.out")
     assert not at.exception
     msgs = [w.value for w in at.warning] + [e.value for e in at.error]
     assert any("blocks.0.attn.out" in m for m in msgs), msgs          # the nearest valid name is suggested
