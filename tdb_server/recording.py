@@ -47,8 +47,9 @@ def fingerprint(adapter: Any) -> dict[str, str]:
             return _FINGERPRINTS[adapter]
         cfg = adapter.model.config.to_dict()
         for key in ("_name_or_path", "transformers_version", "_attn_implementation_internal", "_attn_implementation",
-                    "attn_implementation", "torch_dtype", "dtype"):
-            cfg.pop(key, None)
+                    "attn_implementation", "torch_dtype", "dtype", "architectures", "_commit_hash", "use_cache",
+                    "output_attentions", "output_hidden_states", "return_dict"):
+            cfg.pop(key, None)   # bookkeeping that save_pretrained or a run may change; not the model
         w = hashlib.sha256()
         for name, p in sorted(adapter.model.state_dict().items()):
             w.update(name.encode())
