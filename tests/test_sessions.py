@@ -548,3 +548,32 @@ def test_out_of_memory_in_a_run_is_resource_exhausted_and_the_session_survives(c
         monkeypatch.undo()
         s.set_breakpoints([])
         assert s.launch(token_ids=IDS).state == "exited"
+
+
+def test_hooks_only_where_something_is_asked(gpt2_adapter):
+    """Engine level: a launch that captures nothing and has no breakpoints hooks nothing; breakpoints and
+    patches hook just their sites; a step hooks the rest of the run on demand."""
+    from tdb.v1 import debugger_pb2 as pb
+    from tdb_server.engine.patches import Selector
+    from tdb_server.engine.session import SessionManager
+
+    mgr = SessionManager(gpt2_adapter)
+    try:
+        s = mgr.create()
+        run = s.launch([], IDS, False, ["none"], False)
+        s.wait(run, 30)
+        assert run.state == pb.EXITED and run.sites == frozenset()
+        s.set_breakpoints([pb.Breakpoint(site="blocks.1.attn.out")])
+        s.patch("blocks.0.attn.head.1", "zero", Selector(), None, 0.0, "", "")
+        run = s.launch([], IDS, False, ["logits"], False)
+        s.wait(run, 30)
+        assert run.state == pb.PAUSED and run.stop.site == "blocks.1.attn.out"
+        assert run.sites == {"logits", "blocks.1.attn.out", "blocks.0.attn.out", "blocks.0.attn.z",
+                             "blocks.0.resid_mid", "blocks.1.resid_mid"}
+        s.resume("step", "into")
+        s.wait(run, 30)
+        assert run.stop.site == "blocks.1.resid_mid" and len(run.sites) > 20
+        s.terminate()
+    finally:
+        mgr.shutdown()
+    assert wait_no_hooks(gpt2_adapter) == 0

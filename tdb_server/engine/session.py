@@ -102,15 +102,17 @@ class DebugRun:
     """One forward pass of a session (the adapter's SiteHandler)."""
 
     def __init__(self, session: "Session", run_id: str, input_ids: torch.Tensor, lengths: torch.Tensor,
-                 capture: frozenset[str], sites: list[str], stop_on_entry: bool, gen: GenOptions | None = None):
+                 capture: frozenset[str], sites: list[str], stop_on_entry: bool, gen: GenOptions | None = None,
+                 fire: frozenset[str] | None = None):
         self.session, self.run_id = session, run_id
         self.gen = gen
         self.token = 0                                          # generation step of the current forward
         self.generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         self.input_ids, self.lengths = input_ids, lengths       # [B, T], [B]
         self.capture = capture
-        self.order = sites                                      # sites this run fires, in order
-        self.sites = frozenset(sites)
+        self.order = sites                                      # sites this run computes, in order
+        self.sites = frozenset(sites) if fire is None else fire  # sites hooked (the adapter reads this)
+        self.hook_run: Any = None                               # the adapter's Run, to hook more sites
         self.index = {s: i for i, s in enumerate(sites)}
         self.stop_on_entry = stop_on_entry
         self.state = pb.RUNNING
@@ -153,7 +155,8 @@ class DebugRun:
                 mask = None
                 if bool((self.lengths < T).any()):
                     mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)
-                with torch.no_grad(), adapter.running(self):
+                with torch.no_grad(), adapter.running(self) as hook_run:
+                    self.hook_run = hook_run
                     out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask)
                 logits = out.logits if hasattr(out, "logits") else out[0]
                 idx = (self.lengths - 1).to(logits.device)
@@ -183,7 +186,8 @@ class DebugRun:
         # transformers renamed past_key_values to cache (both exist across the 5.x versions we support)
         cache_arg = "cache" if "cache" in inspect.signature(adapter.model.forward).parameters else "past_key_values"
         done = torch.zeros(cur.shape[0], dtype=torch.bool, device=s.device)
-        with torch.no_grad(), adapter.running(self):
+        with torch.no_grad(), adapter.running(self) as hook_run:
+            self.hook_run = hook_run
             for step in range(gen.max_new_tokens):
                 self.token, self.last_fired = step, -1
                 out = adapter.model(input_ids=cur, use_cache=True, **{cache_arg: past})
@@ -436,6 +440,13 @@ class DebugRun:
                 raise RunTerminated()
         self._take_turn()
 
+    def hook_more(self, sites: set[str] | frozenset[str] | None = None) -> None:
+        """Hook more sites of this live run (all it computes by default): stepping and pausing need them."""
+        want = (frozenset(self.order) if sites is None else frozenset(sites) & frozenset(self.order)) - self.sites
+        if want and self.hook_run is not None:
+            self.hook_run.add_sites(want)
+            self.sites = self.sites | want
+
     def current_value(self) -> torch.Tensor | None:
         return getattr(self, "_value", None)
 
@@ -591,6 +602,8 @@ class Session:
             self.breakpoints = specs
         run = self.current
         if run is not None and run.state in (pb.RUNNING, pb.PAUSED):
+            run.hook_more({x for bp in specs for x in bp.sites}
+                          | {f"blocks.{bp.unit.layer}.attn.z" for bp in specs if bp.unit is not None and bp.unit.kind == "head"})
             for bp in specs:   # a breakpoint may ask for a site the run does not fire (attn.pattern)
                 extra = [x for x in bp.sites if x not in run.sites]
                 if extra:
@@ -646,13 +659,13 @@ class Session:
                 raise FailedPrecondition(f"run {self.current.run_id} is still {_STATE_NAMES[self.current.state]}: "
                                          "continue or terminate it first", reason="RUN_ACTIVE")
         verified = [x for x in self.all_sites if x in set(self.adapter.verified_sites)]
-        if capture:
+        capture_all = not capture
+        if capture == ["none"]:
+            capture_set: frozenset[str] = frozenset()
+        elif capture:
             cap: set[str] = set()
             for c in capture:
-                try:
-                    cap.update(expand_glob(c, verified) if any(ch in c for ch in "*?[") else [self._parse_site(c)])
-                except SiteError as e:
-                    raise e
+                cap.update(expand_glob(c, verified) if any(ch in c for ch in "*?[") else [self._parse_site(c)])
             capture_set = frozenset(cap)
         else:
             capture_set = frozenset(verified)
@@ -660,13 +673,31 @@ class Session:
         pending_sites = {p.site for p in self.patches}
         wanted_patterns = {x for x in verified if site_kind(x) == "attn.pattern"} & (capture_set | bp_sites | pending_sites)
         sites = [x for x in verified if site_kind(x) != "attn.pattern" or x in wanted_patterns]
+        # Hooks only where something is asked: captures, breakpoints (and the site before a BEFORE one),
+        # patches (and attn.z for head units). Stepping or pausing hooks the rest of the run on demand.
+        if capture_all or stop_on_entry:
+            fire = set(sites)
+        else:
+            fire = set(capture_set) | bp_sites | pending_sites
+            fire |= {f"blocks.{p.site.split('.')[1]}.attn.z" for p in self.patches if p.head is not None}
+            fire |= {f"blocks.{bp.unit.layer}.attn.z" for bp in self.breakpoints
+                     if bp.unit is not None and bp.unit.kind == "head"}
+            if any(bp.verified for bp in self.breakpoints):
+                # a stop may be followed by steps, which need resid_mid: the adapter derives it from the
+                # block's input, which it only records when resid_mid is hooked before the block starts
+                fire |= {x for x in sites if site_kind(x) == "resid_mid"}
+            for bp in self.breakpoints:
+                if bp.when == pb.BEFORE:
+                    fire |= {sites[sites.index(x) - 1] for x in bp.sites if x in sites and sites.index(x) > 0}
+            fire &= set(sites)
         T = max(len(x) for x in seqs)
         self._reserve_capture(capture_set, len(seqs), T)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         for b, x in enumerate(seqs):
             ids[b, :len(x)] = torch.tensor(x)
         lengths = torch.tensor([len(x) for x in seqs])
-        run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, capture_set, sites, stop_on_entry, gen)
+        run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, capture_set, sites, stop_on_entry, gen,
+                       fire=frozenset(fire))
         run.forced_stops, self._forced = self._forced, []
         for bp in self.breakpoints:
             bp.hits = 0
@@ -752,6 +783,7 @@ class Session:
                 if run.stop is not None and run.stop.site == "" and run.stop.reason != "entry":
                     start = BOUNDARY
                 run.step = (step_kind, start)
+                run.hook_more()
             run.command = "go"
             run.state, run.stop = pb.RUNNING, None   # the hand-off: the worker owns the run from here
             self.events.emit(run.run_id, continued=pb.Continued())
@@ -773,6 +805,7 @@ class Session:
         with self.cv:
             if run.state == pb.RUNNING:
                 run.pause_requested = True
+                run.hook_more()
         return run
 
     def terminate(self) -> DebugRun:
@@ -975,6 +1008,7 @@ class Session:
             later_token = bool(spec.tokens) and min(spec.tokens) > run.token
             if later_token or stop.site == "":      # a later token's forward, or at a token boundary
                 spec.scope = "run"
+                run.hook_more({site} | ({f"blocks.{site.split('.')[1]}.attn.z"} if spec.head is not None else set()))
                 run.patches.append(spec)
                 return spec, False
             if spec.tokens and run.token not in spec.tokens:
@@ -991,6 +1025,7 @@ class Session:
                     "registered before its site runs — set a BEFORE breakpoint on it, or patch before launching",
                     reason="SITE_ALREADY_RAN")
             spec.scope = "run"
+            run.hook_more({site} | ({f"blocks.{site.split('.')[1]}.attn.z"} if spec.head is not None else set()))
             if at_value:
                 cur = run.current_value()
                 if spec.head is not None:
