@@ -1,7 +1,10 @@
 """tdb_client: the typed Python client of a tdb server (returns numpy and dataclasses, never protos)."""
 
 from .analysis import (Ablation, AblationEffect, AblationResult, AttentionResult, Comparison, InputAttributionResult,
-                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, ResolvedTarget, Target, Trace)
+                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, PatchSweepResult, ResolvedTarget,
+                       SweepAxis, SweepStream, Target, Trace)
+from .graph import Graph
+from .sae import ActivationRecords, Explanation, SaeInfo
 from .client import EventCollector, Session, TdbClient
 from .errors import TdbError
 from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, ReplayReport,
@@ -12,4 +15,5 @@ __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "
            "Event", "Frame", "Generate", "ReplayReport", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
            "StopInfo", "TensorSummary", "TokenProb", "Variable",
            "Ablation", "AblationEffect", "AblationResult", "AttentionResult", "Comparison", "InputAttributionResult",
-           "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace"]
+           "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace",
+           "PatchSweepResult", "SweepAxis", "SweepStream", "Graph", "ActivationRecords", "Explanation", "SaeInfo"]

@@ -11,14 +11,18 @@
         tdb.trace_upstream("... Mr. Darcy ... Mr.", "blocks.1.attn.head.2", part="k", key_position=5)
         tdb.logit_lens("... Mr. Darcy ... Mr.", target=why).to_pandas()
         tdb.input_attribution("... Mr. Darcy ... Mr.", why, steps=64).to_pandas()
+        sweep = tdb.patch_sweep(clean, corrupted, why, kind="head_out")   # layer x head, batched, streamed
+        sweep.normalized; sweep.to_pandas(); sweep.to_csv("heads.csv")
 
 Prompts are text or a sequence of token ids. Every failed call raises TdbError.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -27,10 +31,11 @@ from tdb.v1 import analysis_pb2 as apb, analysis_pb2_grpc
 
 from . import _wire
 from .errors import TdbError
+from .sae import SaeMixin
 
 NODE_TYPES = {apb.NODE_HEAD: "head", apb.NODE_HEAD_PAIR: "head_pair", apb.NODE_NEURON: "neuron",
               apb.NODE_EMBED_TOKEN: "embed_token", apb.NODE_EMBED_POS: "embed_pos", apb.NODE_ATTN_BIAS: "attn_bias",
-              apb.NODE_MLP_BIAS: "mlp_bias", apb.NODE_CONSTANT: "constant"}
+              apb.NODE_MLP_BIAS: "mlp_bias", apb.NODE_CONSTANT: "constant", apb.NODE_SAE_LATENT: "sae_latent"}
 _NODE_TYPE_ENUM = {v: k for k, v in NODE_TYPES.items()}
 METRICS = ("activation", "write_norm", "direct_effect", "total_effect")
 _METRIC_ENUM = {"activation": apb.METRIC_ACTIVATION, "write_norm": apb.METRIC_WRITE_NORM,
@@ -42,6 +47,14 @@ _KIND_NAME = {v: k for k, v in _KIND_ENUM.items()}
 _PART_ENUM = {"output": apb.HEAD_PART_OUTPUT, "q": apb.HEAD_PART_Q, "k": apb.HEAD_PART_K, "qk": apb.HEAD_PART_QK,
               "v": apb.HEAD_PART_V}
 _ABLATION_ENUM = {"zero": apb.ABLATION_ZERO, "mean": apb.ABLATION_MEAN, "resample": apb.ABLATION_RESAMPLE}
+_SWEEP_KIND_ENUM = {"resid_pre": apb.SWEEP_RESID_PRE, "attn_out": apb.SWEEP_ATTN_OUT, "mlp_out": apb.SWEEP_MLP_OUT,
+                    "head_out": apb.SWEEP_HEAD_OUT, "head_q": apb.SWEEP_HEAD_Q, "head_k": apb.SWEEP_HEAD_K,
+                    "head_v": apb.SWEEP_HEAD_V, "head_pattern": apb.SWEEP_HEAD_PATTERN, "neuron": apb.SWEEP_NEURON}
+_SWEEP_KIND_NAME = {v: k for k, v in _SWEEP_KIND_ENUM.items()}
+_SWEEP_DIRECTION_ENUM = {"denoising": apb.SWEEP_DENOISING, "noising": apb.SWEEP_NOISING}
+_SWEEP_DIRECTION_NAME = {v: k for k, v in _SWEEP_DIRECTION_ENUM.items()}
+_SWEEP_METHOD_ENUM = {"exact": apb.SWEEP_EXACT, "attribution": apb.SWEEP_ATTRIBUTION}
+_SWEEP_METHOD_NAME = {v: k for k, v in _SWEEP_METHOD_ENUM.items()}
 _INPUT_ATTR_ENUM = {"grad_x_input": apb.INPUT_ATTRIBUTION_GRAD_X_INPUT,
                     "integrated_gradients": apb.INPUT_ATTRIBUTION_INTEGRATED_GRADIENTS}
 
@@ -152,13 +165,19 @@ class ResolvedTarget:
                    m.position, m.value, m.exact, tuple(m.notes), tuple(m.appended_ids))
 
 
-def node_name(node_type: int, layer: int, index: int) -> str:
+_BLOCK_KINDS = ("resid_pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out", "resid_mid",
+                "mlp.pre", "mlp.post", "mlp.out", "resid_post")   # site codes of NODE_SAE_LATENT rows
+
+
+def node_name(node_type: int, layer: int, index: int, key_pos: int = -1) -> str:
     """The node's name: blocks.L.attn.head.H, blocks.L.mlp.neuron.N, embed, ..."""
     kind = NODE_TYPES.get(int(node_type), "?")
     if kind in ("head", "head_pair"):
         return f"blocks.{layer}.attn.head.{index}"
     if kind == "neuron":
         return f"blocks.{layer}.mlp.neuron.{index}"
+    if kind == "sae_latent":   # key_pos holds the site's code (its index in the site table)
+        return f"blocks.{layer}.{_BLOCK_KINDS[key_pos]}.sae.latent.{index}" if 0 <= key_pos < len(_BLOCK_KINDS) else "?"
     return {"embed_token": "embed.token", "embed_pos": "embed.pos", "attn_bias": f"blocks.{layer}.attn.bias",
             "mlp_bias": f"blocks.{layer}.mlp.bias", "constant": "final_norm.bias+unembed.bias"}.get(kind, kind)
 
@@ -170,10 +189,10 @@ def _id_frame(ids: np.ndarray, tokens: Sequence[str]) -> Any:
         return tokens[p] if 0 <= p < len(tokens) else ""
 
     return pd.DataFrame({
-        "node": [node_name(t, layer, i) for t, layer, i in ids[:, :3].tolist()],
+        "node": [node_name(t, layer, i, k) for t, layer, i, _, k in ids[:, :5].tolist()],
         "node_type": [NODE_TYPES.get(int(t), "?") for t in ids[:, 0]],
         "layer": ids[:, 1], "index": ids[:, 2], "query_pos": ids[:, 3], "key_pos": ids[:, 4],
-        "token": [tok(p) for p in ids[:, 3].tolist()], "key_token": [tok(p) for p in ids[:, 4].tolist()],
+        "token": [tok(p) for p in ids[:, 3].tolist()], "key_token": [tok(p) if t != apb.NODE_SAE_LATENT else "" for t, p in ids[:, [0, 4]].tolist()],
     })
 
 
@@ -185,13 +204,14 @@ class NodeTable:
     ids: np.ndarray
     metrics: np.ndarray
     tokens: tuple[str, ...] = ()
+    explanations: tuple[str, ...] = ()   # top / bottom: each row's latest explanation ("" = none yet)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def nodes(self) -> list[str]:
-        return [node_name(t, layer, i) for t, layer, i in self.ids[:, :3].tolist()]
+        return [node_name(t, layer, i, k) for t, layer, i, _, k in self.ids[:, :5].tolist()]
 
     def column(self, metric: str) -> np.ndarray:
         return self.metrics[:, METRICS.index(metric)]
@@ -200,13 +220,15 @@ class NodeTable:
         df = _id_frame(self.ids, self.tokens)
         for j, name in enumerate(METRICS):
             df[name] = self.metrics[:, j]
+        if len(self.explanations) == len(df):
+            df["explanation"] = list(self.explanations)
         return df
 
     @classmethod
     def from_proto(cls, m: apb.NodeTable, tokens: Sequence[str]) -> "NodeTable":
         ids = _wire.from_wire(m.ids) if m.HasField("ids") else np.zeros((0, 5), np.int32)
         metrics = _wire.from_wire(m.metrics) if m.HasField("metrics") else np.zeros((0, 4), np.float32)
-        return cls(ids.reshape(-1, 5), metrics.reshape(-1, 4), tuple(tokens))
+        return cls(ids.reshape(-1, 5), metrics.reshape(-1, 4), tuple(tokens), tuple(m.explanations))
 
 
 @dataclass(frozen=True)
@@ -405,6 +427,188 @@ class InputAttributionResult:
                    m.baseline_value, m.steps)
 
 
+@dataclass(frozen=True)
+class SweepAxis:
+    name: str              # "layer", "head", "kv_head", "neuron" or "position"
+    values: np.ndarray     # the layer / head / neuron number or token position of each row
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    stage: str             # "prepare", "exact", "attribution" or "verify"
+    done: int
+    total: int
+    percent: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    elapsed_s: float
+    exact_patches: int
+    chunks: int
+    batch_size: int
+    verified: int          # attribution: cells verified exactly
+    pearson: float         # estimated vs exact effects on the verified cells
+    spearman: float
+    max_abs_error: float
+
+
+@dataclass
+class PatchSweepResult:
+    """A patching sweep as a labelled grid (axes, e.g. layer x head), filled as chunks arrive.
+
+    `values` is the raw target with each patch (exact; NaN = not computed: cancelled, or not verified
+    under attribution patching); `normalized` = (value - corrupted) / (clean - corrupted), so 0 = the
+    corrupted run's value and 1 = the clean run's. Attribution sweeps also carry `approx_values`
+    (every cell). `complete` is False for a sweep that was cancelled or failed part-way."""
+
+    kind: str
+    direction: str
+    method: str
+    site: str
+    tokens: tuple[str, ...]
+    corrupted_tokens: tuple[str, ...]
+    target: ResolvedTarget
+    clean_value: float
+    corrupted_value: float
+    axes: tuple[SweepAxis, ...]
+    values: np.ndarray
+    normalized: np.ndarray
+    approx_values: np.ndarray | None = None
+    approx_normalized: np.ndarray | None = None
+    batch_size: int = 0
+    memory_budget_bytes: int = 0
+    notes: tuple[str, ...] = ()
+    progress: SweepProgress | None = None
+    summary: SweepSummary | None = None
+    error: Exception | None = None     # what ended the stream early, if anything
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def computed(self) -> int:
+        """Cells with an exact value so far."""
+        return int(np.count_nonzero(~np.isnan(self.values)))
+
+    @classmethod
+    def from_header(cls, h: apb.PatchSweepHeader) -> "PatchSweepResult":
+        axes = tuple(SweepAxis(a.name, np.asarray(a.values, dtype=np.int64)) for a in h.axes)
+        shape = tuple(len(a.values) for a in axes)
+        nan = np.full(shape, np.nan, dtype=np.float32)
+        return cls(_SWEEP_KIND_NAME.get(h.kind, ""), _SWEEP_DIRECTION_NAME.get(h.direction, ""),
+                   _SWEEP_METHOD_NAME.get(h.method, ""), h.site, tuple(h.tokens), tuple(h.corrupted_tokens),
+                   ResolvedTarget.from_proto(h.target), h.clean_value, h.corrupted_value, axes, nan, nan.copy(),
+                   batch_size=h.batch_size, memory_budget_bytes=h.memory_budget_bytes, notes=tuple(h.notes))
+
+    def add(self, m: apb.PatchSweepChunk) -> None:
+        """Merge one streamed chunk (values and progress, or the summary)."""
+        if m.HasField("values"):
+            idx = _wire.from_wire(m.values.indices).astype(np.int64)
+            vals, norm = _wire.from_wire(m.values.values), _wire.from_wire(m.values.normalized)
+            if m.values.approximate:
+                if self.approx_values is None:
+                    self.approx_values = np.full(self.shape, np.nan, dtype=np.float32)
+                    self.approx_normalized = self.approx_values.copy()
+                self.approx_values.reshape(-1)[idx] = vals
+                self.approx_normalized.reshape(-1)[idx] = norm
+            else:
+                self.values.reshape(-1)[idx] = vals
+                self.normalized.reshape(-1)[idx] = norm
+        if m.HasField("progress"):
+            p = m.progress
+            self.progress = SweepProgress(p.stage, p.done, p.total, p.percent, p.elapsed_s, p.eta_s)
+        if m.HasField("summary"):
+            s = m.summary
+            self.summary = SweepSummary(s.elapsed_s, s.exact_patches, s.chunks, s.batch_size, s.verified, s.pearson,
+                                        s.spearman, s.max_abs_error)
+            self.notes = tuple(s.notes) or self.notes
+
+    def to_pandas(self) -> Any:
+        """One row per cell: the axes (plus the clean token at `position`), value, normalized,
+        and for attribution sweeps approx_value, approx_normalized and verified."""
+        pd = _pandas()
+        grids = np.meshgrid(*[a.values for a in self.axes], indexing="ij")
+        df = pd.DataFrame({a.name: g.reshape(-1) for a, g in zip(self.axes, grids)})
+        if "position" in df:
+            df["token"] = [self.tokens[p] if 0 <= p < len(self.tokens) else "" for p in df["position"].tolist()]
+        df["value"] = self.values.reshape(-1)
+        df["normalized"] = self.normalized.reshape(-1)
+        if self.approx_values is not None:
+            df["approx_value"] = self.approx_values.reshape(-1)
+            df["approx_normalized"] = self.approx_normalized.reshape(-1)
+            df["verified"] = ~np.isnan(df["value"].to_numpy())
+        return df
+
+    def to_csv(self, path: Any = None) -> str | None:
+        """The to_pandas() table as CSV (to `path`, or returned as a string)."""
+        return self.to_pandas().to_csv(path, index=False)
+
+    def to_json(self) -> str:
+        """Grid, axes and metadata as JSON (NaN -> null)."""
+        def clean(a: np.ndarray | None) -> Any:
+            if a is None:
+                return None
+            return [None if math.isnan(x) else x for x in a.reshape(-1).tolist()]
+        doc = {"kind": self.kind, "direction": self.direction, "method": self.method, "site": self.site,
+               "tokens": list(self.tokens), "corrupted_tokens": list(self.corrupted_tokens),
+               "target": self.target.description, "clean_value": self.clean_value,
+               "corrupted_value": self.corrupted_value,
+               "axes": [{"name": a.name, "values": a.values.tolist()} for a in self.axes], "shape": list(self.shape),
+               "values": clean(self.values), "normalized": clean(self.normalized),
+               "approx_values": clean(self.approx_values), "approx_normalized": clean(self.approx_normalized),
+               "complete": self.complete, "notes": list(self.notes),
+               "summary": None if self.summary is None else {
+                   k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                   for k, v in self.summary.__dict__.items()}}
+        return json.dumps(doc, allow_nan=False)
+
+
+class SweepStream:
+    """A running sweep: iterate for progress (each step yields the partial `result`); `cancel()` stops
+    the server's work from any thread and keeps what arrived; `wait()` consumes the rest."""
+
+    def __init__(self, call: Any):
+        self._call = call
+        self.result: PatchSweepResult | None = None
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[PatchSweepResult]:
+        try:
+            for m in self._call:
+                if m.HasField("header"):
+                    self.result = PatchSweepResult.from_header(m.header)
+                    if m.HasField("progress"):
+                        self.result.progress = SweepProgress(m.progress.stage, 0, m.progress.total, 0.0, 0.0, 0.0)
+                else:
+                    self.result.add(m)
+                yield self.result
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and self.cancelled:
+                return
+            err = TdbError.from_rpc(e)
+            if self.result is None:
+                raise err from None
+            self.result.error = err
+            raise err from None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._call.cancel()
+
+    def wait(self) -> PatchSweepResult:
+        for _ in self:
+            pass
+        return self.result
+
+
 # --- the mixin ----------------------------------------------------------------------------------
 
 class _AnalysisStub:
@@ -418,8 +622,11 @@ class _AnalysisStub:
         except grpc.RpcError as e:
             raise TdbError.from_rpc(e) from None
 
+    def stream(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        return getattr(self._stub, method)(request, timeout=timeout)
 
-class AnalysisMixin:
+
+class AnalysisMixin(SaeMixin):
     """The Analysis service's calls on TdbClient (needs `self._channel` and `self._rpc._timeout`)."""
 
     _channel: grpc.Channel
@@ -511,3 +718,81 @@ class AnalysisMixin:
         if baseline_token_id is not None:
             req.baseline_token_id = int(baseline_token_id)
         return InputAttributionResult.from_proto(self._analysis("InputAttribution", req))
+
+    def patch_sweep_stream(self, clean: Any, corrupted: Any, target: Any, *, kind: str = "head_out",
+                           direction: str = "denoising", method: str = "exact", per_position: bool = False,
+                           layers: Sequence[int] = (), positions: Sequence[int] = (), verify_top_k: int = 0,
+                           max_batch: int = 0, prepend_bos: bool = False, timeout: float | None = None) -> SweepStream:
+        """Start a patching sweep and return its stream (see patch_sweep for the arguments)."""
+        req = apb.PatchSweepRequest(clean=_input(clean, prepend_bos), corrupted=_input(corrupted, prepend_bos),
+                                    target=_target(target), kind=_choice(kind, _SWEEP_KIND_ENUM, "sweep kind"),
+                                    direction=_choice(direction, _SWEEP_DIRECTION_ENUM, "direction"),
+                                    method=_choice(method, _SWEEP_METHOD_ENUM, "method"), per_position=per_position,
+                                    layers=[int(x) for x in layers], positions=[int(p) for p in positions],
+                                    verify_top_k=int(verify_top_k), max_batch=int(max_batch))
+        return SweepStream(self._analysis.stream("PatchSweep", req, timeout=timeout))
+
+    def patch_sweep(self, clean: Any, corrupted: Any, target: Any, *, kind: str = "head_out",
+                    direction: str = "denoising", method: str = "exact", per_position: bool = False,
+                    layers: Sequence[int] = (), positions: Sequence[int] = (), verify_top_k: int = 0,
+                    max_batch: int = 0, prepend_bos: bool = False, timeout: float | None = None,
+                    on_progress: Callable[[PatchSweepResult], Any] | None = None) -> PatchSweepResult:
+        """Activation patching between two prompts of the same token length, one patch per cell of a
+        grid: kind resid_pre | attn_out | mlp_out (layer x position), head_out | head_q | head_k |
+        head_v | head_pattern (layer x head, x position with per_position), neuron (layer x neuron).
+        direction "denoising" patches clean activations into the corrupted run, "noising" the reverse.
+        method "attribution" estimates every cell from 2 forwards + 1 backward and verifies the
+        `verify_top_k` (default 20) largest estimated effects exactly. `on_progress(result)` is called
+        after every chunk; returning False cancels the sweep (the partial result is returned)."""
+        stream = self.patch_sweep_stream(clean, corrupted, target, kind=kind, direction=direction, method=method,
+                                         per_position=per_position, layers=layers, positions=positions,
+                                         verify_top_k=verify_top_k, max_batch=max_batch, prepend_bos=prepend_bos,
+                                         timeout=timeout)
+        for partial in stream:
+            if on_progress is not None and on_progress(partial) is False:
+                stream.cancel()
+        return stream.result
+
+    def attribution_patching(self, clean: Any, corrupted: Any, target: Any, *, kind: str = "head_out",
+                             verify_top_k: int = 20, **kw: Any) -> PatchSweepResult:
+        """patch_sweep(method="attribution"): estimates for every cell, the top `verify_top_k` exact."""
+        return self.patch_sweep(clean, corrupted, target, kind=kind, method="attribution",
+                                verify_top_k=verify_top_k, **kw)
+
+    def circuit_stream(self, clean: Any, corrupted: Any, target: Any, *, ablation: str = "corrupted",
+                       verify_top_k: int = 20, fraction: float = 0.8, max_edges: int = 0, skip_circuit: bool = False,
+                       prepend_bos: bool = False, timeout: float | None = None) -> Any:
+        """Start a circuit request and return its stream (tdb_client.graph.CircuitStream)."""
+        from .graph import CircuitStream
+
+        req = apb.CircuitRequest(clean=_input(clean, prepend_bos), target=_target(target),
+                                 ablation=_choice(ablation, {"corrupted": apb.CIRCUIT_ABLATION_CORRUPTED,
+                                                             "mean": apb.CIRCUIT_ABLATION_MEAN}, "ablation"),
+                                 verify_top_k=int(verify_top_k) if verify_top_k else -1, fraction=float(fraction),
+                                 max_edges=int(max_edges), skip_circuit=skip_circuit)
+        if corrupted is not None:
+            req.corrupted.CopyFrom(_input(corrupted, prepend_bos))
+        return CircuitStream(self._analysis.stream("Circuit", req, timeout=timeout))
+
+    def circuit(self, clean: Any, corrupted: Any, target: Any, *, ablation: str = "corrupted",
+                verify_top_k: int = 20, fraction: float = 0.8, max_edges: int = 0, skip_circuit: bool = False,
+                prepend_bos: bool = False, timeout: float | None = None,
+                on_progress: Callable[[Any], Any] | None = None) -> Any:
+        """Edge attribution patching (EAP) over every edge upstream write -> head q / k / v, MLP, logits
+        input between a clean and a corrupted prompt of the same token length (ablation "mean": each write
+        replaced by its mean over positions, corrupted may be None); the `verify_top_k` strongest edges
+        path-patched exactly (rank correlation reported); the smallest top-EAP circuit whose faithfulness
+        reaches `fraction`. -> tdb_client.graph.CircuitResult (`.circuit` is a Graph)."""
+        return self.circuit_stream(clean, corrupted, target, ablation=ablation, verify_top_k=verify_top_k,
+                                   fraction=fraction, max_edges=max_edges, skip_circuit=skip_circuit,
+                                   prepend_bos=prepend_bos, timeout=timeout).wait(on_progress)
+
+    def information_flow(self, prompt: Any, *, position: int = -1, threshold: float = 0.04,
+                         prepend_bos: bool = False) -> Any:
+        """Information-flow routes to `position` from one forward (no corrupted prompt):
+        -> tdb_client.graph.FlowResult (`.graph` is a Graph over residual states per layer and position)."""
+        from .graph import FlowResult
+
+        req = apb.InformationFlowRequest(input=_input(prompt, prepend_bos), position=int(position),
+                                         threshold=float(threshold))
+        return FlowResult.from_proto(self._analysis("InformationFlow", req))

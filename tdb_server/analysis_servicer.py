@@ -7,7 +7,9 @@ field is validated here (shape of the request) or in the analysis (meaning), wit
 from __future__ import annotations
 
 import functools
-from typing import Any
+import threading
+import time
+from typing import Any, Iterator
 
 import grpc
 import torch
@@ -15,11 +17,13 @@ import torch
 from tdb.v1 import analysis_pb2 as pb, analysis_pb2_grpc
 
 from . import wire
-from .analyses import ablation, input_attribution, lens, node_table as nt
+from .analyses import ablation, input_attribution, lens, node_table as nt, sweeps
+from .analyses import circuits
 from .analyses.inputs import Prompt, Target, TargetSpec, decode, encode, resolve_target
 from .errors import Cancelled, InvalidArgument
 from .engine.scheduler import scheduler_for
-from .servicer import _rpc
+from .sae_servicer import SaeServicerMixin, explanations
+from .servicer import _rpc, _rpc_stream
 
 
 def _on_device(fn: Any) -> Any:
@@ -41,6 +45,12 @@ _PARTS = {pb.HEAD_PART_UNSPECIFIED: "output", pb.HEAD_PART_OUTPUT: "output", pb.
           pb.HEAD_PART_K: "k", pb.HEAD_PART_QK: "qk", pb.HEAD_PART_V: "v"}
 _ABLATIONS = {pb.ABLATION_METHOD_UNSPECIFIED: "zero", pb.ABLATION_ZERO: "zero", pb.ABLATION_MEAN: "mean",
               pb.ABLATION_RESAMPLE: "resample"}
+_SWEEP_KINDS = {pb.SWEEP_RESID_PRE: "resid_pre", pb.SWEEP_ATTN_OUT: "attn_out", pb.SWEEP_MLP_OUT: "mlp_out",
+                pb.SWEEP_HEAD_OUT: "head_out", pb.SWEEP_HEAD_Q: "head_q", pb.SWEEP_HEAD_K: "head_k",
+                pb.SWEEP_HEAD_V: "head_v", pb.SWEEP_HEAD_PATTERN: "head_pattern", pb.SWEEP_NEURON: "neuron"}
+_SWEEP_DIRECTIONS = {pb.SWEEP_DIRECTION_UNSPECIFIED: "denoising", pb.SWEEP_DENOISING: "denoising",
+                     pb.SWEEP_NOISING: "noising"}
+_SWEEP_METHODS = {pb.SWEEP_METHOD_UNSPECIFIED: "exact", pb.SWEEP_EXACT: "exact", pb.SWEEP_ATTRIBUTION: "attribution"}
 DEFAULT_TOP_K = 20
 MAX_TOP_K = 100_000
 
@@ -114,6 +124,23 @@ def _paired(ids: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> pb.Pa
                               right=wire.to_wire(right.contiguous()))
 
 
+def _node_names(adapter: Any, ids: torch.Tensor) -> list[str]:
+    """Unit names of node-table rows ("" for rows that are not heads, neurons or latents)."""
+    from .sae.attribution import site_of_code
+
+    names = []
+    for node_type, layer, index, _, key in ids.tolist():
+        if node_type in (nt.HEAD, nt.HEAD_PAIR):
+            names.append(f"blocks.{layer}.attn.head.{index}")
+        elif node_type == nt.NEURON:
+            names.append(f"blocks.{layer}.mlp.neuron.{index}")
+        elif node_type == nt.SAE_LATENT:
+            names.append(f"{site_of_code(layer, key)}.sae.latent.{index}")
+        else:
+            names.append("")
+    return names
+
+
 def _summary(adapter: Any, objective: Any, result: nt.NodeTableResult) -> pb.ResolvedTarget:
     if isinstance(objective, nt.TargetObjective):
         objective.target.value = result.value
@@ -122,9 +149,11 @@ def _summary(adapter: Any, objective: Any, result: nt.NodeTableResult) -> pb.Res
                              exact=False, notes=result.notes)
 
 
-class AnalysisServicer(analysis_pb2_grpc.AnalysisServicer):
+class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     def __init__(self, adapter: Any):
         self.adapter = adapter
+        from .sae import attach_bundled
+        attach_bundled(adapter)   # SAEs shipped next to the model (<model>/saes/*/) are attached by default
 
     def _rank(self, metric: int, default: str) -> str:
         return default if metric == pb.METRIC_UNSPECIFIED else _enum(metric, _METRICS, "metric")
@@ -143,6 +172,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServicer):
         resp = pb.NodeTableResponse(tokens=decode(a, run_ids), token_ids=run_ids, target=_summary(a, objective, result),
                                     direct_effect_sum=result.direct_effect_sum, top=_table(top), bottom=_table(bottom),
                                     rank_by={v: k_ for k_, v in _METRICS.items()}[metric])
+        for msg, t in ((resp.top, top), (resp.bottom, bottom)):   # each row's latest explanation, if any
+            msg.explanations.extend(explanations(a, _node_names(a, t.ids)))
         if request.all_rows:
             resp.all.CopyFrom(_table(result.table))
         return resp
@@ -255,3 +286,147 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServicer):
         if r.integrated_gradients is not None:
             resp.integrated_gradients.CopyFrom(wire.to_wire(r.integrated_gradients))
         return resp
+
+    @_rpc_stream
+    def PatchSweep(self, request: pb.PatchSweepRequest, context: grpc.ServicerContext) -> Iterator[pb.PatchSweepChunk]:
+        """Header, then a chunk per batched forward (each computed in its own device turn, so debug
+        sessions interleave), then the summary. A client that leaves stops the work within one block."""
+        a = self.adapter
+        left = threading.Event()
+        context.add_callback(left.set)
+
+        def should_stop() -> bool:
+            return left.is_set() or not context.is_active()
+
+        if request.kind == pb.SWEEP_KIND_UNSPECIFIED:
+            raise InvalidArgument("give a sweep kind", reason="BAD_SWEEP")
+        if not request.HasField("target"):
+            raise InvalidArgument("a sweep needs a target", reason="NO_OBJECTIVE")
+        spec = sweeps.SweepSpec(_enum(request.kind, _SWEEP_KINDS, "sweep kind"),
+                                _enum(request.direction, _SWEEP_DIRECTIONS, "sweep direction"),
+                                request.per_position, tuple(request.layers), tuple(request.positions),
+                                _enum(request.method, _SWEEP_METHODS, "sweep method"), request.verify_top_k,
+                                request.max_batch)
+        with scheduler_for(a).turn():
+            if should_stop():
+                raise Cancelled("the client cancelled the request")
+            clean, corrupted = _ids(a, request.clean, "clean"), _ids(a, request.corrupted, "corrupted")
+            target, _ = _target(a, request.target, clean)
+            sweep = sweeps.PatchSweep(a, clean, corrupted, target, spec)
+        target.value = sweep.clean_value
+        yield pb.PatchSweepChunk(
+            header=pb.PatchSweepHeader(
+                tokens=decode(a, clean[:sweep.seq]), corrupted_tokens=decode(a, corrupted[:sweep.seq]),
+                target=_resolved(target), clean_value=sweep.clean_value, corrupted_value=sweep.corrupted_value,
+                axes=[pb.SweepAxis(name=x.name, values=x.values) for x in sweep.axes], total=sweep.total,
+                site=sweep.site, kind=request.kind, direction=request.direction or pb.SWEEP_DENOISING,
+                method=request.method or pb.SWEEP_EXACT, batch_size=sweep.batch_size,
+                memory_budget_bytes=sweep.budget, notes=sweep.notes),
+            progress=pb.SweepProgress(stage="prepare", total=sweep.total))
+        chunks = sweep.chunks(should_stop)
+        while True:
+            with scheduler_for(a).turn():
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
+            yield pb.PatchSweepChunk(
+                values=pb.PatchSweepValues(indices=wire.to_wire(chunk.indices.long()), values=wire.to_wire(chunk.values),
+                                           normalized=wire.to_wire(chunk.normalized), approximate=chunk.approximate),
+                progress=pb.SweepProgress(stage=chunk.stage, done=chunk.done, total=chunk.total,
+                                          percent=100.0 * chunk.done / max(chunk.total, 1),
+                                          elapsed_s=chunk.elapsed_s, eta_s=chunk.eta_s))
+        s = sweep.summary
+        yield pb.PatchSweepChunk(summary=pb.PatchSweepSummary(
+            elapsed_s=s.elapsed_s, exact_patches=s.exact_patches, chunks=s.chunks, batch_size=s.batch_size,
+            verified=s.verified, pearson=s.pearson, spearman=s.spearman, max_abs_error=s.max_abs_error,
+            notes=sweep.notes))
+
+    @_rpc_stream
+    def Circuit(self, request: pb.CircuitRequest, context: grpc.ServicerContext) -> Iterator[pb.CircuitChunk]:
+        """Progress after each stage (attribution, verify, circuit), each in its own device turn, then
+        the result. A client that leaves stops the work between stages and between batched forwards."""
+        a = self.adapter
+        left = threading.Event()
+        context.add_callback(left.set)
+
+        def should_stop() -> bool:
+            return left.is_set() or not context.is_active()
+
+        if not request.HasField("target"):
+            raise InvalidArgument("a circuit needs a target", reason="NO_OBJECTIVE")
+        ablation_ = _enum(request.ablation, _CIRCUIT_ABLATIONS, "circuit ablation")
+        fraction = request.fraction or 0.8
+        top_k = DEFAULT_TOP_K if request.verify_top_k == 0 else max(request.verify_top_k, 0)
+        stages = ["attribution"] + (["verify"] if top_k else []) + ([] if request.skip_circuit else ["circuit"])
+
+        def progress(stage: str, t0: float) -> pb.CircuitChunk:
+            done = stages.index(stage) + 1
+            return pb.CircuitChunk(progress=pb.SweepProgress(stage=stage, done=done, total=len(stages),
+                                                             percent=100.0 * done / len(stages),
+                                                             elapsed_s=time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        with scheduler_for(a).turn():
+            if should_stop():
+                raise Cancelled("the client cancelled the request")
+            clean = _ids(a, request.clean, "clean")
+            target, run_ids = _target(a, request.target, clean)
+            if target.appended_ids:
+                raise InvalidArgument("circuits take single-token targets (or targets that differ in their first "
+                                      "token)", reason="BAD_TARGET")
+            corrupted = _ids(a, request.corrupted, "corrupted") if request.HasField("corrupted") else None
+            scores = circuits.edge_attribution(a, run_ids, target, corrupted, ablation_)
+        yield progress("attribution", t0)
+        check = None
+        if top_k:
+            with scheduler_for(a).turn():
+                check = circuits.verify(a, scores, top_k, should_stop)
+            yield progress("verify", t0)
+        found = None
+        if not request.skip_circuit:
+            with scheduler_for(a).turn():
+                found = circuits.extract_circuit(a, scores, fraction, request.max_edges, should_stop)
+            yield progress("circuit", t0)
+        target.value = scores.clean_value
+        topo = scores.topology
+        result = pb.CircuitResult(
+            tokens=decode(a, run_ids), corrupted_tokens=decode(a, corrupted or []), target=_resolved(target),
+            clean_value=scores.clean_value, ablated_value=scores.ablated_value,
+            ablation={v: k for k, v in _CIRCUIT_ABLATIONS.items() if k}[ablation_],
+            senders=[x.name for x in topo.senders], receivers=[x.name for x in topo.receivers],
+            scores=wire.to_wire(scores.scores.float().contiguous()), fraction=fraction)
+        exact = {}
+        if check is not None:
+            for (s, r), ap, ex in zip(check.edges, check.approx.tolist(), check.exact.tolist()):
+                sender, node, inp = scores.edge_name((s, r))
+                result.verified.append(pb.CircuitEdgeCheck(sender=sender, receiver=node, input=inp, approx=ap, exact=ex))
+                exact[(s, r)] = ex
+            result.spearman, result.pearson, result.max_abs_error = check.spearman, check.pearson, check.max_abs_error
+        if found is not None:
+            result.circuit.CopyFrom(_graph(circuits.circuit_graph(scores, found.edges, exact)))
+            result.faithfulness, result.circuit_value = found.faithfulness, found.circuit_value
+            result.curve.extend(pb.CircuitCurvePoint(top_k=k, kept=n, faithfulness=f) for k, n, f in found.curve)
+        result.elapsed_s = time.perf_counter() - t0
+        yield pb.CircuitChunk(result=result)
+
+    @_rpc
+    @_on_device
+    def InformationFlow(self, request: pb.InformationFlowRequest,
+                        context: grpc.ServicerContext) -> pb.InformationFlowResponse:
+        a = self.adapter
+        ids = _ids(a, request.input)
+        r = circuits.information_flow(a, ids, request.position if request.HasField("position") else -1,
+                                      request.threshold or 0.04)
+        return pb.InformationFlowResponse(tokens=decode(a, ids), graph=_graph(r.graph), position=r.position,
+                                          threshold=r.threshold, candidate_edges=r.n_edges_total,
+                                          elapsed_s=r.elapsed_s)
+
+
+_CIRCUIT_ABLATIONS = {pb.CIRCUIT_ABLATION_UNSPECIFIED: "corrupted", pb.CIRCUIT_ABLATION_CORRUPTED: "corrupted",
+                      pb.CIRCUIT_ABLATION_MEAN: "mean"}
+
+
+def _graph(g: circuits.Graph) -> pb.Graph:
+    return pb.Graph(kind=g.kind, nodes=[pb.GraphNode(id=n.id, kind=n.kind, layer=n.layer, position=n.position,
+                                                     index=n.index, label=n.label) for n in g.nodes],
+                    edges=[pb.GraphEdge(source=e.source, target=e.target, input=e.input, effect=e.effect,
+                                        exact=e.exact, component=e.component) for e in g.edges])

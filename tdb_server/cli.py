@@ -11,7 +11,19 @@ import sys
 from .limits import Limits
 
 
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """Fewer glibc malloc arenas (default 8 per core): a long-lived server with many RPC and run threads
+    otherwise keeps freed memory spread over dozens of arenas. Called before torch starts its threads."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)   # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _limit_malloc_arenas()
     from .limits import Limits
     from .server import serve
 

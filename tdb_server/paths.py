@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -22,6 +23,23 @@ def default_model_path() -> Path:
     if models:
         return next(iter(models.values()))
     raise FileNotFoundError(f"no bundled model under {BUNDLED_DIR}; run scripts/train_bundled.py or pass --model")
+
+
+def ground_truth(path: Path) -> dict:
+    """A bundled model's ground_truth.json ({} when it has none)."""
+    f = Path(path) / "ground_truth.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def circuit_model_path() -> Path:
+    """The bundled model whose ground truth has a verified induction circuit (tests and the walkthrough use
+    it): the default model when its circuit is verified, else the first one that has one."""
+    models = bundled_models()
+    order = sorted(models, key=lambda n: (n != DEFAULT_MODEL, n))
+    for name in order:
+        if ground_truth(models[name]).get("circuit_verified"):
+            return models[name]
+    raise FileNotFoundError(f"no bundled model under {BUNDLED_DIR} has a verified circuit in its ground_truth.json")
 
 
 def resolve_model(name_or_path: str | None) -> str:

@@ -26,6 +26,7 @@ from tdb.v1 import debugger_pb2 as pb
 
 from . import __version__, wire
 from .errors import FailedPrecondition, InvalidArgument
+from .model.adapter import _param
 
 FORMAT = "tdb-recording/1"
 CONTROL = ("Launch", "Continue", "Step", "Pause", "Terminate")
@@ -51,9 +52,11 @@ def fingerprint(adapter: Any) -> dict[str, str]:
                     "output_attentions", "output_hidden_states", "return_dict"):
             cfg.pop(key, None)   # bookkeeping that save_pretrained or a run may change; not the model
         w = hashlib.sha256()
-        for name, p in sorted(adapter.model.state_dict().items()):
-            w.update(name.encode())
-            w.update(wire.tensor_view(p.detach()))
+        for mod_name, module in sorted(adapter.model.named_modules(), key=lambda kv: kv[0]):
+            for name, _ in sorted(module.named_parameters(recurse=False)):
+                p = _param(module, name)   # real weights, also for modules offloaded by a device_map
+                w.update(f"{mod_name}.{name}".encode())
+                w.update(wire.tensor_view(p))
         tok = adapter.tokenizer
         t = hashlib.sha256()
         if tok is not None:
@@ -81,16 +84,29 @@ def outcome(status: pb.RunStatus) -> dict[str, Any]:
     return out
 
 
+MAX_ACTIONS = 200_000
+
+
 def record(session: Any, rpc: str, request: Any, result: dict[str, Any]) -> None:
-    """Append one action to the session's recording (requests are stored without the session id)."""
-    req = json_format.MessageToDict(request, preserving_proto_field_name=True)
-    req.pop("session_id", None)
-    session.recording.append({"rpc": rpc, "request": req, "outcome": result})
+    """Append one action to the session's recording. Requests are kept as wire bytes (compact) and turned
+    into JSON only when the recording is exported."""
+    if len(session.recording) >= MAX_ACTIONS:
+        session.recording_truncated = True
+        return
+    session.recording.append((rpc, request.SerializeToString(), result))
 
 
 def export(session: Any) -> str:
+    if getattr(session, "recording_truncated", False):
+        raise FailedPrecondition(f"this session did more than {MAX_ACTIONS} recorded actions; its recording is "
+                                 "incomplete and would not replay", reason="RECORDING_TRUNCATED")
+    actions = []
+    for rpc, raw, result in list(session.recording):
+        req = json_format.MessageToDict(_REQUESTS[rpc].FromString(raw), preserving_proto_field_name=True)
+        req.pop("session_id", None)
+        actions.append({"rpc": rpc, "request": req, "outcome": result})
     doc = {"format": FORMAT, "tdb_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "model": fingerprint(session.adapter), "actions": list(session.recording)}
+           "model": fingerprint(session.adapter), "actions": actions}
     return json.dumps(doc, indent=1)
 
 

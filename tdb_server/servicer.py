@@ -218,8 +218,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def Terminate(self, request: pb.TerminateRequest, context: grpc.ServicerContext) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         run = s.terminate()
-        if request.wait and run.thread is not None:
-            run.thread.join(_wait_s(request.wait_timeout_ms))
+        if request.wait:
+            run.finished.wait(_wait_s(request.wait_timeout_ms))
         return _recorded(s, "Terminate", request, s.status(run))
 
     @_rpc

@@ -27,12 +27,13 @@ def gpt2_adapter():
 
 @pytest.fixture(scope="session")
 def bundled_adapter():
-    """The default bundled model (trained by scripts/train_bundled.py, committed in the package)."""
+    """The bundled model with the verified induction circuit (scripts/train_bundled.py; its ground truth is in
+    ground_truth.json next to it)."""
     if not bundled_models():
         pytest.fail("no bundled model in tdb_server/bundled/: run scripts/train_bundled.py")
-    from tdb_server.paths import default_model_path
+    from tdb_server.paths import circuit_model_path
 
-    return load_model(str(default_model_path()), device="cpu", dtype="float32")
+    return load_model(str(circuit_model_path()), device="cpu", dtype="float32")
 
 
 def _serve(adapter, **kw):

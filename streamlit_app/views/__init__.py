@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import attention, component, debugger, explore, logit_lens, patching
+from . import attention, circuit, component, debugger, explore, logit_lens, patching
 
 PAGES: dict[str, ModuleType] = {
     "explore": explore,
@@ -15,4 +15,5 @@ PAGES: dict[str, ModuleType] = {
     "patching": patching,
     "attention": attention,
     "logit_lens": logit_lens,
+    "circuit": circuit,
 }

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from .. import charts, state
-from ..connection import Context
+from ..connection import Context, attempt
 from ..runs import Prompt, run, show_token
 from ..widgets import not_available, prompt_input, show_tokens
 from .attention import patterns
@@ -109,5 +109,44 @@ def render(ctx: Context) -> None:
         else:
             _neuron(ctx, prompt, layer, index, k)
     st.markdown("**Activation records and explanation**")
-    not_available(ctx, "Top-activating dataset examples and explanations", RECORDS,
-                  "the SAE / activation-records issue")
+    if not not_available(ctx, "Top-activating dataset examples and explanations", RECORDS,
+                         "the SAE / activation-records issue"):
+        _records(ctx, name)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _explain(address: str, unit: str):
+    from ..connection import get_client
+
+    return get_client(address).explain(unit, n_top=8)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _records_of(address: str, unit: str):
+    from ..connection import get_client
+
+    return get_client(address).activation_records(unit, n_top=5, n_random=0)
+
+
+def _records(ctx: Context, unit: str) -> None:
+    """The server's local explanation and the top-activating windows of the held-out corpus, per token."""
+    with st.spinner("reading the corpus for activation records (cached after the first time)…"):
+        ex = attempt(lambda: _explain(ctx.address, unit), "explaining the component")
+    if ex is None:
+        return
+    st.markdown(f"> {ex.text}")
+    facts = [f"label **{ex.label}**"] + ([f"score {ex.score:.2f}"] if ex.score is not None else [])
+    facts += [f"{k} {v:.2f}" for k, v in sorted(ex.attention.items())]
+    st.caption(" · ".join(facts))
+    recs = ex.records or attempt(lambda: _records_of(ctx.address, unit), "reading activation records")
+    if recs is None or not recs.top:
+        st.info("No activation records for this component.")
+        return
+    st.caption(f"top windows of {recs.n_windows} from {recs.corpus} (window {recs.window} tokens; max activation "
+               f"{recs.max_act:.3g}; active in {100 * recs.frac_windows_active:.0f}% of windows)")
+    for rank, w in enumerate(recs.top[:5]):
+        lo = max(0, w.max_pos - 12)
+        hi = min(len(w.tokens), w.max_pos + 4)
+        st.altair_chart(charts.token_strip(list(w.tokens[lo:hi]), w.acts[lo:hi].tolist(),
+                                           title=f"#{rank + 1}: max {w.max_act:.3g} at “{w.tokens[w.max_pos]}”"),
+                        use_container_width=True)

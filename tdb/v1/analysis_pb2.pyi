@@ -28,6 +28,7 @@ class NodeType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_ATTN_BIAS: _ClassVar[NodeType]
     NODE_MLP_BIAS: _ClassVar[NodeType]
     NODE_CONSTANT: _ClassVar[NodeType]
+    NODE_SAE_LATENT: _ClassVar[NodeType]
 
 class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,37 @@ class InputAttributionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_ATTRIBUTION_METHOD_UNSPECIFIED: _ClassVar[InputAttributionMethod]
     INPUT_ATTRIBUTION_GRAD_X_INPUT: _ClassVar[InputAttributionMethod]
     INPUT_ATTRIBUTION_INTEGRATED_GRADIENTS: _ClassVar[InputAttributionMethod]
+
+class SweepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWEEP_KIND_UNSPECIFIED: _ClassVar[SweepKind]
+    SWEEP_RESID_PRE: _ClassVar[SweepKind]
+    SWEEP_ATTN_OUT: _ClassVar[SweepKind]
+    SWEEP_MLP_OUT: _ClassVar[SweepKind]
+    SWEEP_HEAD_OUT: _ClassVar[SweepKind]
+    SWEEP_HEAD_Q: _ClassVar[SweepKind]
+    SWEEP_HEAD_K: _ClassVar[SweepKind]
+    SWEEP_HEAD_V: _ClassVar[SweepKind]
+    SWEEP_HEAD_PATTERN: _ClassVar[SweepKind]
+    SWEEP_NEURON: _ClassVar[SweepKind]
+
+class SweepDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWEEP_DIRECTION_UNSPECIFIED: _ClassVar[SweepDirection]
+    SWEEP_DENOISING: _ClassVar[SweepDirection]
+    SWEEP_NOISING: _ClassVar[SweepDirection]
+
+class SweepMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWEEP_METHOD_UNSPECIFIED: _ClassVar[SweepMethod]
+    SWEEP_EXACT: _ClassVar[SweepMethod]
+    SWEEP_ATTRIBUTION: _ClassVar[SweepMethod]
+
+class CircuitAblation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CIRCUIT_ABLATION_UNSPECIFIED: _ClassVar[CircuitAblation]
+    CIRCUIT_ABLATION_CORRUPTED: _ClassVar[CircuitAblation]
+    CIRCUIT_ABLATION_MEAN: _ClassVar[CircuitAblation]
 TARGET_KIND_UNSPECIFIED: TargetKind
 TARGET_LOGIT_DIFF: TargetKind
 TARGET_LOGIT: TargetKind
@@ -72,6 +104,7 @@ NODE_EMBED_POS: NodeType
 NODE_ATTN_BIAS: NodeType
 NODE_MLP_BIAS: NodeType
 NODE_CONSTANT: NodeType
+NODE_SAE_LATENT: NodeType
 METRIC_UNSPECIFIED: Metric
 METRIC_ACTIVATION: Metric
 METRIC_WRITE_NORM: Metric
@@ -90,6 +123,25 @@ ABLATION_RESAMPLE: AblationMethod
 INPUT_ATTRIBUTION_METHOD_UNSPECIFIED: InputAttributionMethod
 INPUT_ATTRIBUTION_GRAD_X_INPUT: InputAttributionMethod
 INPUT_ATTRIBUTION_INTEGRATED_GRADIENTS: InputAttributionMethod
+SWEEP_KIND_UNSPECIFIED: SweepKind
+SWEEP_RESID_PRE: SweepKind
+SWEEP_ATTN_OUT: SweepKind
+SWEEP_MLP_OUT: SweepKind
+SWEEP_HEAD_OUT: SweepKind
+SWEEP_HEAD_Q: SweepKind
+SWEEP_HEAD_K: SweepKind
+SWEEP_HEAD_V: SweepKind
+SWEEP_HEAD_PATTERN: SweepKind
+SWEEP_NEURON: SweepKind
+SWEEP_DIRECTION_UNSPECIFIED: SweepDirection
+SWEEP_DENOISING: SweepDirection
+SWEEP_NOISING: SweepDirection
+SWEEP_METHOD_UNSPECIFIED: SweepMethod
+SWEEP_EXACT: SweepMethod
+SWEEP_ATTRIBUTION: SweepMethod
+CIRCUIT_ABLATION_UNSPECIFIED: CircuitAblation
+CIRCUIT_ABLATION_CORRUPTED: CircuitAblation
+CIRCUIT_ABLATION_MEAN: CircuitAblation
 
 class Input(_message.Message):
     __slots__ = ("prompt", "token_ids", "prepend_bos")
@@ -142,12 +194,14 @@ class ResolvedTarget(_message.Message):
     def __init__(self, description: _Optional[str] = ..., kind: _Optional[_Union[TargetKind, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., distractor_ids: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., value: _Optional[float] = ..., exact: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., appended_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeTable(_message.Message):
-    __slots__ = ("ids", "metrics")
+    __slots__ = ("ids", "metrics", "explanations")
     IDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     ids: _common_pb2.Tensor
     metrics: _common_pb2.Tensor
-    def __init__(self, ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    explanations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., explanations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TraceNode(_message.Message):
     __slots__ = ("node", "part", "position", "key_position")
@@ -384,3 +438,533 @@ class InputAttributionResponse(_message.Message):
     baseline_value: float
     steps: int
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., grad_x_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., integrated_gradients: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., baseline_value: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class PatchSweepRequest(_message.Message):
+    __slots__ = ("clean", "corrupted", "target", "kind", "direction", "per_position", "layers", "positions", "method", "verify_top_k", "max_batch")
+    CLEAN_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    clean: Input
+    corrupted: Input
+    target: Target
+    kind: SweepKind
+    direction: SweepDirection
+    per_position: bool
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    method: SweepMethod
+    verify_top_k: int
+    max_batch: int
+    def __init__(self, clean: _Optional[_Union[Input, _Mapping]] = ..., corrupted: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., kind: _Optional[_Union[SweepKind, str]] = ..., direction: _Optional[_Union[SweepDirection, str]] = ..., per_position: _Optional[bool] = ..., layers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[SweepMethod, str]] = ..., verify_top_k: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class SweepAxis(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PatchSweepHeader(_message.Message):
+    __slots__ = ("tokens", "corrupted_tokens", "target", "clean_value", "corrupted_value", "axes", "total", "site", "kind", "direction", "method", "batch_size", "memory_budget_bytes", "notes")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTED_VALUE_FIELD_NUMBER: _ClassVar[int]
+    AXES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    corrupted_tokens: _containers.RepeatedScalarFieldContainer[str]
+    target: ResolvedTarget
+    clean_value: float
+    corrupted_value: float
+    axes: _containers.RepeatedCompositeFieldContainer[SweepAxis]
+    total: int
+    site: str
+    kind: SweepKind
+    direction: SweepDirection
+    method: SweepMethod
+    batch_size: int
+    memory_budget_bytes: int
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., corrupted_tokens: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., clean_value: _Optional[float] = ..., corrupted_value: _Optional[float] = ..., axes: _Optional[_Iterable[_Union[SweepAxis, _Mapping]]] = ..., total: _Optional[int] = ..., site: _Optional[str] = ..., kind: _Optional[_Union[SweepKind, str]] = ..., direction: _Optional[_Union[SweepDirection, str]] = ..., method: _Optional[_Union[SweepMethod, str]] = ..., batch_size: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PatchSweepValues(_message.Message):
+    __slots__ = ("indices", "values", "normalized", "approximate")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    APPROXIMATE_FIELD_NUMBER: _ClassVar[int]
+    indices: _common_pb2.Tensor
+    values: _common_pb2.Tensor
+    normalized: _common_pb2.Tensor
+    approximate: bool
+    def __init__(self, indices: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., normalized: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., approximate: _Optional[bool] = ...) -> None: ...
+
+class SweepProgress(_message.Message):
+    __slots__ = ("stage", "done", "total", "percent", "elapsed_s", "eta_s")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    done: int
+    total: int
+    percent: float
+    elapsed_s: float
+    eta_s: float
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., percent: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ...) -> None: ...
+
+class PatchSweepSummary(_message.Message):
+    __slots__ = ("elapsed_s", "exact_patches", "chunks", "batch_size", "verified", "pearson", "spearman", "max_abs_error", "notes")
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    EXACT_PATCHES_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    PEARSON_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    elapsed_s: float
+    exact_patches: int
+    chunks: int
+    batch_size: int
+    verified: int
+    pearson: float
+    spearman: float
+    max_abs_error: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, elapsed_s: _Optional[float] = ..., exact_patches: _Optional[int] = ..., chunks: _Optional[int] = ..., batch_size: _Optional[int] = ..., verified: _Optional[int] = ..., pearson: _Optional[float] = ..., spearman: _Optional[float] = ..., max_abs_error: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PatchSweepChunk(_message.Message):
+    __slots__ = ("header", "values", "progress", "summary")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    header: PatchSweepHeader
+    values: PatchSweepValues
+    progress: SweepProgress
+    summary: PatchSweepSummary
+    def __init__(self, header: _Optional[_Union[PatchSweepHeader, _Mapping]] = ..., values: _Optional[_Union[PatchSweepValues, _Mapping]] = ..., progress: _Optional[_Union[SweepProgress, _Mapping]] = ..., summary: _Optional[_Union[PatchSweepSummary, _Mapping]] = ...) -> None: ...
+
+class AttachSaeRequest(_message.Message):
+    __slots__ = ("path", "name", "skip_quality")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SKIP_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    name: str
+    skip_quality: bool
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., skip_quality: _Optional[bool] = ...) -> None: ...
+
+class SaeQuality(_message.Message):
+    __slots__ = ("explained_variance", "l0", "dead_latents", "dead_fraction", "tokens", "loss_clean", "loss_spliced", "loss_zero", "loss_recovered", "corpus")
+    EXPLAINED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    L0_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_CLEAN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SPLICED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_ZERO_FIELD_NUMBER: _ClassVar[int]
+    LOSS_RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    explained_variance: float
+    l0: float
+    dead_latents: int
+    dead_fraction: float
+    tokens: int
+    loss_clean: float
+    loss_spliced: float
+    loss_zero: float
+    loss_recovered: float
+    corpus: str
+    def __init__(self, explained_variance: _Optional[float] = ..., l0: _Optional[float] = ..., dead_latents: _Optional[int] = ..., dead_fraction: _Optional[float] = ..., tokens: _Optional[int] = ..., loss_clean: _Optional[float] = ..., loss_spliced: _Optional[float] = ..., loss_zero: _Optional[float] = ..., loss_recovered: _Optional[float] = ..., corpus: _Optional[str] = ...) -> None: ...
+
+class SaeInfo(_message.Message):
+    __slots__ = ("site", "name", "path", "architecture", "d_in", "d_sae", "quality", "unit_prefix")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    D_IN_FIELD_NUMBER: _ClassVar[int]
+    D_SAE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    UNIT_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    name: str
+    path: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    quality: SaeQuality
+    unit_prefix: str
+    def __init__(self, site: _Optional[str] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., quality: _Optional[_Union[SaeQuality, _Mapping]] = ..., unit_prefix: _Optional[str] = ...) -> None: ...
+
+class ListSaesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSaesResponse(_message.Message):
+    __slots__ = ("saes",)
+    SAES_FIELD_NUMBER: _ClassVar[int]
+    saes: _containers.RepeatedCompositeFieldContainer[SaeInfo]
+    def __init__(self, saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ...) -> None: ...
+
+class DetachSaeRequest(_message.Message):
+    __slots__ = ("site",)
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    def __init__(self, site: _Optional[str] = ...) -> None: ...
+
+class DetachSaeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ActivationRecordsRequest(_message.Message):
+    __slots__ = ("unit", "corpus_path", "n_top", "n_random", "window", "batch")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_PATH_FIELD_NUMBER: _ClassVar[int]
+    N_TOP_FIELD_NUMBER: _ClassVar[int]
+    N_RANDOM_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    unit: str
+    corpus_path: str
+    n_top: int
+    n_random: int
+    window: int
+    batch: int
+    def __init__(self, unit: _Optional[str] = ..., corpus_path: _Optional[str] = ..., n_top: _Optional[int] = ..., n_random: _Optional[int] = ..., window: _Optional[int] = ..., batch: _Optional[int] = ...) -> None: ...
+
+class ActivationWindow(_message.Message):
+    __slots__ = ("window", "token_ids", "tokens", "acts", "max_act", "max_pos")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACT_FIELD_NUMBER: _ClassVar[int]
+    MAX_POS_FIELD_NUMBER: _ClassVar[int]
+    window: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    acts: _common_pb2.Tensor
+    max_act: float
+    max_pos: int
+    def __init__(self, window: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., acts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., max_act: _Optional[float] = ..., max_pos: _Optional[int] = ...) -> None: ...
+
+class ActivationRecordsResult(_message.Message):
+    __slots__ = ("unit", "kind", "site", "corpus", "corpus_sha256", "window", "n_windows", "top", "random", "max_act", "mean_max", "frac_windows_active", "cached")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    N_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_MAX_FIELD_NUMBER: _ClassVar[int]
+    FRAC_WINDOWS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    unit: str
+    kind: str
+    site: str
+    corpus: str
+    corpus_sha256: str
+    window: int
+    n_windows: int
+    top: _containers.RepeatedCompositeFieldContainer[ActivationWindow]
+    random: _containers.RepeatedCompositeFieldContainer[ActivationWindow]
+    max_act: float
+    mean_max: float
+    frac_windows_active: float
+    cached: bool
+    def __init__(self, unit: _Optional[str] = ..., kind: _Optional[str] = ..., site: _Optional[str] = ..., corpus: _Optional[str] = ..., corpus_sha256: _Optional[str] = ..., window: _Optional[int] = ..., n_windows: _Optional[int] = ..., top: _Optional[_Iterable[_Union[ActivationWindow, _Mapping]]] = ..., random: _Optional[_Iterable[_Union[ActivationWindow, _Mapping]]] = ..., max_act: _Optional[float] = ..., mean_max: _Optional[float] = ..., frac_windows_active: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class RecordsProgress(_message.Message):
+    __slots__ = ("stage", "done", "total")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    done: int
+    total: int
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ActivationRecordsChunk(_message.Message):
+    __slots__ = ("progress", "records")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    progress: RecordsProgress
+    records: ActivationRecordsResult
+    def __init__(self, progress: _Optional[_Union[RecordsProgress, _Mapping]] = ..., records: _Optional[_Union[ActivationRecordsResult, _Mapping]] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("unit", "corpus_path", "use_llm", "n_top", "window", "include_records")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_PATH_FIELD_NUMBER: _ClassVar[int]
+    USE_LLM_FIELD_NUMBER: _ClassVar[int]
+    N_TOP_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    unit: str
+    corpus_path: str
+    use_llm: bool
+    n_top: int
+    window: int
+    include_records: bool
+    def __init__(self, unit: _Optional[str] = ..., corpus_path: _Optional[str] = ..., use_llm: _Optional[bool] = ..., n_top: _Optional[int] = ..., window: _Optional[int] = ..., include_records: _Optional[bool] = ...) -> None: ...
+
+class TokenShare(_message.Message):
+    __slots__ = ("text", "share", "lift", "count", "token_id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    LIFT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    share: float
+    lift: float
+    count: int
+    token_id: int
+    def __init__(self, text: _Optional[str] = ..., share: _Optional[float] = ..., lift: _Optional[float] = ..., count: _Optional[int] = ..., token_id: _Optional[int] = ...) -> None: ...
+
+class TokenLogit(_message.Message):
+    __slots__ = ("text", "logit")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    logit: float
+    def __init__(self, text: _Optional[str] = ..., logit: _Optional[float] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("unit", "text", "method", "label", "top_tokens", "top_ngrams", "promoted", "suppressed", "attention", "corpus_attention", "score", "notes", "records", "llm_configured")
+    class AttentionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CorpusAttentionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_NGRAMS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LLM_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    unit: str
+    text: str
+    method: str
+    label: str
+    top_tokens: _containers.RepeatedCompositeFieldContainer[TokenShare]
+    top_ngrams: _containers.RepeatedCompositeFieldContainer[TokenShare]
+    promoted: _containers.RepeatedCompositeFieldContainer[TokenLogit]
+    suppressed: _containers.RepeatedCompositeFieldContainer[TokenLogit]
+    attention: _containers.ScalarMap[str, float]
+    corpus_attention: _containers.ScalarMap[str, float]
+    score: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    records: ActivationRecordsResult
+    llm_configured: bool
+    def __init__(self, unit: _Optional[str] = ..., text: _Optional[str] = ..., method: _Optional[str] = ..., label: _Optional[str] = ..., top_tokens: _Optional[_Iterable[_Union[TokenShare, _Mapping]]] = ..., top_ngrams: _Optional[_Iterable[_Union[TokenShare, _Mapping]]] = ..., promoted: _Optional[_Iterable[_Union[TokenLogit, _Mapping]]] = ..., suppressed: _Optional[_Iterable[_Union[TokenLogit, _Mapping]]] = ..., attention: _Optional[_Mapping[str, float]] = ..., corpus_attention: _Optional[_Mapping[str, float]] = ..., score: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., records: _Optional[_Union[ActivationRecordsResult, _Mapping]] = ..., llm_configured: _Optional[bool] = ...) -> None: ...
+
+class GraphNode(_message.Message):
+    __slots__ = ("id", "kind", "layer", "position", "index", "label")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    layer: int
+    position: int
+    index: int
+    label: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., index: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class GraphEdge(_message.Message):
+    __slots__ = ("source", "target", "input", "effect", "exact", "component")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    input: str
+    effect: float
+    exact: float
+    component: str
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., input: _Optional[str] = ..., effect: _Optional[float] = ..., exact: _Optional[float] = ..., component: _Optional[str] = ...) -> None: ...
+
+class Graph(_message.Message):
+    __slots__ = ("kind", "nodes", "edges")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    nodes: _containers.RepeatedCompositeFieldContainer[GraphNode]
+    edges: _containers.RepeatedCompositeFieldContainer[GraphEdge]
+    def __init__(self, kind: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[GraphNode, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[GraphEdge, _Mapping]]] = ...) -> None: ...
+
+class CircuitRequest(_message.Message):
+    __slots__ = ("clean", "corrupted", "target", "ablation", "verify_top_k", "fraction", "max_edges", "skip_circuit")
+    CLEAN_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_EDGES_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CIRCUIT_FIELD_NUMBER: _ClassVar[int]
+    clean: Input
+    corrupted: Input
+    target: Target
+    ablation: CircuitAblation
+    verify_top_k: int
+    fraction: float
+    max_edges: int
+    skip_circuit: bool
+    def __init__(self, clean: _Optional[_Union[Input, _Mapping]] = ..., corrupted: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., ablation: _Optional[_Union[CircuitAblation, str]] = ..., verify_top_k: _Optional[int] = ..., fraction: _Optional[float] = ..., max_edges: _Optional[int] = ..., skip_circuit: _Optional[bool] = ...) -> None: ...
+
+class CircuitEdgeCheck(_message.Message):
+    __slots__ = ("sender", "receiver", "input", "approx", "exact")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    APPROX_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    receiver: str
+    input: str
+    approx: float
+    exact: float
+    def __init__(self, sender: _Optional[str] = ..., receiver: _Optional[str] = ..., input: _Optional[str] = ..., approx: _Optional[float] = ..., exact: _Optional[float] = ...) -> None: ...
+
+class CircuitCurvePoint(_message.Message):
+    __slots__ = ("top_k", "kept", "faithfulness")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
+    top_k: int
+    kept: int
+    faithfulness: float
+    def __init__(self, top_k: _Optional[int] = ..., kept: _Optional[int] = ..., faithfulness: _Optional[float] = ...) -> None: ...
+
+class CircuitResult(_message.Message):
+    __slots__ = ("tokens", "corrupted_tokens", "target", "clean_value", "ablated_value", "ablation", "senders", "receivers", "scores", "verified", "spearman", "pearson", "max_abs_error", "circuit", "faithfulness", "circuit_value", "fraction", "curve", "elapsed_s", "notes")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ABLATED_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    PEARSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CURVE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    corrupted_tokens: _containers.RepeatedScalarFieldContainer[str]
+    target: ResolvedTarget
+    clean_value: float
+    ablated_value: float
+    ablation: CircuitAblation
+    senders: _containers.RepeatedScalarFieldContainer[str]
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    scores: _common_pb2.Tensor
+    verified: _containers.RepeatedCompositeFieldContainer[CircuitEdgeCheck]
+    spearman: float
+    pearson: float
+    max_abs_error: float
+    circuit: Graph
+    faithfulness: float
+    circuit_value: float
+    fraction: float
+    curve: _containers.RepeatedCompositeFieldContainer[CircuitCurvePoint]
+    elapsed_s: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., corrupted_tokens: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., clean_value: _Optional[float] = ..., ablated_value: _Optional[float] = ..., ablation: _Optional[_Union[CircuitAblation, str]] = ..., senders: _Optional[_Iterable[str]] = ..., receivers: _Optional[_Iterable[str]] = ..., scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., verified: _Optional[_Iterable[_Union[CircuitEdgeCheck, _Mapping]]] = ..., spearman: _Optional[float] = ..., pearson: _Optional[float] = ..., max_abs_error: _Optional[float] = ..., circuit: _Optional[_Union[Graph, _Mapping]] = ..., faithfulness: _Optional[float] = ..., circuit_value: _Optional[float] = ..., fraction: _Optional[float] = ..., curve: _Optional[_Iterable[_Union[CircuitCurvePoint, _Mapping]]] = ..., elapsed_s: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CircuitChunk(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: SweepProgress
+    result: CircuitResult
+    def __init__(self, progress: _Optional[_Union[SweepProgress, _Mapping]] = ..., result: _Optional[_Union[CircuitResult, _Mapping]] = ...) -> None: ...
+
+class InformationFlowRequest(_message.Message):
+    __slots__ = ("input", "position", "threshold")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    input: Input
+    position: int
+    threshold: float
+    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., position: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class InformationFlowResponse(_message.Message):
+    __slots__ = ("tokens", "graph", "position", "threshold", "candidate_edges", "elapsed_s")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_EDGES_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    graph: Graph
+    position: int
+    threshold: float
+    candidate_edges: int
+    elapsed_s: float
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., graph: _Optional[_Union[Graph, _Mapping]] = ..., position: _Optional[int] = ..., threshold: _Optional[float] = ..., candidate_edges: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...

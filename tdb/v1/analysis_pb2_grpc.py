@@ -65,6 +65,46 @@ class AnalysisStub:
                 request_serializer=tdb_dot_v1_dot_analysis__pb2.InputAttributionRequest.SerializeToString,
                 response_deserializer=tdb_dot_v1_dot_analysis__pb2.InputAttributionResponse.FromString,
                 _registered_method=True)
+        self.PatchSweep = channel.unary_stream(
+                '/tdb.v1.Analysis/PatchSweep',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.PatchSweepRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.PatchSweepChunk.FromString,
+                _registered_method=True)
+        self.AttachSae = channel.unary_unary(
+                '/tdb.v1.Analysis/AttachSae',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.AttachSaeRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.SaeInfo.FromString,
+                _registered_method=True)
+        self.ListSaes = channel.unary_unary(
+                '/tdb.v1.Analysis/ListSaes',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.ListSaesRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.ListSaesResponse.FromString,
+                _registered_method=True)
+        self.DetachSae = channel.unary_unary(
+                '/tdb.v1.Analysis/DetachSae',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.DetachSaeRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.DetachSaeResponse.FromString,
+                _registered_method=True)
+        self.ActivationRecords = channel.unary_stream(
+                '/tdb.v1.Analysis/ActivationRecords',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.ActivationRecordsRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.ActivationRecordsChunk.FromString,
+                _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/tdb.v1.Analysis/Explain',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.Circuit = channel.unary_stream(
+                '/tdb.v1.Analysis/Circuit',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.CircuitRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.CircuitChunk.FromString,
+                _registered_method=True)
+        self.InformationFlow = channel.unary_unary(
+                '/tdb.v1.Analysis/InformationFlow',
+                request_serializer=tdb_dot_v1_dot_analysis__pb2.InformationFlowRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_analysis__pb2.InformationFlowResponse.FromString,
+                _registered_method=True)
 
 
 class AnalysisServicer:
@@ -115,6 +155,70 @@ class AnalysisServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PatchSweep(self, request, context):
+        """Activation-patching sweep between a clean and a corrupted prompt (exact, or attribution patching
+        with the top-k verified exactly), streamed: a header, then append-only value chunks with
+        progress, then a summary. Cancelling the call stops the work; what arrived stays valid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachSae(self, request, context):
+        """Sparse autoencoders (SAELens layout: cfg.json + sae_weights.safetensors) attached to the loaded
+        model, spliced with the reconstruction error kept (outputs unchanged); their latents become units
+        blocks.{L}.{site}.sae.latent.{K} for breakpoints, reads, patches, ablations and the node table.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSaes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachSae(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivationRecords(self, request, context):
+        """Top-activating and random corpus windows of a neuron, head or latent with per-token
+        activations; streamed: progress chunks, then the records. Cached on the server's disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Explain(self, request, context):
+        """What a neuron, head or latent responds to (local explainer; optionally an LLM the server's
+        operator configured). Node-table rows carry the latest explanation of their node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Circuit(self, request, context):
+        """Circuits (edges between components): edge attribution patching (EAP) over every edge
+        (upstream write -> a head's q / k / v input, an MLP's input, the logits), exact path patching of
+        the strongest edges with the rank correlation, and the smallest top-EAP circuit reaching a
+        faithfulness fraction; streamed: progress per stage, then the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InformationFlow(self, request, context):
+        """Information-flow routes from one forward: which heads / MLPs carry information between token
+        positions towards one position, thresholded by their share of each residual update.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnalysisServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +251,46 @@ def add_AnalysisServicer_to_server(servicer, server):
                     servicer.InputAttribution,
                     request_deserializer=tdb_dot_v1_dot_analysis__pb2.InputAttributionRequest.FromString,
                     response_serializer=tdb_dot_v1_dot_analysis__pb2.InputAttributionResponse.SerializeToString,
+            ),
+            'PatchSweep': grpc.unary_stream_rpc_method_handler(
+                    servicer.PatchSweep,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.PatchSweepRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.PatchSweepChunk.SerializeToString,
+            ),
+            'AttachSae': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSae,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.AttachSaeRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.SaeInfo.SerializeToString,
+            ),
+            'ListSaes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSaes,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.ListSaesRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.ListSaesResponse.SerializeToString,
+            ),
+            'DetachSae': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachSae,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.DetachSaeRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.DetachSaeResponse.SerializeToString,
+            ),
+            'ActivationRecords': grpc.unary_stream_rpc_method_handler(
+                    servicer.ActivationRecords,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.ActivationRecordsRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.ActivationRecordsChunk.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.ExplainRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.ExplainResponse.SerializeToString,
+            ),
+            'Circuit': grpc.unary_stream_rpc_method_handler(
+                    servicer.Circuit,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.CircuitRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.CircuitChunk.SerializeToString,
+            ),
+            'InformationFlow': grpc.unary_unary_rpc_method_handler(
+                    servicer.InformationFlow,
+                    request_deserializer=tdb_dot_v1_dot_analysis__pb2.InformationFlowRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_analysis__pb2.InformationFlowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +455,222 @@ class Analysis:
             '/tdb.v1.Analysis/InputAttribution',
             tdb_dot_v1_dot_analysis__pb2.InputAttributionRequest.SerializeToString,
             tdb_dot_v1_dot_analysis__pb2.InputAttributionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PatchSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tdb.v1.Analysis/PatchSweep',
+            tdb_dot_v1_dot_analysis__pb2.PatchSweepRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.PatchSweepChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSae(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Analysis/AttachSae',
+            tdb_dot_v1_dot_analysis__pb2.AttachSaeRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.SaeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSaes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Analysis/ListSaes',
+            tdb_dot_v1_dot_analysis__pb2.ListSaesRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.ListSaesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachSae(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Analysis/DetachSae',
+            tdb_dot_v1_dot_analysis__pb2.DetachSaeRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.DetachSaeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivationRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tdb.v1.Analysis/ActivationRecords',
+            tdb_dot_v1_dot_analysis__pb2.ActivationRecordsRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.ActivationRecordsChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Analysis/Explain',
+            tdb_dot_v1_dot_analysis__pb2.ExplainRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Circuit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tdb.v1.Analysis/Circuit',
+            tdb_dot_v1_dot_analysis__pb2.CircuitRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.CircuitChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InformationFlow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tdb.v1.Analysis/InformationFlow',
+            tdb_dot_v1_dot_analysis__pb2.InformationFlowRequest.SerializeToString,
+            tdb_dot_v1_dot_analysis__pb2.InformationFlowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,11 +8,13 @@
 | ablation.py            | ablation (zero / mean / resample; heads, neurons, layers)                |
 | lens.py                | logit_lens, attention_pattern                                            |
 | input_attribution.py   | input_attribution (gradient x input, integrated gradients)              |
+| sweeps.py (resume.py)  | patch_sweep, attribution_patching (batched, resumed at the patched layer)|
+| circuits.py            | edge_attribution, path_patching, circuit, information_flow             |
 
 `analysis_names()` lists what `Capabilities.analyses` advertises.
 """
 
-from . import ablation, input_attribution, lens, node_table  # noqa: F401  (importing registers them)
+from . import ablation, circuits, input_attribution, lens, node_table, sweeps  # noqa: F401  (importing registers them)
 from .inputs import Prompt, Target, TargetSpec, encode, resolve_target
 from .registry import REGISTRY, analysis_names
 

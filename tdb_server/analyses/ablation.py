@@ -8,6 +8,7 @@ whole blocks, and read the target before and after.
 | `blocks.L.attn`         | `blocks.L.attn.out`  | [:, pos, :]             |
 | `blocks.L.mlp`          | `blocks.L.mlp.out`   | [:, pos, :]             |
 | `blocks.L`              | both of the above    |                         |
+| `blocks.L.<site>.sae.latent.K` | `blocks.L.<site>` | latent K of the attached SAE: the site + (a_K' - a_K) W_dec[K] (error kept) |
 
 Methods: `zero`; `mean` (over the prompt's positions, or over every token of a reference dataset);
 `resample` (the value the same node had at the same position on a source prompt of the same token
@@ -46,6 +47,7 @@ class AblationSpec:
 class _Part:
     site: str
     index: int | None          # head / neuron index along the unit axis; None = the whole site
+    latent: bool = False       # index is an SAE latent of the SAE attached at `site`
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,12 @@ def _parts(adapter, node: str) -> tuple[_Part, ...]:
         raise InvalidArgument(f"ablation node: {e.message}; or a layer: blocks.L, blocks.L.attn, blocks.L.mlp",
                               reason="BAD_NODE", suggestions=e.suggestions) from None
     if unit.kind == "latent":
-        raise InvalidArgument(f"ablation node {node!r}: SAE latents cannot be ablated here", reason="BAD_NODE")
+        from tdb_server.sae.units import check_latent
+        try:
+            check_latent(adapter, unit.site, unit.index)
+        except SiteError as e:
+            raise InvalidArgument(f"ablation node {node!r}: {e.message}", reason="BAD_NODE") from None
+        return (_Part(unit.site, unit.index, latent=True),)
     return (_Part(unit.site, unit.index),)
 
 
@@ -94,6 +101,10 @@ def _candidates(adapter, pattern: str) -> list[str]:
         names += [f"blocks.{layer}.attn.head.{h}" for h in range(info.n_heads)]
         if "neuron" in pattern:
             names += [f"blocks.{layer}.mlp.neuron.{n}" for n in range(info.d_mlp)]
+    if "latent" in pattern:
+        from tdb_server.sae.attach import attached
+        for site, entry in attached(adapter).items():
+            names += [f"{site}.sae.latent.{k}" for k in range(entry.sae.d_sae)]
     return names
 
 
@@ -146,11 +157,31 @@ class _Patcher:
         new = value.clone()
         for b, index, pos, repl in self.plan[site]:
             repl = repl.to(new.dtype)
-            if index is None:
+            if index == "delta":          # SAE latent: add the change of its decoded write
+                new[b, pos] += repl[pos]
+            elif index is None:
                 new[b, pos] = repl[pos]
             else:
                 new[b, pos, index] = repl[pos, index]
         return new
+
+
+def _latent_delta(adapter, part: _Part, method: str, x: torch.Tensor, reference: torch.Tensor | None,
+                  source: torch.Tensor | None) -> torch.Tensor:
+    """x [T, ...] (the clean site) -> the change [T, ...] that sets SAE latent `part.index` to its
+    ablated value: zero, its mean (over the prompt, or the reference tokens) or the source's value."""
+    from tdb_server.sae.attach import sae_at
+
+    sae, k = sae_at(adapter, part.site), part.index
+    a_k = sae.encode(x[None])[0, :, k]                                   # [T]
+    if method == "zero":
+        new = torch.zeros_like(a_k)
+    elif method == "mean":
+        pool = a_k if reference is None else sae.encode(reference[None])[0, :, k]
+        new = pool.mean().expand_as(a_k)
+    else:
+        new = sae.encode(source[None])[0, :, k]
+    return sae.latent_delta(x[None], k, (new - a_k)[None])[0]
 
 
 def _forward(adapter, ids: list[int], handler) -> torch.Tensor:
@@ -179,6 +210,7 @@ def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSp
         logits = _forward(adapter, token_ids, clean)
         before = float(target.read(logits, clean.values[last])[0])
         repl: dict[tuple[str, str], torch.Tensor] = {}
+        ref_vals: dict[str, torch.Tensor] = {}
         for site in sites:
             x = clean.values[site][0]                                     # [T, ...]
             if "zero" in methods:
@@ -190,7 +222,8 @@ def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSp
                         cap = _Capture({site})
                         _forward(adapter, ref, cap)
                         vals.append(cap.values[site][0])
-                    mean = torch.cat(vals).float().mean(0)
+                    ref_vals[site] = torch.cat(vals)
+                    mean = ref_vals[site].float().mean(0)
                 else:
                     mean = x.float().mean(0)
                 repl["mean", site] = mean.to(x.dtype).expand_as(x)
@@ -199,6 +232,11 @@ def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSp
             _forward(adapter, source, cap)
             for site in sites:
                 repl["resample", site] = cap.values[site][0]
+        for a in ablations:   # SAE latents: the change of the site when latent K takes the ablated value
+            for p in a.parts:
+                if p.latent and (a.method, p.site, p.index) not in repl:
+                    repl[a.method, p.site, p.index] = _latent_delta(adapter, p, a.method, clean.values[p.site][0],
+                                                                    ref_vals.get(p.site), repl.get(("resample", p.site)))
         groups = [[a] for a in ablations] if separately else [ablations]
         afters: list[float] = []
         chunk = 1 if not separately else BATCH
@@ -209,7 +247,10 @@ def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSp
                 for a in group:
                     pos = torch.tensor(list(a.positions) or list(range(T)))
                     for p in a.parts:
-                        plan.setdefault(p.site, []).append((b, p.index, pos, repl[a.method, p.site]))
+                        if p.latent:
+                            plan.setdefault(p.site, []).append((b, "delta", pos, repl[a.method, p.site, p.index]))
+                        else:
+                            plan.setdefault(p.site, []).append((b, p.index, pos, repl[a.method, p.site]))
             patcher = _Patcher(plan, {last})
             out = adapter.forward(torch.tensor([token_ids] * len(batch)), patcher)
             afters += [float(v) for v in target.read(out, patcher.values.get(last))]

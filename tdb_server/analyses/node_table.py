@@ -30,13 +30,17 @@ from tdb_server.errors import InvalidArgument, ResourceExhausted
 from tdb_server.model.arch import get_path
 from tdb_server.model.sites import SiteError, parse_unit
 
+from tdb_server.sae import attribution as sae_attribution
+
 from .inputs import Target, position
 from .registry import register
 
 # node types (the wire enum NodeType has the same numbers)
 HEAD, HEAD_PAIR, NEURON, EMBED_TOKEN, EMBED_POS, ATTN_BIAS, MLP_BIAS, CONSTANT = range(1, 9)
+SAE_LATENT = 9   # latents of attached SAEs (tdb_server/sae/attribution.py); key_pos = the site's code
 NODE_TYPES = {"head": HEAD, "head_pair": HEAD_PAIR, "neuron": NEURON, "embed_token": EMBED_TOKEN,
-              "embed_pos": EMBED_POS, "attn_bias": ATTN_BIAS, "mlp_bias": MLP_BIAS, "constant": CONSTANT}
+              "embed_pos": EMBED_POS, "attn_bias": ATTN_BIAS, "mlp_bias": MLP_BIAS, "constant": CONSTANT,
+              "sae_latent": SAE_LATENT}
 METRICS = ("activation", "write_norm", "direct_effect", "total_effect")  # columns of `metrics`
 ID_COLUMNS = ("node_type", "layer", "index", "query_pos", "key_pos")    # columns of `ids`
 HEAD_PARTS = ("output", "q", "k", "qk", "v")
@@ -278,6 +282,10 @@ def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: 
         raise ResourceExhausted(f"a node table with token pairs for {T} tokens has more than {MAX_ROWS} rows; "
                                 "leave out HEAD_PAIR rows or shorten the prompt", reason="TOO_MANY_ROWS")
     grad_sites, value_sites = _sites(adapter, objective, pairs)
+    latents = SAE_LATENT in wanted and bool(sae_attribution.sites(adapter))
+    if latents:
+        grad_sites |= sae_attribution.sites(adapter)
+        value_sites -= grad_sites
     cap = GradCapture(grad_sites, value_sites)
     ids = torch.tensor([token_ids])
     logits = adapter.forward(ids, cap, grad=True)
@@ -288,10 +296,13 @@ def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: 
     with torch.no_grad():
         G, const = objective.direction(adapter, cap, logits)       # [T, D]
         parts = _table_rows(adapter, cap, G, const, ids[0], pairs)
+        if latents:
+            for layer, *cols in sae_attribution.latent_parts(adapter, cap, G):
+                parts.append((SAE_LATENT, layer, *_rows(SAE_LATENT, layer, *cols)))
     keep = [(i, m) for (nt, layer, i, m) in parts if nt in wanted and objective.upstream(layer, nt)]
     table = NodeTable(torch.cat([i for i, _ in keep]) if keep else torch.zeros(0, 5, dtype=torch.int32),
                       torch.cat([m for _, m in keep]) if keep else torch.zeros(0, 4))
-    summed = [m for (nt, layer, i, m) in parts if nt != HEAD_PAIR and objective.upstream(layer, nt)]
+    summed = [m for (nt, layer, i, m) in parts if nt not in (HEAD_PAIR, SAE_LATENT) and objective.upstream(layer, nt)]
     de_sum = float(torch.cat(summed)[:, 2].double().sum()) if summed else 0.0
     if isinstance(objective, TargetObjective):
         t = objective.target

@@ -12,6 +12,7 @@ from . import expr
 _HIT = re.compile(r"^\s*(==|>=|>|%)?\s*(\d+)\s*$")
 _HEAD_UNIT = re.compile(r"^blocks\.(\d+)\.attn\.head\.(\d+)$")
 _NEURON_UNIT = re.compile(r"^blocks\.(\d+)\.mlp\.neuron\.(\d+)$")
+_LATENT_UNIT = re.compile(r"^blocks\.(\d+)\.(.+)\.sae\.latent\.(\d+)$")   # SAE latent (tdb_server/sae)
 
 
 def parse_hit_condition(text: str) -> tuple[str, int] | None:
@@ -33,9 +34,10 @@ def hit_matches(cond: tuple[str, int] | None, hits: int) -> bool:
 
 @dataclass
 class Unit:
-    kind: str   # "head" or "neuron"
+    kind: str   # "head", "neuron" or "latent"
     layer: int
     index: int
+    site: str = ""   # latent: the site its SAE reads (blocks.L.<kind>)
 
 
 def parse_unit(name: str) -> Unit | None:
@@ -43,10 +45,14 @@ def parse_unit(name: str) -> Unit | None:
         return Unit("head", int(m.group(1)), int(m.group(2)))
     if m := _NEURON_UNIT.match(name):
         return Unit("neuron", int(m.group(1)), int(m.group(2)))
+    if m := _LATENT_UNIT.match(name):
+        return Unit("latent", int(m.group(1)), int(m.group(3)), f"blocks.{m.group(1)}.{m.group(2)}")
     return None
 
 
 def unit_site(unit: Unit) -> str:
+    if unit.kind == "latent":
+        return unit.site
     return f"blocks.{unit.layer}.attn.out" if unit.kind == "head" else f"blocks.{unit.layer}.mlp.post"
 
 

@@ -2,7 +2,8 @@
 
 Events are protocol messages (tdb.v1.Event) built by the engine; the ring keeps the last `capacity`
 so a client that reconnects with `after_seq` loses nothing that is still retained, and learns when
-something was dropped.
+something was dropped. The ring holds serialized events: a retained message would keep alive every
+protobuf arena it was ever fused with (the run results and statuses it was built from).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tdb.v1 import debugger_pb2 as pb
 
 class EventLog:
     def __init__(self, capacity: int = 4096):
-        self._ring: collections.deque[pb.Event] = collections.deque(maxlen=capacity)
+        self._ring: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=capacity)
         self._seq = 0
         self._cv = threading.Condition()
         self.closed = False
@@ -29,20 +30,20 @@ class EventLog:
         with self._cv:
             self._seq += 1
             ev = pb.Event(seq=self._seq, time=time.time(), run_id=run_id, **body)
-            self._ring.append(ev)
+            self._ring.append((self._seq, ev.SerializeToString()))
             self._cv.notify_all()
             return ev
 
     def since(self, after_seq: int, max_events: int = 0) -> tuple[list[pb.Event], bool]:
         """Events with seq > after_seq still retained, and whether some were dropped from the ring."""
         with self._cv:
-            events = [e for e in self._ring if e.seq > after_seq]
-            truncated = bool(self._ring) and self._ring[0].seq > after_seq + 1
+            raw = [data for seq, data in self._ring if seq > after_seq]
+            truncated = bool(self._ring) and self._ring[0][0] > after_seq + 1
             if not self._ring and self._seq > after_seq:
                 truncated = True
         if max_events > 0:
-            events = events[:max_events]
-        return events, truncated
+            raw = raw[:max_events]
+        return [pb.Event.FromString(data) for data in raw], truncated
 
     def wait(self, after_seq: int, timeout: float) -> bool:
         """Block until an event with seq > after_seq exists, the log closes, or timeout passes."""

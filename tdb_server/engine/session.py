@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -129,7 +130,7 @@ class DebugRun:
         self.step: tuple[str, int] | None = None                # (kind, index of the stop it started from)
         self.pause_requested = False
         self.terminate_requested = False
-        self.thread: threading.Thread | None = None
+        self.finished = threading.Event()                       # set when the worker is done with the run
         self.nonfinite_seen = False
         self.out_of_memory = False
         self.forced_stops: list[tuple[str, int]] = []           # replays: stop here as a pause did
@@ -137,8 +138,7 @@ class DebugRun:
     # -- the worker ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._work, name=f"tdb-run-{self.run_id}", daemon=True)
-        self.thread.start()
+        self.session.run_pool.submit(self._work)
 
     def _work(self) -> None:
         s = self.session
@@ -175,6 +175,7 @@ class DebugRun:
             self._finish(pb.FAILED)
         finally:
             self._give_turn()
+            self.finished.set()
 
     def _generate(self) -> None:
         """Token by token with the KV cache: each step is one forward pass over the new token only."""
@@ -301,7 +302,10 @@ class DebugRun:
         specs = [p for p in (*self.session.patches, *self.patches)
                  if p.site == site and (not p.tokens or self.token in p.tokens)]
         for p in specs:
-            if p.head is not None:
+            if getattr(p, "latent", None) is not None:   # SAE latent patch (tdb_server/sae/units.py)
+                from ..sae.units import apply_latent_patch
+                value = apply_latent_patch(self.session.adapter, value, p, self.lengths, self.position_offset)
+            elif p.head is not None:
                 layer = int(site.split(".")[1])
                 z = self.z.get(layer)
                 if z is None:
@@ -323,6 +327,9 @@ class DebugRun:
             return value
         if unit.kind == "neuron":
             return value[..., unit.index]
+        if unit.kind == "latent":   # SAE latent: encode(site)[..., K] -> [B, T] (tdb_server/sae/units.py)
+            from ..sae.units import latent_value
+            return latent_value(self.session.adapter, site, unit.index, value)
         z = self.z.get(unit.layer)
         if z is None:
             return value
@@ -336,6 +343,8 @@ class DebugRun:
             if bp.when != pb.AFTER or site not in bp.sites or not bp.verified or not bp.in_tokens(self.token):
                 continue
             v = self._unit_value(bp.unit, site, value)
+            if bp.unit is not None and bp.unit.kind == "latent" and bp.condition_ast is None and not bool((v > 0).any()):
+                continue   # a latent breakpoint without a condition stops where the latent fires
             env = s.make_env(self, value=v, site=site)
             if bp.condition_ast is not None:
                 try:
@@ -455,8 +464,12 @@ class Session:
     """A client's debugging context: breakpoints, session-scoped patches, runs and events."""
 
     def __init__(self, adapter: Any, session_id: str, name: str, idle_timeout_s: float, event_capacity: int = 4096,
-                 limits: Limits | None = None, total_captured: Callable[[], int] | None = None):
+                 limits: Limits | None = None, total_captured: Callable[[], int] | None = None,
+                 run_pool: ThreadPoolExecutor | None = None):
         self.adapter, self.id, self.name = adapter, session_id, name
+        # Runs execute on long-lived pool threads: a new OS thread per run would leave per-thread native
+        # buffers (BLAS/OpenMP) behind at every run.
+        self.run_pool = run_pool or _shared_pool()
         self.limits = limits or Limits()
         self._total_captured = total_captured or (lambda: self.captured_bytes())
         self.idle_timeout_s = idle_timeout_s
@@ -497,6 +510,11 @@ class Session:
         info = self.adapter.info
         if not 0 <= unit.layer < info.n_layers:
             raise SiteError(f"layer {unit.layer} out of range: the model has {info.n_layers} layers")
+        if unit.kind == "latent":   # an SAE must be attached at the site (tdb_server/sae/units.py)
+            from ..sae.units import check_latent
+            self._parse_site(unit.site)
+            check_latent(self.adapter, unit.site, unit.index)
+            return
         limit = info.n_heads if unit.kind == "head" else info.d_mlp
         if not 0 <= unit.index < limit:
             raise SiteError(f"{unit.kind} {unit.index} out of range: layer {unit.layer} has {limit} {unit.kind}s")
@@ -940,6 +958,11 @@ class Session:
         adapter = self.adapter
 
         def get_site(name: str) -> torch.Tensor:
+            unit = parse_unit(name)
+            if unit is not None and unit.kind == "latent":   # SAE latent: read through its site -> [B, T]
+                from ..sae.units import latent_value
+                self._check_unit(unit)
+                return latent_value(adapter, unit.site, unit.index, get_site(unit.site))
             canon = self._parse_site(name)
             if canon in run.captured:
                 return run.captured[canon]
@@ -984,6 +1007,9 @@ class Session:
         spec = PatchSpec(id=next(self._patch_ids), name=name, site=site, op=op, selector=selector,
                          head=unit.index if unit is not None and unit.kind == "head" else None,
                          value=value, scalar=scalar, mean_over=mean_over or "positions", tokens=tuple(tokens))
+        if unit is not None and unit.kind == "latent":   # SAE latent patch (tdb_server/sae/units.py)
+            from ..sae.units import LatentPatchSpec
+            spec = LatentPatchSpec(**spec.__dict__, latent=unit.index)
         if any(t < 0 for t in spec.tokens):
             raise InvalidArgument("generation steps in `tokens` must be >= 0", reason="BAD_PATCH")
         if op == "copy_from_run":
@@ -1028,7 +1054,10 @@ class Session:
             run.hook_more({site} | ({f"blocks.{site.split('.')[1]}.attn.z"} if spec.head is not None else set()))
             if at_value:
                 cur = run.current_value()
-                if spec.head is not None:
+                if getattr(spec, "latent", None) is not None:
+                    from ..sae.units import apply_latent_patch
+                    new = apply_latent_patch(self.adapter, cur, spec, run.lengths, run.position_offset)
+                elif spec.head is not None:
                     layer = int(site.split(".")[1])
                     new = apply_head(cur, run.z[layer], self.adapter.W_O(layer)[spec.head], spec, run.lengths,
                                      run.position_offset)
@@ -1054,6 +1083,9 @@ class Session:
                 return z[:, :, unit.index, :] @ self.adapter.W_O(unit.layer)[unit.index].to(z.device)
             if site not in src.captured:
                 raise FailedPrecondition(f"run {src.run_id} did not capture {site}", reason="NO_SOURCE_VALUE")
+            if unit is not None and unit.kind == "latent":
+                from ..sae.units import latent_value
+                return latent_value(self.adapter, site, unit.index, src.captured[site])
             return src.captured[site]
         return get
 
@@ -1078,14 +1110,50 @@ class Session:
                 run.terminate_requested = True
                 run.command = "terminate"
             self.cv.notify_all()
-        if run is not None and run.thread is not None:
-            run.thread.join(timeout=30)
+        if run is not None:
+            run.finished.wait(timeout=30)
         self.events.emit("", terminated=pb.Terminated(reason=reason))
         self.events.close()
         with self.cv:
             self.runs.clear()
             self.current = None
             self.patches = []
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    """Workers for sessions made without a SessionManager (tests, embedding)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="tdb-run")
+        return _POOL
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC: Any = None
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it per thread arena otherwise), so a long-lived
+    server's resident size follows what it really holds."""
+    libc = _libc()
+    if libc and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class SessionManager:
@@ -1096,6 +1164,8 @@ class SessionManager:
         self.limits = limits or Limits()
         self.default_idle_timeout_s = self.limits.idle_timeout_s
         self.max_sessions = self.limits.max_sessions
+        # one worker per possible session: a paused run holds its thread while it waits
+        self.run_pool = ThreadPoolExecutor(max_workers=self.max_sessions + 2, thread_name_prefix="tdb-run")
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -1112,7 +1182,7 @@ class SessionManager:
                                         reason="TOO_MANY_SESSIONS")
             sid = uuid.uuid4().hex[:16]
             s = Session(self.adapter, sid, name, idle_timeout_s or self.default_idle_timeout_s, limits=self.limits,
-                        total_captured=self.total_captured_bytes)
+                        total_captured=self.total_captured_bytes, run_pool=self.run_pool)
             self._sessions[sid] = s
             return s
 
@@ -1142,8 +1212,12 @@ class SessionManager:
             return list(self._sessions.values())
 
     def _reap(self, interval: float) -> None:
+        last_trim = time.monotonic()
         while not self._stop.wait(interval):
             now = time.monotonic()
+            if now - last_trim > 5.0:
+                last_trim = now
+                _release_free_memory()
             for s in self.sessions():
                 if s.streams == 0 and now - s.last_activity > s.idle_timeout_s:
                     try:
@@ -1158,3 +1232,4 @@ class SessionManager:
                 self.close(s.id, reason="server shutting down")
             except NotFound:
                 pass
+        self.run_pool.shutdown(wait=False)

@@ -23,9 +23,9 @@ NEAR_TOP = 3  # "at or near the top": within the first three heads
 
 @pytest.fixture(scope="module")
 def truth():
-    from tdb_server.paths import default_model_path
+    from tdb_server.paths import circuit_model_path
 
-    gt = json.loads((default_model_path() / "ground_truth.json").read_text())
+    gt = json.loads((circuit_model_path() / "ground_truth.json").read_text())
     assert gt["induction_heads"], "the bundled model's card lists no induction head"
     return gt
 

@@ -36,11 +36,11 @@ def dash_server(request):
     """A server of the dashboard's own (its pages leave sessions open, as a browser tab would), on its own
     adapter object, so other tests' hook and session checks never see the dashboard's sessions."""
     from tdb_server.model import build_random_model, load_model
-    from tdb_server.paths import bundled_models, default_model_path
+    from tdb_server.paths import bundled_models, circuit_model_path
     from tdb_server.server import create_server
 
     if bundled_models():
-        adapter = load_model(str(default_model_path()), device="cpu", dtype="float32")
+        adapter = load_model(str(circuit_model_path()), device="cpu", dtype="float32")
     else:
         adapter = build_random_model("gpt2", seed=0)
     handle, port = create_server("127.0.0.1:0", adapter)
@@ -50,11 +50,11 @@ def dash_server(request):
 
 @pytest.fixture(scope="session")
 def dash(request, dash_server) -> DashModel:
-    from tdb_server.paths import bundled_models, default_model_path
+    from tdb_server.paths import bundled_models, circuit_model_path
 
     if bundled_models():
         address = dash_server
-        gt_file = default_model_path() / "ground_truth.json"
+        gt_file = circuit_model_path() / "ground_truth.json"
         gt = json.loads(gt_file.read_text()) if gt_file.is_file() else None
         demo = (gt or {}).get("demo", {})
         from streamlit_app.widgets import EXAMPLE_PROMPT

@@ -13,7 +13,7 @@ from tdb_client import Target, TdbClient
 
 
 def _ids(client: TdbClient, text: str) -> list[int]:
-    if text == RANDOM_IDS:
+    if text.replace(" ", "").isdigit():
         return [int(t) for t in text.split()]
     return client.tokenize(text)[0]
 
@@ -141,12 +141,21 @@ def test_component_page_for_a_head_and_a_neuron(dash, page):
         s.launch(token_ids=[ids], capture=["blocks.1.attn.pattern", "blocks.0.mlp.post"])
         pattern = s.read("blocks.1.attn.pattern")[0, 1]
         acts = s.read("blocks.0.mlp.post")[0, :, 3]
-    heat = [ch for ch in charts(at) if ch.get("mark", {}).get("type") == "rect"][-1]["frames"][0]
+    heat = [ch["frames"][0] for ch in charts(at) if ch.get("mark", {}).get("type") == "rect"
+            and {"row", "col"} <= set(ch["frames"][0].columns)][-1]
     got = heat.pivot(index="row", columns="col", values="value")
     assert got.shape == pattern.shape
     assert np.isclose(got.to_numpy().sum(), pattern.sum(), rtol=1e-5)
     assert len(at.dataframe) == 2            # promoted and suppressed tokens
-    assert any("not available on this server yet" in i.value for i in at.info)   # records / explanations
+    if "activation_records" in TdbClient(dash.address).initialize().analyses:   # records and the explanation
+        with TdbClient(dash.address) as c:
+            ex = c.explain("blocks.1.attn.head.1", n_top=8)
+            recs = ex.records or c.activation_records("blocks.1.attn.head.1", n_top=5, n_random=0)
+        assert any(ex.text in m.value for m in at.markdown)
+        titles = [str(ch.get("title", "")) for ch in charts(at)]
+        assert any(f"max {recs.top[0].max_act:.3g}" in t for t in titles), titles
+    else:
+        assert any("not available on this server yet" in i.value for i in at.info)
 
     at = page("component", prompt=dash.prompt, component="blocks.0.mlp.neuron.3")
     strip = charts(at)[0]["frames"][0]
@@ -186,6 +195,24 @@ def test_logit_lens_page_matches_the_final_logits(dash, page):
     assert set(lens["site"]) == {"embed", *(f"blocks.{i}.resid_post" for i in range(info.n_layers))}
 
 
-def test_patching_page_says_sweeps_are_not_available_yet(dash, page):
-    at = page("patching", prompt=dash.prompt)
-    assert any("not available on this server yet" in i.value for i in at.info)
+def test_patching_page_runs_a_sweep_and_fills_the_heatmap(dash, page):
+    if dash.bundled:
+        corrupted = dash.ground_truth["demo"]["variants"][0]["prompt"]       # the same prompt, another name
+    else:
+        corrupted = "5 17 42 8 99 23 61 7 17 42 8 99 23"
+    at = page("patching", prompt=dash.prompt, prompt2=corrupted, target=dash.target, distractor=dash.distractor)
+    at.button(key="patching.run").click().run()
+    assert not at.exception and not at.error
+    heat = [ch["frames"][0] for ch in charts(at) if ch.get("mark", {}).get("type") == "rect"][0]
+    with TdbClient(dash.address) as c:
+        ids = _ids(c, dash.prompt)
+        bad = _ids(c, corrupted)
+        t = c.tokenize(" " + dash.target if not dash.target.startswith(" ") and dash.bundled else dash.target)[0] \
+            if c.model_info().has_tokenizer else [int(dash.target)]
+        d = c.tokenize(" " + dash.distractor if not dash.distractor.startswith(" ") and dash.bundled
+                       else dash.distractor)[0] if c.model_info().has_tokenizer else [int(dash.distractor)]
+        want = c.patch_sweep(ids, bad, Target(tokens=t[:1], distractors=d[:1]), kind="head_out")
+    got = heat.pivot(index="row", columns="col", values="value")
+    assert got.shape == want.normalized.shape
+    np.testing.assert_allclose(np.sort(got.to_numpy().ravel()), np.sort(want.normalized.ravel()), rtol=1e-4, atol=1e-5)
+    assert any(b.label == "Download CSV" for b in at.get("download_button"))

@@ -1,0 +1,178 @@
+"""Circuit: the information-flow graph of one prompt, or a circuit between a clean and a corrupted prompt.
+
+Information flow (one forward): residual states per layer (y) and position (x); an edge is a head
+moving information between positions, an MLP or the residual connection, kept when its share of the
+update is above the threshold and it lies on a route to the chosen position. Circuit (EAP + exact
+path patching + extraction): components by layer (y) and head (x), edge width by |effect|, colour by
+the input it feeds (q, k, v, MLP, logits). Selecting a head opens it on the Component page.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from tdb_client import Target
+from tdb_client.graph import Graph
+
+from .. import state
+from ..connection import Context, get_client
+from ..runs import CACHE, make_prompt, show_token, token_id
+from ..widgets import example_prompt, not_available, show_tokens
+
+TITLE, ICON = "Circuit", ":material/account_tree:"
+MODES = ("information flow", "circuit")
+INPUT_COLORS = {"q": "#4c78a8", "k": "#e45756", "v": "#54a24b", "mlp": "#b279a2", "logits": "#f58518",
+                "head": "#4c78a8", "resid": "#bab0ac"}
+
+
+@st.cache_data(**CACHE)
+def _flow(address: str, ids: tuple[int, ...], position: int, threshold: float) -> tuple[str, int, float]:
+    r = get_client(address).information_flow(list(ids), position=position, threshold=threshold)
+    return r.graph.to_json(), r.candidate_edges, r.elapsed_s
+
+
+@st.cache_data(**CACHE)
+def _circuit(address: str, clean: tuple[int, ...], corrupted: tuple[int, ...], answer: int, distractor: int,
+             fraction: float) -> dict:
+    r = get_client(address).circuit(list(clean), list(corrupted), Target([answer], [distractor]), fraction=fraction)
+    return {"graph": r.circuit.to_json(), "faithfulness": r.faithfulness, "spearman": r.spearman,
+            "pearson": r.pearson, "clean": r.clean_value, "ablated": r.ablated_value, "elapsed": r.elapsed_s,
+            "verified": r.to_pandas(), "edges": len(r.circuit.edges), "all_edges": int((r.scores != 0).sum())}
+
+
+def layout(g: Graph, n_heads: int) -> pd.DataFrame:
+    """Node positions: flow graphs x = token position, y = depth; circuits x = head, y = layer."""
+    rows = []
+    for n in g.nodes:
+        if g.kind == "information_flow":
+            x = n.position
+            y = n.layer + {"resid_pre": 0.0, "resid_mid": 0.5, "resid_post": 1.0}.get(n.kind, 0.0)
+        else:
+            x = {"embed": (n_heads - 1) / 2, "logits": (n_heads - 1) / 2, "mlp": n_heads}.get(n.kind, n.index)
+            y = n.layer + (0.5 if n.kind == "mlp" else 0.0)
+        rows.append({"id": n.id, "kind": n.kind, "label": n.label or n.id, "x": float(x), "y": float(y)})
+    return pd.DataFrame(rows, columns=["id", "kind", "label", "x", "y"])
+
+
+def graph_chart(g: Graph, n_heads: int, tokens: list[str] | None = None) -> alt.LayerChart:
+    nodes = layout(g, n_heads)
+    at = nodes.set_index("id")[["x", "y"]].to_dict("index")
+    edges = pd.DataFrame([{"x": at[e.source]["x"], "y": at[e.source]["y"], "x2": at[e.target]["x"],
+                           "y2": at[e.target]["y"], "input": e.input, "effect": e.effect, "width": abs(e.effect),
+                           "source": e.source, "target": e.target, "via": e.component,
+                           "exact": e.exact} for e in g.edges],
+                         columns=["x", "y", "x2", "y2", "input", "effect", "width", "source", "target", "via", "exact"])
+    top = float(edges["width"].max()) if len(edges) else 1.0
+    x_title = "token position" if g.kind == "information_flow" else "head"
+    x_axis = alt.Axis(values=list(range(len(tokens))), labelExpr=_label_expr(tokens)) if tokens else alt.Axis()
+    base_x = alt.X("x:Q", title=x_title, axis=x_axis)
+    lines = alt.Chart(edges).mark_rule(opacity=0.7).encode(
+        x=base_x, y=alt.Y("y:Q", title="layer"), x2="x2:Q", y2="y2:Q",
+        strokeWidth=alt.StrokeWidth("width:Q", scale=alt.Scale(domain=[0, top], range=[0.5, 8]), legend=None),
+        color=alt.Color("input:N", scale=alt.Scale(domain=list(INPUT_COLORS), range=list(INPUT_COLORS.values())),
+                        title="input"),
+        tooltip=["source", "target", "input", alt.Tooltip("effect:Q", format=".4f"), "via",
+                 alt.Tooltip("exact:Q", format=".4f")])
+    pick = alt.selection_point(fields=["id"], name="node", on="click")
+    points = alt.Chart(nodes).mark_circle(size=160).encode(
+        x=base_x, y="y:Q", color=alt.value("#333"), tooltip=["id", "kind"],
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.5))).add_params(pick)
+    labels = alt.Chart(nodes).mark_text(dy=-12, fontSize=10).encode(x=base_x, y="y:Q", text="label:N")
+    return alt.layer(lines, points, labels).properties(height=max(260, 90 * (int(nodes["y"].max() - nodes["y"].min()) + 2))
+                                                       if len(nodes) else 260, width=760)
+
+
+def _label_expr(tokens: list[str]) -> str:
+    names = [show_token(t).replace("\\", "\\\\").replace("'", "\\'") for t in tokens]
+    return "[" + ",".join(f"'{i} {t}'" for i, t in enumerate(names)) + "][datum.value]"
+
+
+def _open_component(g: Graph, selected: str | None) -> None:
+    heads = [n.id for n in g.nodes if n.kind == "head"] + sorted(
+        {e.component for e in g.edges if e.component.startswith("blocks.") and ".attn.head." in e.component})
+    heads = list(dict.fromkeys(heads))
+    if not heads:
+        return
+    default = heads.index(selected) if selected in heads else 0
+    c1, c2 = st.columns([3, 1])
+    head = c1.selectbox("Head", heads, index=default, key="circuit.head")
+    c2.button("Open on Component page", on_click=state.goto, args=("component",),
+              kwargs={state.COMPONENT: head}, key="circuit.open")
+
+
+def _selected(event) -> str | None:
+    try:
+        picked = event.selection.get("node") or []
+        return picked[0]["id"] if picked else None
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
+def render(ctx: Context) -> None:
+    st.header(f"{ICON} Circuit")
+    if not_available(ctx, "Circuits", ("information_flow", "circuit"), "the circuits issue"):
+        return
+    mode = state.url_selectbox("Graph", state.MODE, MODES, widget=st.radio, horizontal=True)
+    if mode == "information flow":
+        text = state.url_text_input("Prompt", state.PROMPT, example_prompt(ctx), area=True, height=80)
+        prompt = _prompt(ctx, text, "prompt")
+        if prompt is None:
+            return
+        show_tokens(prompt)
+        c1, c2 = st.columns(2)
+        pos = c1.number_input("Route to position", -len(prompt), len(prompt) - 1, -1, key="circuit.pos")
+        threshold = c2.slider("Threshold (share of the update)", 0.01, 0.5, 0.04, 0.01, key="circuit.threshold")
+        graph_json, candidates, elapsed = _flow(ctx.address, prompt.ids, int(pos), float(threshold))
+        g = Graph.from_json(graph_json)
+        st.caption(f"{len(g.edges)} edges on routes ({candidates} above threshold anywhere), computed in {elapsed:.2f} s")
+        tokens = list(prompt.tokens)
+    else:
+        a, b = st.columns(2)
+        with a:
+            clean = _prompt(ctx, state.url_text_input("Clean prompt", state.PROMPT, example_prompt(ctx), area=True,
+                                                      height=80), "clean")
+        with b:
+            corrupted = _prompt(ctx, state.url_text_input("Corrupted prompt (same length)", state.PROMPT2, "",
+                                                          area=True, height=80), "corrupted")
+        c1, c2, c3 = st.columns(3)
+        with c1:
+            answer = state.url_text_input("Target token", state.TARGET, " Darcy" if ctx.model.has_tokenizer else "42")
+        with c2:
+            distractor = state.url_text_input("Distractor token", state.DISTRACTOR,
+                                              " Bingley" if ctx.model.has_tokenizer else "17")
+        fraction = c3.slider("Faithfulness to reach", 0.5, 1.0, 0.8, 0.05, key="circuit.fraction")
+        if clean is None or corrupted is None:
+            st.info("Give a clean and a corrupted prompt of the same token length.", icon=":material/info:")
+            return
+        if len(clean) != len(corrupted):
+            st.warning(f"The prompts have {len(clean)} and {len(corrupted)} tokens: they must have the same length.")
+            return
+        (answer_id, n1), (distractor_id, n2) = token_id(ctx, answer), token_id(ctx, distractor)
+        for note in (n1, n2):
+            if note:
+                st.caption(note)
+        r = _circuit(ctx.address, clean.ids, corrupted.ids, answer_id, distractor_id, float(fraction))
+        g = Graph.from_json(r["graph"])
+        st.caption(f"{r['edges']} of {r['all_edges']} edges · faithfulness {r['faithfulness']:.3f} · target clean "
+                   f"{r['clean']:.3f}, corrupted {r['ablated']:.3f} · EAP vs exact on the top edges: Spearman "
+                   f"{r['spearman']:.3f}, Pearson {r['pearson']:.3f} · {r['elapsed']:.2f} s")
+        tokens = None
+    event = st.altair_chart(graph_chart(g, ctx.model.n_heads, tokens), on_select="rerun", key="circuit.chart")
+    _open_component(g, _selected(event))
+    with st.expander("edges"):
+        st.dataframe(g.to_pandas(), hide_index=True)
+        st.download_button("GraphML", g.to_graphml(), file_name=f"{g.kind}.graphml", key="circuit.graphml")
+        st.download_button("JSON", g.to_json(indent=1), file_name=f"{g.kind}.json", key="circuit.json")
+    if mode == "circuit":
+        with st.expander("EAP vs exact path patching"):
+            st.dataframe(r["verified"], hide_index=True)
+
+
+def _prompt(ctx: Context, text: str, what: str):
+    try:
+        return make_prompt(ctx, text)
+    except ValueError as e:
+        st.error(f"{what}: {e}", icon=":material/warning:")
+        return None
