@@ -118,9 +118,23 @@ def test_neuron_explanation_names_its_tokens_and_scores_them(bundled):
     assert exp.score is not None and -1 <= exp.score <= 1
 
 
-def test_the_shipped_sae_is_good_and_attached_by_default(bundled_client):
+@pytest.fixture(scope="module")
+def austen_client():
+    """A server of its own on the austen model (the shared bundled fixtures serve the circuit model)."""
     if AUSTEN is None:
         pytest.skip("the bundled austen model is not there")
+    from tdb_client import TdbClient
+    from tdb_server.model import load_model
+    from tdb_server.server import create_server
+
+    handle, port = create_server("127.0.0.1:0", load_model(str(AUSTEN), device="cpu", dtype="float32"))
+    with TdbClient(f"127.0.0.1:{port}") as c:
+        yield c
+    handle.stop(grace=None)
+
+
+def test_the_shipped_sae_is_good_and_attached_by_default(austen_client):
+    bundled_client = austen_client
     folders = sorted((AUSTEN / "saes").glob("*/cfg.json")) if (AUSTEN / "saes").is_dir() else []
     assert folders, f"no SAE under {AUSTEN / 'saes'}: run scripts/train_sae.py"
     (info,) = [i for i in bundled_client.list_saes() if i.path == str(folders[0].parent)]
