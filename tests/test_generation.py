@@ -103,3 +103,52 @@ def test_sampling_is_reproducible_with_a_seed_and_bad_options_are_rejected(clien
             s.step("token")
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
         s.terminate()
+
+
+def test_five_tokens_of_the_bundled_model_with_a_patch_at_token_three(bundled_client, bundled_adapter):
+    """The issue's check on the bundled circuit model: step through 5 generated tokens, patching one
+    induction head at token 3; the text equals HF generate with the same patch applied by hand."""
+    import json
+
+    from tdb_server.paths import circuit_model_path
+
+    truth = json.loads((circuit_model_path() / "ground_truth.json").read_text())
+    layer, head = truth["induction_heads"][0]
+    ids = bundled_client.tokenize(truth["demo"]["prompt"])[0]
+    with bundled_client.session() as s:
+        st = s.launch(token_ids=[ids], generate=Generate(5, stop_at_tokens=True))
+        seen = []
+        while st.state == "paused":
+            seen.append(st.stop.token)
+            if st.stop.token == 2:
+                s.patch(f"blocks.{layer}.attn.head.{head}", "zero", tokens=[3])
+            st = s.step("token")
+        assert seen == [0, 1, 2, 3] and st.state == "exited"
+        got = list(st.result.generated[0])
+        text = st.result.generated_text[0]
+    model = bundled_adapter.model
+    calls = {"n": -1}
+    dh = bundled_adapter.info.d_head
+
+    def count(module, args, kwargs):
+        calls["n"] += 1
+
+    def zero(module, args):
+        if calls["n"] != 3:
+            return None
+        x = args[0].clone()
+        x[..., head * dh:(head + 1) * dh] = 0
+        return (x,)
+
+    hs = [model.register_forward_pre_hook(count, with_kwargs=True),
+          model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(zero)]
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                                 pad_token_id=bundled_adapter.tokenizer.eos_token_id)
+    finally:
+        for h in hs:
+            h.remove()
+    want = out[0, len(ids):].tolist()
+    assert got == want
+    assert text == bundled_adapter.tokenizer.decode(want)

@@ -208,3 +208,24 @@ def render(ctx: Context) -> None:
             _patch_form(ctx, s, status)
     _result(s, status)
     _events(s)
+    _recording(ctx, s)
+
+
+def _recording(ctx: Context, s: Session) -> None:
+    """Download this session as a recording (a good bug report), or replay one on this server."""
+    with st.expander("Record and replay", expanded=False):
+        text = attempt(s.export_recording, "exporting the recording")
+        if text is not None:
+            st.download_button("Download this session's recording", text, file_name="tdb-session.tdbrec.json",
+                               mime="application/json", icon=":material/download:", key="debugger.rec.download")
+        up = st.file_uploader("Replay a recording on this server", type=["json"], key="debugger.rec.upload")
+        if up is not None and st.button("Replay", key="debugger.rec.replay", icon=":material/replay:"):
+            report = attempt(lambda: ctx.client.replay(up.getvalue().decode("utf-8")), "replaying")
+            if report is not None:
+                line = (f"{report.actions} actions, {report.stops_checked} stops and {report.reads_checked} reads "
+                        "checked")
+                if report.ok:
+                    st.success(f"Replayed bit for bit: {line}.", icon=":material/check_circle:")
+                else:
+                    st.error(f"{len(report.mismatches)} mismatches ({line}):\n\n"
+                             + "\n".join(f"- {m}" for m in report.mismatches[:20]), icon=":material/warning:")

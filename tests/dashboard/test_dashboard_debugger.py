@@ -72,3 +72,10 @@ def test_unknown_breakpoint_is_a_message(dash_gpt2_server):
     assert not at.exception
     msgs = [w.value for w in at.warning] + [e.value for e in at.error]
     assert any("blocks.0.attn.out" in m for m in msgs), msgs          # the nearest valid name is suggested
+
+
+def test_the_page_offers_the_session_recording_and_a_replay(dash_gpt2_server):
+    at = open_page(dash_gpt2_server, "debugger", prompt=IDS, bp="blocks.0.attn.out")
+    labels = [str(b.proto.label) for b in at.get("download_button")]
+    assert "Download this session's recording" in labels
+    assert at.get("file_uploader"), "no way to open a recording"
