@@ -195,8 +195,11 @@ def test_browser_explore_debugger_and_views(dash, browser):
         assert "Stack" in _text(d) and "Variables" in _text(d)
         _shoot(d, "debugger")
 
+        from urllib.parse import quote
+
         for page, extra in (("attention", "&layer=1"), ("logit_lens", ""),
-                            ("component", "&component=blocks.1.attn.head.1"), ("patching", "")):
+                            ("component", "&component=blocks.1.attn.head.1"), ("patching", ""),
+                            ("circuit", f"&prompt={quote(prompt)}")):
             d.get(f"{app.url}&page={page}{extra}")
             _idle(d)
             assert "Traceback" not in _text(d)
