@@ -30,6 +30,7 @@ import numpy as np
 from tdb.v1 import analysis_pb2 as apb, analysis_pb2_grpc
 
 from . import _wire
+from ._rpc import _Stub
 from .errors import TdbError
 from .sae import SaeMixin
 
@@ -611,16 +612,11 @@ class SweepStream:
 
 # --- the mixin ----------------------------------------------------------------------------------
 
-class _AnalysisStub:
-    def __init__(self, channel: grpc.Channel, timeout: float | None):
-        self._stub = analysis_pb2_grpc.AnalysisStub(channel)
-        self._timeout = timeout
+class _AnalysisStub(_Stub):
+    """The Analysis service's stub; its streams are the raw calls (the result streams map their errors)."""
 
-    def __call__(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
-        except grpc.RpcError as e:
-            raise TdbError.from_rpc(e) from None
+    def __init__(self, channel: grpc.Channel, timeout: float | None):
+        super().__init__(channel, timeout, analysis_pb2_grpc.AnalysisStub)
 
     def stream(self, method: str, request: Any, timeout: float | None = None) -> Any:
         return getattr(self._stub, method)(request, timeout=timeout)

@@ -30,6 +30,7 @@ from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 
 from . import _wire
 from .analysis import AnalysisMixin
+from ._rpc import _Stream, _Stub
 from .errors import TdbError
 from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, ReplayReport,
                     RunResult,
@@ -40,44 +41,6 @@ MAX_MESSAGE_BYTES = 256 << 20
 _OPS = {"set": pb.SET, "add": pb.ADD, "scale": pb.SCALE, "zero": pb.ZERO, "mean": pb.MEAN,
         "copy_from_run": pb.COPY_FROM_RUN, "copy": pb.COPY_FROM_RUN}
 _STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT, "token": pb.STEP_TOKEN}
-
-
-class _Stub:
-    """Wraps the generated stub so every call raises TdbError instead of grpc.RpcError."""
-
-    def __init__(self, channel: grpc.Channel, timeout: float | None):
-        self._stub = debugger_pb2_grpc.DebuggerStub(channel)
-        self._timeout = timeout
-
-    def __call__(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
-        except grpc.RpcError as e:
-            raise TdbError.from_rpc(e) from None
-
-    def stream(self, method: str, request: Any, timeout: float | None = None) -> "_Stream":
-        return _Stream(getattr(self._stub, method)(request, timeout=timeout))
-
-
-class _Stream:
-    """A server stream as an iterator that raises TdbError; `close()` cancels it from any thread."""
-
-    def __init__(self, call: Any):
-        self._call = call
-
-    def __iter__(self) -> "_Stream":
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            return next(self._call)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise TdbError.from_rpc(e) from None
-
-    def close(self) -> None:
-        self._call.cancel()
 
 
 class TdbClient(AnalysisMixin):
@@ -106,7 +69,7 @@ class TdbClient(AnalysisMixin):
             md.append(("authorization", f"Bearer {token}"))
         if md:
             self._channel = grpc.intercept_channel(self._channel, _MetadataInterceptor(md))
-        self._rpc = _Stub(self._channel, timeout)
+        self._rpc = _Stub(self._channel, timeout, debugger_pb2_grpc.DebuggerStub)
         self._client_name = client_name
         self._info: ServerInfo | None = None
 
