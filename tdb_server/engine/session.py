@@ -676,7 +676,8 @@ class Session:
             if self.current is not None and self.current.state in (pb.RUNNING, pb.PAUSED):
                 raise FailedPrecondition(f"run {self.current.run_id} is still {_STATE_NAMES[self.current.state]}: "
                                          "continue or terminate it first", reason="RUN_ACTIVE")
-        verified = [x for x in self.all_sites if x in set(self.adapter.verified_sites)]
+        known = self.adapter.verified_sites
+        verified = [x for x in self.all_sites if x in known]
         capture_all = not capture
         if capture == ["none"]:
             capture_set: frozenset[str] = frozenset()
@@ -998,7 +999,7 @@ class Session:
                 selector.neurons = [unit.index]
         else:
             site = self._parse_site(name)
-        if site not in set(self.adapter.verified_sites):
+        if site not in self.adapter.verified_sites:
             raise FailedPrecondition(f"{site} is never reached by this model's forward pass", reason="UNVERIFIED_SITE")
         if mean_over not in ("", "positions", "batch"):
             raise InvalidArgument(f"mean_over must be 'positions' or 'batch', not {mean_over!r}", reason="BAD_PATCH")
