@@ -232,6 +232,14 @@ class NodeTable:
         return cls(ids.reshape(-1, 5), metrics.reshape(-1, 4), tuple(tokens), tuple(m.explanations))
 
 
+def _table(result: Any, which: str) -> Any:
+    """A result's "top", "bottom" or "all" table (the last only when asked for with all_rows=True)."""
+    table = getattr(result, which)
+    if table is None:
+        raise ValueError("this result has no `all` table: ask with all_rows=True")
+    return table
+
+
 @dataclass(frozen=True)
 class NodeTableResult:
     tokens: tuple[str, ...]
@@ -245,10 +253,7 @@ class NodeTableResult:
 
     def to_pandas(self, which: str = "top") -> Any:
         """which: "top", "bottom" or "all" (needs all_rows=True)."""
-        table = getattr(self, which)
-        if table is None:
-            raise ValueError("this result has no `all` table: ask with all_rows=True")
-        return table.to_pandas()
+        return _table(self, which).to_pandas()
 
     @classmethod
     def from_proto(cls, m: apb.NodeTableResponse) -> "NodeTableResult":
@@ -306,10 +311,8 @@ class Comparison:
     rank_by: str
 
     def to_pandas(self, which: str = "top") -> Any:
-        table = getattr(self, which)
-        if table is None:
-            raise ValueError("this result has no `all` table: ask with all_rows=True")
-        return table.to_pandas()
+        """which: "top", "bottom" or "all" (needs all_rows=True)."""
+        return _table(self, which).to_pandas()
 
     @classmethod
     def from_proto(cls, m: apb.CompareNodeTablesResponse) -> "Comparison":
