@@ -170,6 +170,11 @@ def _token_lists(adapter, strings: tuple[str, ...], ids: tuple[int, ...], what: 
             t = list(tok(s, add_special_tokens=False)["input_ids"])
             if not t:
                 raise InvalidArgument(f"{what}: {s!r} tokenizes to nothing", reason="BAD_TARGET")
+            unk = getattr(tok, "unk_token_id", None)
+            if unk is not None and unk in t and s.strip() != tok.unk_token:
+                raise InvalidArgument(f"{what}: {s!r} is not in the model's vocabulary (it tokenizes to the unknown "
+                                      f"token {tok.unk_token!r}); give a word the model knows or a token id",
+                                      reason="BAD_TARGET")
             seqs.append(t)
     for seq in seqs:
         _check_ids(adapter, seq, what)

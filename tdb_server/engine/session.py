@@ -958,12 +958,9 @@ class Session:
     def make_env(self, run: DebugRun, value: torch.Tensor | None, site: str = "") -> expr.Env:
         adapter = self.adapter
 
-        def get_site(name: str) -> torch.Tensor:
-            unit = parse_unit(name)
-            if unit is not None and unit.kind == "latent":   # SAE latent: read through its site -> [B, T]
-                from ..sae.units import latent_value
-                self._check_unit(unit)
-                return latent_value(adapter, unit.site, unit.index, get_site(unit.site))
+        # two closures, neither referring to itself: a self-referencing closure is a reference cycle that would
+        # keep the run (and every activation it captured) alive until the cyclic garbage collector comes by
+        def read_site(name: str) -> torch.Tensor:
             canon = self._parse_site(name)
             if canon in run.captured:
                 return run.captured[canon]
@@ -975,6 +972,14 @@ class Session:
                                          reason="NOT_YET_RUN")
             raise NotFound(f"{canon} was not captured in run {run.run_id} (see the launch's capture list)",
                            reason="NOT_CAPTURED")
+
+        def get_site(name: str) -> torch.Tensor:
+            unit = parse_unit(name)
+            if unit is not None and unit.kind == "latent":   # SAE latent: read through its site -> [B, T]
+                from ..sae.units import latent_value
+                self._check_unit(unit)
+                return latent_value(adapter, unit.site, unit.index, read_site(unit.site))
+            return read_site(name)
 
         return expr.Env(site=get_site, weight=lambda n: weights.weight(adapter, n), value=value,
                         logit_lens=lambda x: weights.logit_lens(adapter, x), unembed=lambda x: weights.unembed(adapter, x),

@@ -79,11 +79,12 @@ class Run:
     """The state of one run, bound to its thread by `_CURRENT_RUN`."""
 
     owner: HookManager
-    handler: SiteHandler
+    handler: SiteHandler | None                      # None once the run has ended
     sites: frozenset[str]
     attn_layers: frozenset[int]                      # layers where the attention wrapper must act
     resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # for resid_mid
     keys: Counter = field(default_factory=Counter)   # hook points this run holds
+    ended: bool = False
 
     def fire(self, site: str, value: torch.Tensor) -> torch.Tensor:
         """Hand `value` to the handler; return what the forward should continue with."""
@@ -382,6 +383,8 @@ class HookManager:
     def _add_sites(self, run: Run, sites: frozenset[str]) -> None:
         new = self._points(sites | run.sites) - run.keys
         with self._lock:
+            if run.ended:             # too late: nothing would ever release these hooks
+                return
             self._acquire(new)
             run.keys.update(new)
         run.attn_layers = run.attn_layers | _attn_layers(sites, self.n_layers)
@@ -414,7 +417,12 @@ class HookManager:
             with self._lock:
                 self._release(list(run.keys))
                 run.keys.clear()
+                run.ended = True
             run.resid_pre.clear()
+            # the handler usually keeps this Run (to hook more sites while paused): dropping the reference
+            # breaks that cycle, so the handler and the activations it holds are freed at once by reference
+            # counting instead of whenever the cyclic garbage collector next runs
+            run.handler = None
 
     def installed_hook_count(self) -> int:
         """Our hook handles actually present on the model's modules (read from the modules)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import numpy as np
 import pytest
 
-from tdb_client import Target
+from tdb_client import Target, TdbError
 from tdb_server.analyses import TargetSpec, resolve_target
 from tdb_server.analyses.node_table import TargetObjective, compute_node_table
 from tdb_server.paths import bundled_models
@@ -65,3 +66,12 @@ def test_bundled_node_table_sums_and_matches_in_process(bundled_client, bundled_
     local = compute_node_table(bundled_adapter, run, TargetObjective(target))
     np.testing.assert_array_equal(wire.all.ids, local.table.ids.numpy())
     np.testing.assert_array_equal(wire.all.metrics, local.table.metrics.numpy())
+
+
+def test_a_target_word_outside_the_vocabulary_is_refused(bundled_client, truth):
+    """The word-level model maps unknown words to its unknown token: a target must not silently become it."""
+    demo = truth["demo"]
+    with pytest.raises(TdbError) as e:
+        bundled_client.node_table(demo["prompt"], Target(["Pemberley"], demo["distractor"]))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "BAD_TARGET"
+    assert "not in the model's vocabulary" in str(e.value)
