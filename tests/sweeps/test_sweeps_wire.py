@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -81,18 +82,32 @@ def test_cancel_keeps_partial_chunks_and_stops_the_work(client, gpt2_adapter):
     assert stream.cancelled and not r.complete
     assert r.computed == 3 and r.shape == (2, gpt2_adapter.info.d_mlp, len(CLEAN))
     assert np.flatnonzero(~np.isnan(r.values.reshape(-1))).tolist() == [0, 1, 2]   # the first three cells, kept
-    sched = scheduler_for(gpt2_adapter)
+    _assert_the_server_stops_working(client, gpt2_adapter)
+    assert r.computed < 50
+
+
+def _assert_the_server_stops_working(client, adapter) -> None:
+    sched = scheduler_for(adapter)
     deadline = time.time() + 10
     while True:   # the server notices within one block, then takes no more device turns
         before = sched.turns
         time.sleep(0.3)
         if sched.turns == before and sched.waiting == 0:
             break
-        assert time.time() < deadline, "the cancelled sweep kept running on the server"
-    assert r.computed < 50
+        assert time.time() < deadline, "the abandoned sweep kept running on the server"
     again = client.patch_sweep(CLEAN, CORRUPTED, WHY, kind="attn_out")     # the server is free again
     assert again.complete
-    assert gpt2_adapter.installed_hook_count() == 0
+    assert adapter.installed_hook_count() == 0
+
+
+def test_a_deadline_stops_the_sweep_on_the_server(client, gpt2_adapter):
+    """The same 2048-chunk sweep under a 0.5 s deadline: DEADLINE_EXCEEDED, and the server's work stops too."""
+    t0 = time.monotonic()
+    with pytest.raises(TdbError) as e:
+        client.patch_sweep(CLEAN, CORRUPTED, WHY, kind="neuron", per_position=True, max_batch=1, timeout=0.5)
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, e.value
+    assert time.monotonic() - t0 < 5
+    _assert_the_server_stops_working(client, gpt2_adapter)
 
 
 @pytest.mark.parametrize("kw,reason", [
