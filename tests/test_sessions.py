@@ -342,6 +342,9 @@ def test_scopes_variables_and_evaluate(client, gpt2_adapter):
         assert top.value.shape == (2, 3) and len(top.tokens) == 3
         x = s.evaluate("x.norm()")
         assert abs(float(x.value) - np.linalg.norm(s.read("blocks.1.attn.out"))) < 1e-3
+        for method_on_a_site in ("blocks.1.attn.out.norm()", "blocks.1.attn.out.norm ()"):
+            assert abs(float(s.evaluate(method_on_a_site).value) - float(x.value)) < 1e-4
+        assert s.evaluate("blocks.1.attn.out.abs().max(-1)").value.shape == (1, 10)
         w = s.evaluate("blocks.1.attn.z[0, -1, 2] @ blocks.1.attn.W_O[2]")
         assert w.value.shape == (gpt2_adapter.info.d_model,)
         s.terminate()

@@ -36,7 +36,7 @@ MAX_EXPR_LEN = 2000
 # Dotted names that are not valid Python (blocks.1...) are swapped for placeholders before parsing.
 _DOTTED = re.compile(
     r"(?<![\w.])(blocks\.\d+\.(?:attn|mlp)\.(?:W_O|b_O|W_out|b_out|W_in)"
-    r"|blocks\.\d+(?:\.[A-Za-z_][A-Za-z_0-9]*|\.\d+)*)"
+    r"|blocks\.\d+(?:\.[A-Za-z_][A-Za-z_0-9]*(?![A-Za-z_0-9]|\s*\()|\.\d+)*)"   # a trailing .name( is a method
 )
 
 
