@@ -615,6 +615,12 @@ class SweepStream:
 
 # --- the mixin ----------------------------------------------------------------------------------
 
+def _ablation_list(ablations: Any, method: str = "zero", positions: Sequence[int] = ()) -> list[Ablation]:
+    """Names, patterns or Ablation objects (one or a sequence) -> Ablations (names take `method`, `positions`)."""
+    items = [ablations] if isinstance(ablations, (str, Ablation)) else list(ablations or ())
+    return [a if isinstance(a, Ablation) else Ablation(a, method, tuple(positions)) for a in items]
+
+
 class _AnalysisStub(_Stub):
     """The Analysis service's stub; its streams are the raw calls (the result streams map their errors)."""
 
@@ -655,11 +661,14 @@ class AnalysisMixin(SaeMixin):
 
     def node_table(self, prompt: Any, target: Any = None, *, trace: Trace | None = None, top_k: int = 20,
                    rank_by: str | None = None, all_rows: bool = False, node_types: Sequence[str] | None = None,
-                   prepend_bos: bool = False) -> NodeTableResult:
+                   ablations: Any = (), prepend_bos: bool = False) -> NodeTableResult:
         """Every head (per query position and per attended-to token), neuron, embedding row and bias
         with activation, write norm, direct effect and estimated total effect on `target` (or on the
-        traced node); top_k / bottom_k by `rank_by` (default direct_effect; total_effect for tracing)."""
+        traced node); top_k / bottom_k by `rank_by` (default direct_effect; total_effect for tracing).
+        `ablations` (heads, neurons, SAE latents: names, patterns or Ablation objects, zero or mean):
+        the table of the forward with those ablated."""
         req = apb.NodeTableRequest(input=_input(prompt, prepend_bos), all_rows=all_rows,
+                                   ablations=[a.to_proto() for a in _ablation_list(ablations)],
                                    **self._objective(target, trace), **self._table_options(top_k, rank_by, node_types))
         return NodeTableResult.from_proto(self._analysis("NodeTable", req))
 
@@ -671,10 +680,12 @@ class AnalysisMixin(SaeMixin):
 
     def compare(self, left: Any, right: Any, target: Any = None, *, trace: Trace | None = None, top_k: int = 20,
                 rank_by: str | None = None, all_rows: bool = False, node_types: Sequence[str] | None = None,
-                prepend_bos: bool = False) -> Comparison:
-        """Two prompts of the same token length side by side (rows aligned; ranked by left - right)."""
+                ablations: Any = (), prepend_bos: bool = False) -> Comparison:
+        """Two prompts of the same token length side by side (rows aligned; ranked by left - right);
+        `ablations` as in node_table, applied to both."""
         req = apb.CompareNodeTablesRequest(left=_input(left, prepend_bos), right=_input(right, prepend_bos),
                                            all_rows=all_rows, **self._objective(target, trace),
+                                           ablations=[a.to_proto() for a in _ablation_list(ablations)],
                                            **self._table_options(top_k, rank_by, node_types))
         return Comparison.from_proto(self._analysis("CompareNodeTables", req))
 
@@ -683,10 +694,9 @@ class AnalysisMixin(SaeMixin):
                prepend_bos: bool = False) -> AblationResult:
         """Ablate nodes (names, patterns or Ablation objects; strings use `method` and `positions`)
         together, or each separately; returns the target before and after."""
-        items = [ablations] if isinstance(ablations, (str, Ablation)) else list(ablations)
-        specs = [a if isinstance(a, Ablation) else Ablation(a, method, tuple(positions)) for a in items]
         req = apb.AblateRequest(input=_input(prompt, prepend_bos), target=_target(target),
-                                ablations=[a.to_proto() for a in specs], separately=separately,
+                                ablations=[a.to_proto() for a in _ablation_list(ablations, method, positions)],
+                                separately=separately,
                                 reference=[_input(r, prepend_bos) for r in reference])
         if source is not None:
             req.source.CopyFrom(_input(source, prepend_bos))

@@ -61,6 +61,11 @@ def _enum(value: int, table: dict, what: str) -> Any:
     return table[value]
 
 
+def _ablations(msgs: Any) -> list[ablation.AblationSpec]:
+    return [ablation.AblationSpec(x.node, _enum(x.method, _ABLATIONS, "ablation method"), tuple(x.positions))
+            for x in msgs]
+
+
 def _prompt(msg: pb.Input) -> Prompt:
     return Prompt(msg.prompt, tuple(msg.token_ids), msg.prepend_bos)
 
@@ -167,7 +172,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         types = _node_types(request.node_types)
         objective, run_ids, default = _objective(a, request, ids)
         metric = self._rank(request.rank_by, default)
-        result = nt.compute_node_table(a, run_ids, objective, node_types=types)
+        result = nt.compute_node_table(a, run_ids, objective, node_types=types, ablations=_ablations(request.ablations))
         top, bottom = nt.rank(result.table, metric, k)
         resp = pb.NodeTableResponse(tokens=decode(a, run_ids), token_ids=run_ids, target=_summary(a, objective, result),
                                     direct_effect_sum=result.direct_effect_sum, top=_table(top), bottom=_table(bottom),
@@ -189,7 +194,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         lobj, lrun, default = _objective(a, request, left_ids)
         robj, rrun, _ = _objective(a, request, right_ids)
         metric = self._rank(request.rank_by, default)
-        cmp = nt.compare(a, lrun, rrun, lobj, robj, node_types=types)
+        cmp = nt.compare(a, lrun, rrun, lobj, robj, node_types=types, ablations=_ablations(request.ablations))
         ids, left, right = cmp.left.table.ids, cmp.left.table.metrics, cmp.right.table.metrics
         col = nt.METRICS.index(metric)
         diff = left[:, col] - right[:, col]
@@ -215,8 +220,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         if target.appended_ids:
             raise InvalidArgument("ablations take single-token targets (or targets that differ in their first "
                                   "token)", reason="BAD_TARGET")
-        specs = [ablation.AblationSpec(x.node, _enum(x.method, _ABLATIONS, "ablation method"), tuple(x.positions))
-                 for x in request.ablations]
+        specs = _ablations(request.ablations)
         reference = [_ids(a, r, f"reference {i}") for i, r in enumerate(request.reference)]
         source = _ids(a, request.source, "source") if request.HasField("source") else None
         before, outcomes = ablation.ablate(a, run_ids, target, specs, separately=request.separately,

@@ -2,7 +2,8 @@
 
 Everything comes from the server's Analysis service through `tdb_client` (node_table, compare,
 ablate, trace_upstream), cached per (server, prompt, target, options). A row can be ablated (added to
-the page's active ablations, whose effect on the target the Ablate analysis measures), traced upstream
+the page's active ablations, whose effect on the target the Ablate analysis measures, and under which
+the node table itself is computed), traced upstream
 (the table is recomputed against that node instead of the target), or opened on the Component page.
 """
 
@@ -41,29 +42,30 @@ def _trace(trace: tuple | None) -> Trace | None:
 
 @st.cache_data(**CACHE)
 def node_table(address: str, ids: tuple[int, ...], t: int, d: int, trace: tuple | None, k: int, rank_by: str,
-               types: tuple[str, ...]):
+               types: tuple[str, ...], ablated: tuple[str, ...] = ()):
     client = get_client(address)
     tr = _trace(trace)
     return client.node_table(list(ids), None if tr else _target(t, d), trace=tr, top_k=k, rank_by=rank_by,
-                             node_types=list(types))
+                             node_types=list(types), ablations=list(ablated))
 
 
 @st.cache_data(**CACHE)
 def compare(address: str, left: tuple[int, ...], right: tuple[int, ...], t: int, d: int, trace: tuple | None,
-            k: int, rank_by: str, types: tuple[str, ...]):
+            k: int, rank_by: str, types: tuple[str, ...], ablated: tuple[str, ...] = ()):
     client = get_client(address)
     tr = _trace(trace)
     return client.compare(list(left), list(right), None if tr else _target(t, d), trace=tr, top_k=k,
-                          rank_by=rank_by, node_types=list(types))
+                          rank_by=rank_by, node_types=list(types), ablations=list(ablated))
 
 
 @st.cache_data(**CACHE)
-def token_effects(address: str, ids: tuple[int, ...], t: int, d: int, trace: tuple | None) -> np.ndarray:
+def token_effects(address: str, ids: tuple[int, ...], t: int, d: int, trace: tuple | None,
+                  ablated: tuple[str, ...] = ()) -> np.ndarray:
     """Estimated total effect per position: the token (+ position) embedding rows, activation x gradient."""
     client = get_client(address)
     tr = _trace(trace)
     r = client.node_table(list(ids), None if tr else _target(t, d), trace=tr, top_k=1, all_rows=True,
-                          rank_by="total_effect", node_types=["embed_token", "embed_pos"])
+                          rank_by="total_effect", node_types=["embed_token", "embed_pos"], ablations=list(ablated))
     out = np.zeros(len(ids))
     table = r.all
     np.add.at(out, table.ids[:, 3], table.column("total_effect"))
@@ -150,6 +152,10 @@ def _actions(ctx: Context, row: pd.Series, add_ablation: Callable[[str], None]) 
                   kwargs={state.COMPONENT: node})
 
 
+def _is_unit(node: str) -> bool:
+    return any(part in node for part in (".head.", ".neuron.", ".latent."))
+
+
 def _current_trace() -> tuple | None:
     node = state.url_get(TRACE)
     if not node:
@@ -176,9 +182,15 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
             if each is not None:
                 st.dataframe(each.to_pandas(), hide_index=True, width="content")
 
+    # the node table explains the forward with the ablated units (heads, neurons, latents); a whole layer
+    # would leave its rows no longer adding up to what it wrote, so those ablate only the candidates above
+    ablated = tuple(a for a in ablations if _is_unit(a))
+    if len(ablated) < len(ablations):
+        st.caption("Whole-layer ablations are applied to the candidates and the target above, not to the node table "
+                   "(it explains the forward through its units: ablate blocks.L.attn.head.* instead).")
     _trace_banner(trace)
     with shown_errors("per-token effects"):
-        eff = token_effects(ctx.address, ids, t, d, trace)
+        eff = token_effects(ctx.address, ids, t, d, trace, ablated)
         st.markdown("**Estimated total effect of each input token** (embedding · gradient)")
         st.altair_chart(charts.token_strip([show_token(x) for x in tokens], eff, value_title="total effect"),
                         width="content")
@@ -192,9 +204,9 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
         k = state.url_number_input("Rows (top and bottom)", state.TOPK, 10, min_value=1, max_value=MAX_K)
     with st.spinner("computing the node table…"), shown_errors("node table"):
         if prompt2 is not None and mode == "diff":
-            result = compare(ctx.address, prompt.ids, prompt2.ids, t, d, trace, k, rank_by, tuple(types))
+            result = compare(ctx.address, prompt.ids, prompt2.ids, t, d, trace, k, rank_by, tuple(types), ablated)
         else:
-            result = node_table(ctx.address, ids, t, d, trace, k, rank_by, tuple(types))
+            result = node_table(ctx.address, ids, t, d, trace, k, rank_by, tuple(types), ablated)
         df, desc = _frame(result, "diff" if prompt2 is not None and mode == "diff" else "single")
         if mode != "diff" and not trace and result.target.exact:
             desc += f" = {result.target.value:.4f} (direct effects sum to {result.direct_effect_sum:.4f})"
@@ -204,7 +216,8 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
             st.caption(note)
         side = {"left": " — left prompt", "right": " — right prompt", "diff": " — left − right"}.get(mode, "") \
             if prompt2 is not None else ""
-        st.markdown(f"**Node table**{side}: {desc}")
+        with_ablations = f" — with {len(ablated)} ablated" if ablated else ""
+        st.markdown(f"**Node table**{side}{with_ablations}: {desc}")
         labels = [_label(r) for _, r in df.iterrows()]
         df_key = "explore.table"
         st.dataframe(df, hide_index=True, width="stretch", key=df_key, height=min(640, 35 * (len(df) + 1) + 3), on_select=lambda: _on_row_select(df_key, labels),

@@ -216,7 +216,7 @@ class TraceNode(_message.Message):
     def __init__(self, node: _Optional[str] = ..., part: _Optional[_Union[HeadPart, str]] = ..., position: _Optional[int] = ..., key_position: _Optional[int] = ...) -> None: ...
 
 class NodeTableRequest(_message.Message):
-    __slots__ = ("input", "target", "trace", "top_k", "rank_by", "all_rows", "node_types")
+    __slots__ = ("input", "target", "trace", "top_k", "rank_by", "all_rows", "node_types", "ablations")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class NodeTableRequest(_message.Message):
     RANK_BY_FIELD_NUMBER: _ClassVar[int]
     ALL_ROWS_FIELD_NUMBER: _ClassVar[int]
     NODE_TYPES_FIELD_NUMBER: _ClassVar[int]
+    ABLATIONS_FIELD_NUMBER: _ClassVar[int]
     input: Input
     target: Target
     trace: TraceNode
@@ -231,7 +232,8 @@ class NodeTableRequest(_message.Message):
     rank_by: Metric
     all_rows: bool
     node_types: _containers.RepeatedScalarFieldContainer[NodeType]
-    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., trace: _Optional[_Union[TraceNode, _Mapping]] = ..., top_k: _Optional[int] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., all_rows: _Optional[bool] = ..., node_types: _Optional[_Iterable[_Union[NodeType, str]]] = ...) -> None: ...
+    ablations: _containers.RepeatedCompositeFieldContainer[Ablation]
+    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., trace: _Optional[_Union[TraceNode, _Mapping]] = ..., top_k: _Optional[int] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., all_rows: _Optional[bool] = ..., node_types: _Optional[_Iterable[_Union[NodeType, str]]] = ..., ablations: _Optional[_Iterable[_Union[Ablation, _Mapping]]] = ...) -> None: ...
 
 class NodeTableResponse(_message.Message):
     __slots__ = ("tokens", "token_ids", "target", "direct_effect_sum", "top", "bottom", "all", "rank_by")
@@ -254,7 +256,7 @@ class NodeTableResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., direct_effect_sum: _Optional[float] = ..., top: _Optional[_Union[NodeTable, _Mapping]] = ..., bottom: _Optional[_Union[NodeTable, _Mapping]] = ..., all: _Optional[_Union[NodeTable, _Mapping]] = ..., rank_by: _Optional[_Union[Metric, str]] = ...) -> None: ...
 
 class CompareNodeTablesRequest(_message.Message):
-    __slots__ = ("left", "right", "target", "trace", "top_k", "rank_by", "all_rows", "node_types")
+    __slots__ = ("left", "right", "target", "trace", "top_k", "rank_by", "all_rows", "node_types", "ablations")
     LEFT_FIELD_NUMBER: _ClassVar[int]
     RIGHT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +265,7 @@ class CompareNodeTablesRequest(_message.Message):
     RANK_BY_FIELD_NUMBER: _ClassVar[int]
     ALL_ROWS_FIELD_NUMBER: _ClassVar[int]
     NODE_TYPES_FIELD_NUMBER: _ClassVar[int]
+    ABLATIONS_FIELD_NUMBER: _ClassVar[int]
     left: Input
     right: Input
     target: Target
@@ -271,7 +274,8 @@ class CompareNodeTablesRequest(_message.Message):
     rank_by: Metric
     all_rows: bool
     node_types: _containers.RepeatedScalarFieldContainer[NodeType]
-    def __init__(self, left: _Optional[_Union[Input, _Mapping]] = ..., right: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., trace: _Optional[_Union[TraceNode, _Mapping]] = ..., top_k: _Optional[int] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., all_rows: _Optional[bool] = ..., node_types: _Optional[_Iterable[_Union[NodeType, str]]] = ...) -> None: ...
+    ablations: _containers.RepeatedCompositeFieldContainer[Ablation]
+    def __init__(self, left: _Optional[_Union[Input, _Mapping]] = ..., right: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., trace: _Optional[_Union[TraceNode, _Mapping]] = ..., top_k: _Optional[int] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., all_rows: _Optional[bool] = ..., node_types: _Optional[_Iterable[_Union[NodeType, str]]] = ..., ablations: _Optional[_Iterable[_Union[Ablation, _Mapping]]] = ...) -> None: ...
 
 class PairedNodeTable(_message.Message):
     __slots__ = ("ids", "left", "right")

@@ -142,6 +142,21 @@ class _Capture:
         return None
 
 
+def apply_plan(entries: list, value: torch.Tensor) -> torch.Tensor:
+    """A copy of a site's `value` with `entries` = [(b, index, positions, replacement [T, ...])] applied
+    (index None: the whole site; "delta": add the replacement, an SAE latent's change; else one unit)."""
+    new = value.clone()
+    for b, index, pos, repl in entries:
+        repl = repl.to(new.dtype)
+        if index == "delta":
+            new[b, pos] += repl[pos]
+        elif index is None:
+            new[b, pos] = repl[pos]
+        else:
+            new[b, pos, index] = repl[pos, index]
+    return new
+
+
 class _Patcher:
     """Applies per-batch-element replacements: plan[site] = [(b, index, positions, replacement [T, ...])]."""
 
@@ -154,16 +169,7 @@ class _Patcher:
         if site not in self.plan:
             self.values[site] = value.detach()
             return None
-        new = value.clone()
-        for b, index, pos, repl in self.plan[site]:
-            repl = repl.to(new.dtype)
-            if index == "delta":          # SAE latent: add the change of its decoded write
-                new[b, pos] += repl[pos]
-            elif index is None:
-                new[b, pos] = repl[pos]
-            else:
-                new[b, pos, index] = repl[pos, index]
-        return new
+        return apply_plan(self.plan[site], value)
 
 
 def _latent_delta(adapter, part: _Part, method: str, x: torch.Tensor, reference: torch.Tensor | None,
@@ -182,6 +188,76 @@ def _latent_delta(adapter, part: _Part, method: str, x: torch.Tensor, reference:
     else:
         new = sae.encode(source[None])[0, :, k]
     return sae.latent_delta(x[None], k, (new - a_k)[None])[0]
+
+
+def _replacements(adapter, ablations: list[_Ablation], clean: dict[str, torch.Tensor],
+                  reference: list[list[int]] | None, source: list[int] | None) -> dict[tuple, torch.Tensor]:
+    """What each (method, site[, latent]) is replaced with, [T, ...], from the clean values of the sites."""
+    methods = {a.method for a in ablations}
+    sites = {p.site for a in ablations for p in a.parts}
+    repl: dict[tuple, torch.Tensor] = {}
+    ref_vals: dict[str, torch.Tensor] = {}
+    for site in sites:
+        x = clean[site][0]                                                # [T, ...]
+        if "zero" in methods:
+            repl["zero", site] = torch.zeros_like(x)
+        if "mean" in methods:
+            if reference:
+                vals = []
+                for ref in reference:
+                    cap = _Capture({site})
+                    _forward(adapter, ref, cap)
+                    vals.append(cap.values[site][0])
+                ref_vals[site] = torch.cat(vals)
+                mean = ref_vals[site].float().mean(0)
+            else:
+                mean = x.float().mean(0)
+            repl["mean", site] = mean.to(x.dtype).expand_as(x)
+    if source is not None:
+        cap = _Capture(sites)
+        _forward(adapter, source, cap)
+        for site in sites:
+            repl["resample", site] = cap.values[site][0]
+    for a in ablations:   # SAE latents: the change of the site when latent K takes the ablated value
+        for p in a.parts:
+            if p.latent and (a.method, p.site, p.index) not in repl:
+                repl[a.method, p.site, p.index] = _latent_delta(adapter, p, a.method, clean[p.site][0],
+                                                                ref_vals.get(p.site), repl.get(("resample", p.site)))
+    return repl
+
+
+def _plan(batch: list[list[_Ablation]], repl: dict[tuple, torch.Tensor], T: int) -> dict[str, list]:
+    """Batch element b applies the ablations of batch[b]: plan[site] = [(b, index, positions, replacement)]."""
+    plan: dict[str, list] = {}
+    for b, group in enumerate(batch):
+        for a in group:
+            pos = torch.tensor(list(a.positions) or list(range(T)))
+            for p in a.parts:
+                if p.latent:
+                    plan.setdefault(p.site, []).append((b, "delta", pos, repl[a.method, p.site, p.index]))
+                else:
+                    plan.setdefault(p.site, []).append((b, p.index, pos, repl[a.method, p.site]))
+    return plan
+
+
+def unit_ablation_plan(adapter, token_ids: list[int], specs: list[AblationSpec]) -> dict[str, list]:
+    """The patch plan (for `apply_plan`, batch element 0) that ablates heads, neurons or SAE latents in
+    another analysis's forward, e.g. the node table's: zero, or mean over this prompt's positions. Whole
+    layers are refused there: their rows (heads, neurons) would no longer add up to what the layer wrote."""
+    ablations = expand(adapter, specs, len(token_ids))
+    whole = [a.node for a in ablations if any(p.index is None for p in a.parts)]
+    if whole:
+        raise InvalidArgument(f"{whole[0]} is a whole layer: here ablate its units instead (blocks.L.attn.head.*, "
+                              "blocks.L.mlp.neuron.*), so that the rows still add up to what the forward computed",
+                              reason="BAD_ABLATION")
+    if any(a.method == "resample" for a in ablations):
+        raise InvalidArgument("resample ablations need a source prompt: use the Ablate analysis for those",
+                              reason="BAD_ABLATION")
+    sites = {p.site for a in ablations for p in a.parts}
+    with torch.no_grad():
+        clean = _Capture(sites)
+        _forward(adapter, token_ids, clean)
+        return _plan([ablations], _replacements(adapter, ablations, clean.values, None, None), len(token_ids))
 
 
 def _forward(adapter, ids: list[int], handler) -> torch.Tensor:
@@ -209,49 +285,13 @@ def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSp
         clean = _Capture(sites | {last})
         logits = _forward(adapter, token_ids, clean)
         before = float(target.read(logits, clean.values[last])[0])
-        repl: dict[tuple[str, str], torch.Tensor] = {}
-        ref_vals: dict[str, torch.Tensor] = {}
-        for site in sites:
-            x = clean.values[site][0]                                     # [T, ...]
-            if "zero" in methods:
-                repl["zero", site] = torch.zeros_like(x)
-            if "mean" in methods:
-                if reference:
-                    vals = []
-                    for ref in reference:
-                        cap = _Capture({site})
-                        _forward(adapter, ref, cap)
-                        vals.append(cap.values[site][0])
-                    ref_vals[site] = torch.cat(vals)
-                    mean = ref_vals[site].float().mean(0)
-                else:
-                    mean = x.float().mean(0)
-                repl["mean", site] = mean.to(x.dtype).expand_as(x)
-        if source is not None:
-            cap = _Capture(sites)
-            _forward(adapter, source, cap)
-            for site in sites:
-                repl["resample", site] = cap.values[site][0]
-        for a in ablations:   # SAE latents: the change of the site when latent K takes the ablated value
-            for p in a.parts:
-                if p.latent and (a.method, p.site, p.index) not in repl:
-                    repl[a.method, p.site, p.index] = _latent_delta(adapter, p, a.method, clean.values[p.site][0],
-                                                                    ref_vals.get(p.site), repl.get(("resample", p.site)))
+        repl = _replacements(adapter, ablations, clean.values, reference, source)
         groups = [[a] for a in ablations] if separately else [ablations]
         afters: list[float] = []
         chunk = 1 if not separately else BATCH
         for start in range(0, len(groups), chunk):
             batch = groups[start:start + chunk]
-            plan: dict[str, list] = {}
-            for b, group in enumerate(batch):
-                for a in group:
-                    pos = torch.tensor(list(a.positions) or list(range(T)))
-                    for p in a.parts:
-                        if p.latent:
-                            plan.setdefault(p.site, []).append((b, "delta", pos, repl[a.method, p.site, p.index]))
-                        else:
-                            plan.setdefault(p.site, []).append((b, p.index, pos, repl[a.method, p.site]))
-            patcher = _Patcher(plan, {last})
+            patcher = _Patcher(_plan(batch, repl, T), {last})
             out = adapter.forward(torch.tensor([token_ids] * len(batch)), patcher)
             afters += [float(v) for v in target.read(out, patcher.values.get(last))]
     if separately:

@@ -32,6 +32,7 @@ from tdb_server.model.sites import SiteError, parse_unit
 
 from tdb_server.sae import attribution as sae_attribution
 
+from .ablation import AblationSpec, apply_plan, unit_ablation_plan
 from .inputs import Target, position
 from .registry import register
 
@@ -54,12 +55,16 @@ class GradCapture:
     every activation downstream is in the graph; parameters stay frozen); `grad_sites` are replaced
     by a clone whose `.grad` is retained; `value_sites` are kept as they are (still in the graph)."""
 
-    def __init__(self, grad_sites: set[str], value_sites: set[str]):
+    def __init__(self, grad_sites: set[str], value_sites: set[str], patches: dict[str, list] | None = None):
         self.grad_sites = frozenset(grad_sites | {"embed"})
-        self.sites = frozenset(self.grad_sites | value_sites)
+        self.patches = patches or {}                    # ablations applied first (ablation.apply_plan)
+        self.sites = frozenset(self.grad_sites | value_sites | set(self.patches))
         self.values: dict[str, torch.Tensor] = {}
 
     def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
+        patched = site in self.patches
+        if patched:
+            value = apply_plan(self.patches[site], value)
         if site == "embed":
             x = value.detach().clone().requires_grad_(True)
         elif site in self.grad_sites:
@@ -68,7 +73,7 @@ class GradCapture:
                 x.retain_grad()
         else:
             self.values[site] = value
-            return None
+            return value if patched else None
         self.values[site] = x
         return x
 
@@ -272,8 +277,9 @@ def _sites(adapter, objective, pairs: bool) -> tuple[set[str], set[str]]:
 
 
 def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: set[int] | None = None,
-                       notes: list[str] | None = None) -> NodeTableResult:
-    """The node table for one prompt (token ids) and objective: one forward, one backward."""
+                       notes: list[str] | None = None, ablations: list[AblationSpec] | None = None) -> NodeTableResult:
+    """The node table for one prompt (token ids) and objective: one forward, one backward. With
+    `ablations` (heads, neurons, SAE latents), the table explains the forward with those ablated."""
     info = adapter.info
     wanted = set(node_types or NODE_TYPES.values())
     pairs = HEAD_PAIR in wanted
@@ -286,7 +292,8 @@ def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: 
     if latents:
         grad_sites |= sae_attribution.sites(adapter)
         value_sites -= grad_sites
-    cap = GradCapture(grad_sites, value_sites)
+    patches = unit_ablation_plan(adapter, token_ids, ablations) if ablations else None
+    cap = GradCapture(grad_sites, value_sites, patches)
     ids = torch.tensor([token_ids])
     logits = adapter.forward(ids, cap, grad=True)
     scalar = objective.scalar(adapter, cap, logits)
@@ -341,6 +348,7 @@ def _table_rows(adapter, cap: GradCapture, G: torch.Tensor, const: float | None,
         # token pairs: the part of head h's write at t that comes from key position k
         if pairs:
             pattern = cap.value(f"blocks.{L}.attn.pattern")                         # [H, T, Tk]
+            pattern = pattern * _kept(cap.patches.get(f"blocks.{L}.attn.z", ()), pattern)[..., None]
             v = cap.value(f"blocks.{L}.attn.v")                                     # [Tk, Hkv, Dh]
             v = v.repeat_interleave(info.n_heads // v.shape[1], dim=1)              # [Tk, H, Dh]
             vo_norm = torch.einsum("khd,hdm->khm", v, W_O).norm(dim=-1)             # [Tk, H]
@@ -380,6 +388,15 @@ def _table_rows(adapter, cap: GradCapture, G: torch.Tensor, const: float | None,
     if const is not None:
         add(CONSTANT, -1, none, none, none, torch.ones(()), torch.zeros(()), torch.tensor(const), torch.zeros(()))
     return parts
+
+
+def _kept(z_patches, pattern: torch.Tensor) -> torch.Tensor:
+    """[H, T] 1 where head h's output at query t is its own, 0 where an ablation replaced it: the token
+    pairs of a replaced output contribute nothing (its write no longer comes from the keys)."""
+    keep = torch.ones(pattern.shape[:2], dtype=pattern.dtype, device=pattern.device)
+    for _, h, pos, _ in z_patches:
+        keep[h, pos] = 0.0
+    return keep
 
 
 def rank(table: NodeTable, metric: str, k: int) -> tuple[NodeTable, NodeTable]:
@@ -424,13 +441,13 @@ class Comparison:
 @register("compare_prompts", "two prompts of the same token length side by side: the node table's rows aligned, "
                              "left / right / diff")
 def compare(adapter, left_ids: list[int], right_ids: list[int], left_objective, right_objective,
-            node_types: set[int] | None = None) -> Comparison:
+            node_types: set[int] | None = None, ablations: list[AblationSpec] | None = None) -> Comparison:
     if len(left_ids) != len(right_ids):
         raise InvalidArgument(f"the prompts have different token lengths ({len(left_ids)} vs {len(right_ids)}): "
                               "node tables can be aligned only position by position; give prompts of the same "
                               "length (e.g. pad the shorter one) ", reason="LENGTH_MISMATCH")
-    left = compute_node_table(adapter, left_ids, left_objective, node_types=node_types)
-    right = compute_node_table(adapter, right_ids, right_objective, node_types=node_types)
+    left = compute_node_table(adapter, left_ids, left_objective, node_types=node_types, ablations=ablations)
+    right = compute_node_table(adapter, right_ids, right_objective, node_types=node_types, ablations=ablations)
     li, ri = left.table.ids, right.table.ids
     # same lengths, same model -> the same rows, except embedding token rows (index = token id) and
     # biases present on one side only: align on everything but the token id of EMBED_TOKEN rows

@@ -75,3 +75,32 @@ def test_a_target_word_outside_the_vocabulary_is_refused(bundled_client, truth):
         bundled_client.node_table(demo["prompt"], Target(["Pemberley"], demo["distractor"]))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "BAD_TARGET"
     assert "not in the model's vocabulary" in str(e.value)
+
+
+def test_node_table_under_ablations_explains_the_ablated_forward(bundled_client, truth):
+    """Ablating the top induction head: the table's value is Ablate's `after`, its rows are zero, the
+    direct effects still sum to the value, and the other induction heads are what is left."""
+    demo = truth["demo"]
+    target = Target(demo["answer"], demo["distractor"])
+    clean = bundled_client.node_table(demo["prompt"], target, node_types=["head"], top_k=3)
+    top = clean.top.to_pandas()
+    head = ".".join(top.node[0].split(".")[:5])            # blocks.L.attn.head.H (rows are per position)
+    ablated = bundled_client.node_table(demo["prompt"], target, ablations=[head], all_rows=True)
+    after = bundled_client.ablate(demo["prompt"], target, [head]).results[0].after
+    assert ablated.target.value == pytest.approx(after, abs=1e-4)
+    assert ablated.target.value < clean.target.value
+    assert ablated.direct_effect_sum == pytest.approx(ablated.target.value, abs=1e-3)
+    rows = ablated.all.to_pandas()
+    mine = rows[rows.node.str.startswith(head + "@") | (rows.node == head)]
+    assert len(mine) and np.allclose(mine.direct_effect, 0.0, atol=1e-6) and np.allclose(mine.activation, 0.0)
+    both = bundled_client.compare(demo["prompt"], demo["prompt"], target, ablations=[head])
+    assert both.left_target.value == pytest.approx(after, abs=1e-4)
+
+
+@pytest.mark.parametrize("ablation,words", [("blocks.1.attn", "whole layer"),
+                                            ("blocks.1.attn.head.9", "out of range")])
+def test_node_table_ablations_are_validated(bundled_client, truth, ablation, words):
+    demo = truth["demo"]
+    with pytest.raises(TdbError) as e:
+        bundled_client.node_table(demo["prompt"], Target(demo["answer"], demo["distractor"]), ablations=[ablation])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and words in str(e.value)

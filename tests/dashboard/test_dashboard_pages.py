@@ -98,13 +98,21 @@ def test_explore_swap_ablate_trace_and_open_component(dash, page):
         ids = _ids(c, dash.prompt)
         t, d = _tid(c, dash.target), _tid(c, dash.distractor)
         want = c.ablate(ids, Target([t], distractors=[d]), [node])
+        table = c.node_table(ids, Target([t], distractors=[d]), top_k=10, node_types=["head", "neuron"],
+                             ablations=[node])
     text = " ".join(m.value for m in at.markdown)
     assert f"{want.after:.4f}" in text, text
+    # and the node table is now the one of the ablated forward (its value is the ablated target)
+    assert f"with 1 ablated" in text and f"{table.target.value:.4f}" in text, text
+    np.testing.assert_allclose(frame(at)["direct_effect"][:10], table.top.column("direct_effect"), rtol=1e-4,
+                               atol=1e-6)
     button(at, "remove").click().run()
     assert "ablate" not in at.query_params
 
-    # trace upstream from the first row
+    # trace upstream from the first row (the selection stays on a row while it is in the table: pick row 0)
     node = frame(at)["node"][0]
+    pick = at.selectbox(key="explore.node")
+    pick.set_value(pick.options[0]).run()
     button(at, "Trace upstream").click().run()
     assert not at.exception and at.query_params["trace"] == node
     assert any("Tracing upstream" in i.value for i in at.info)
