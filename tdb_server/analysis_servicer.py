@@ -21,6 +21,7 @@ from .analyses import ablation, input_attribution, lens, node_table as nt, sweep
 from .analyses import circuits
 from .analyses.inputs import Prompt, Target, TargetSpec, decode, encode, resolve_target
 from .errors import Cancelled, InvalidArgument
+from .limits import Limits
 from .engine.scheduler import scheduler_for
 from .sae_servicer import SaeServicerMixin, explanations
 from .servicer import _rpc, _rpc_stream
@@ -68,10 +69,6 @@ def _ablations(msgs: Any) -> list[ablation.AblationSpec]:
 
 def _prompt(msg: pb.Input) -> Prompt:
     return Prompt(msg.prompt, tuple(msg.token_ids), msg.prepend_bos)
-
-
-def _ids(adapter: Any, msg: pb.Input, what: str = "input") -> list[int]:
-    return encode(adapter, _prompt(msg), what)
 
 
 def _target_spec(msg: pb.Target) -> TargetSpec:
@@ -155,10 +152,14 @@ def _summary(adapter: Any, objective: Any, result: nt.NodeTableResult) -> pb.Res
 
 
 class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
-    def __init__(self, adapter: Any):
+    def __init__(self, adapter: Any, limits: Limits | None = None):
         self.adapter = adapter
+        self.limits = limits or Limits()
         from .sae import attach_bundled
         attach_bundled(adapter)   # SAEs shipped next to the model (<model>/saes/*/) are attached by default
+
+    def _ids(self, msg: pb.Input, what: str = "input") -> list[int]:
+        return encode(self.adapter, _prompt(msg), what, max_tokens=self.limits.max_prompt_tokens)
 
     def _rank(self, metric: int, default: str) -> str:
         return default if metric == pb.METRIC_UNSPECIFIED else _enum(metric, _METRICS, "metric")
@@ -167,7 +168,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     @_on_device
     def NodeTable(self, request: pb.NodeTableRequest, context: grpc.ServicerContext) -> pb.NodeTableResponse:
         a = self.adapter
-        ids = _ids(a, request.input)
+        ids = self._ids(request.input)
         k = _top_k(request.top_k)
         types = _node_types(request.node_types)
         objective, run_ids, default = _objective(a, request, ids)
@@ -188,7 +189,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     def CompareNodeTables(self, request: pb.CompareNodeTablesRequest,
                           context: grpc.ServicerContext) -> pb.CompareNodeTablesResponse:
         a = self.adapter
-        left_ids, right_ids = _ids(a, request.left, "left"), _ids(a, request.right, "right")
+        left_ids, right_ids = self._ids(request.left, "left"), self._ids(request.right, "right")
         k = _top_k(request.top_k)
         types = _node_types(request.node_types)
         lobj, lrun, default = _objective(a, request, left_ids)
@@ -213,7 +214,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     @_on_device
     def Ablate(self, request: pb.AblateRequest, context: grpc.ServicerContext) -> pb.AblateResponse:
         a = self.adapter
-        ids = _ids(a, request.input)
+        ids = self._ids(request.input)
         if not request.HasField("target"):
             raise InvalidArgument("an ablation needs a target", reason="NO_OBJECTIVE")
         target, run_ids = _target(a, request.target, ids)
@@ -221,8 +222,8 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
             raise InvalidArgument("ablations take single-token targets (or targets that differ in their first "
                                   "token)", reason="BAD_TARGET")
         specs = _ablations(request.ablations)
-        reference = [_ids(a, r, f"reference {i}") for i, r in enumerate(request.reference)]
-        source = _ids(a, request.source, "source") if request.HasField("source") else None
+        reference = [self._ids(r, f"reference {i}") for i, r in enumerate(request.reference)]
+        source = self._ids(request.source, "source") if request.HasField("source") else None
         before, outcomes = ablation.ablate(a, run_ids, target, specs, separately=request.separately,
                                            reference=reference, source=source)
         target.value = before
@@ -233,7 +234,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     @_on_device
     def LogitLens(self, request: pb.LogitLensRequest, context: grpc.ServicerContext) -> pb.LogitLensResponse:
         a = self.adapter
-        ids = _ids(a, request.input)
+        ids = self._ids(request.input)
         target = None
         if request.HasField("target"):
             target, ids2 = _target(a, request.target, ids)
@@ -259,7 +260,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     def AttentionPattern(self, request: pb.AttentionPatternRequest,
                          context: grpc.ServicerContext) -> pb.AttentionPatternResponse:
         a = self.adapter
-        ids = _ids(a, request.input)
+        ids = self._ids(request.input)
         heads = list(request.heads)
         pattern = lens.attention_pattern(a, ids, request.layer, heads)
         return pb.AttentionPatternResponse(tokens=decode(a, ids), heads=heads or list(range(a.info.n_heads)),
@@ -270,7 +271,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     def InputAttribution(self, request: pb.InputAttributionRequest,
                          context: grpc.ServicerContext) -> pb.InputAttributionResponse:
         a = self.adapter
-        ids = _ids(a, request.input)
+        ids = self._ids(request.input)
         if not request.HasField("target"):
             raise InvalidArgument("input attribution needs a target", reason="NO_OBJECTIVE")
         target, run_ids = _target(a, request.target, ids)
@@ -314,7 +315,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         with scheduler_for(a).turn():
             if should_stop():
                 raise Cancelled("the client cancelled the request")
-            clean, corrupted = _ids(a, request.clean, "clean"), _ids(a, request.corrupted, "corrupted")
+            clean, corrupted = self._ids(request.clean, "clean"), self._ids(request.corrupted, "corrupted")
             target, _ = _target(a, request.target, clean)
             sweep = sweeps.PatchSweep(a, clean, corrupted, target, spec)
         target.value = sweep.clean_value
@@ -372,12 +373,12 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         with scheduler_for(a).turn():
             if should_stop():
                 raise Cancelled("the client cancelled the request")
-            clean = _ids(a, request.clean, "clean")
+            clean = self._ids(request.clean, "clean")
             target, run_ids = _target(a, request.target, clean)
             if target.appended_ids:
                 raise InvalidArgument("circuits take single-token targets (or targets that differ in their first "
                                       "token)", reason="BAD_TARGET")
-            corrupted = _ids(a, request.corrupted, "corrupted") if request.HasField("corrupted") else None
+            corrupted = self._ids(request.corrupted, "corrupted") if request.HasField("corrupted") else None
             scores = circuits.edge_attribution(a, run_ids, target, corrupted, ablation_)
         yield progress("attribution", t0)
         check = None
@@ -417,7 +418,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
     def InformationFlow(self, request: pb.InformationFlowRequest,
                         context: grpc.ServicerContext) -> pb.InformationFlowResponse:
         a = self.adapter
-        ids = _ids(a, request.input)
+        ids = self._ids(request.input)
         r = circuits.information_flow(a, ids, request.position if request.HasField("position") else -1,
                                       request.threshold or 0.04)
         return pb.InformationFlowResponse(tokens=decode(a, ids), graph=_graph(r.graph), position=r.position,

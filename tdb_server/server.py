@@ -84,7 +84,7 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
                          options=options, interceptors=interceptors)
     sessions = SessionManager(adapter, limits=limits)
     debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
-    analysis_pb2_grpc.add_AnalysisServicer_to_server(AnalysisServicer(adapter), server)
+    analysis_pb2_grpc.add_AnalysisServicer_to_server(AnalysisServicer(adapter, limits), server)
     names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name,
              analysis_pb2.DESCRIPTOR.services_by_name["Analysis"].full_name]
     health = _enable_health_and_reflection(server, names)

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tdb_client import TdbClient, TdbError
+from tdb_client import Target, TdbClient, TdbError
 from tdb_server.limits import Limits
 
 IDS = [[5, 17, 42, 8, 99, 5, 17, 42, 3, 61]]
@@ -84,6 +84,13 @@ def test_limits_are_reported_and_enforced(make_server, gpt2_adapter):
             with pytest.raises(TdbError) as e:
                 s.launch(token_ids=[list(range(13))])
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "TOO_LONG"
+            for analysis in (lambda: c.node_table(list(range(13)), Target([1], [2])),       # analyses too
+                             lambda: c.logit_lens(list(range(13))),
+                             lambda: c.patch_sweep(list(range(13)), list(range(1, 14)), Target([1], [2]))):
+                with pytest.raises(TdbError) as e:
+                    analysis()
+                assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "TOO_LONG"
+                assert "--max-prompt-tokens" in e.value.message
             # the capture budget: every site of a 10-token run does not fit in 20 kB ...
             with pytest.raises(TdbError) as e:
                 s.launch(token_ids=IDS)

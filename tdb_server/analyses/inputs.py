@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tdb_server.engine.weights import max_positions
 from tdb_server.errors import FailedPrecondition, InvalidArgument
 
 KINDS = ("logit_diff", "logit", "logprob", "direction")
@@ -117,8 +118,9 @@ def decode(adapter, ids: list[int]) -> list[str]:
     return [tok.decode([i]) for i in ids]
 
 
-def encode(adapter, prompt: Prompt, what: str = "input") -> list[int]:
-    """Token ids of a prompt, validated (vocabulary, length, non-empty)."""
+def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) -> list[int]:
+    """Token ids of a prompt, validated (vocabulary, length, non-empty; at most `max_tokens`, the
+    server's limit, when given)."""
     tok = adapter.tokenizer
     if prompt.text and prompt.token_ids:
         raise InvalidArgument(f"{what}: give a prompt or token_ids, not both", reason="BAD_INPUT")
@@ -136,6 +138,9 @@ def encode(adapter, prompt: Prompt, what: str = "input") -> list[int]:
     if not ids:
         raise InvalidArgument(f"{what}: nothing to run: give a prompt or token ids", reason="BAD_INPUT")
     _check_ids(adapter, ids, what)
+    if max_tokens and len(ids) > max_tokens:
+        raise InvalidArgument(f"{what}: {len(ids)} tokens; this server takes at most {max_tokens} per prompt "
+                              "(tdb serve --max-prompt-tokens)", reason="TOO_LONG")
     return ids
 
 
@@ -145,9 +150,7 @@ def _check_ids(adapter, ids: list[int], what: str) -> None:
     if bad:
         raise InvalidArgument(f"{what}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
                               reason="BAD_TOKEN_ID")
-    cfg = adapter.model.config
-    max_pos = next((v for k in ("n_positions", "max_position_embeddings")
-                    if isinstance(v := getattr(cfg, k, None), int) and v > 0), 0)
+    max_pos = max_positions(adapter)
     if max_pos and len(ids) > max_pos:
         raise InvalidArgument(f"{what}: {len(ids)} tokens; the model takes at most {max_pos}", reason="TOO_LONG")
 

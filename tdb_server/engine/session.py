@@ -29,6 +29,7 @@ import torch
 from tdb.v1 import debugger_pb2 as pb
 
 from .. import wire
+from ..analyses.inputs import Prompt, encode
 from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TdbServerError
 from ..limits import Limits
 from ..model.sites import SiteError, enclosing, expand_glob, parse_site, site_shape
@@ -636,36 +637,11 @@ class Session:
             raise InvalidArgument("give prompts or token_ids, not both", reason="BAD_INPUT")
         if not prompts and not token_ids:
             raise InvalidArgument("nothing to run: give a prompt or token ids", reason="BAD_INPUT")
-        tok = self.adapter.tokenizer
-        if prompts:
-            if tok is None:
-                raise FailedPrecondition("this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
-            seqs = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        else:
-            seqs = [list(ids) for ids in token_ids]
-        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
-        if prepend_bos:
-            if bos is None:
-                raise FailedPrecondition("this tokenizer has no BOS token", reason="NO_BOS")
-            seqs = [[bos] + s for s in seqs]
-        if len(seqs) > self.limits.max_batch:
-            raise InvalidArgument(f"batch of {len(seqs)} sequences; this server takes at most {self.limits.max_batch}",
+        items = [Prompt(p, (), prepend_bos) for p in prompts] or [Prompt("", tuple(ids), prepend_bos) for ids in token_ids]
+        if len(items) > self.limits.max_batch:
+            raise InvalidArgument(f"batch of {len(items)} sequences; this server takes at most {self.limits.max_batch}",
                                   reason="BATCH_TOO_LARGE")
-        vocab = self.adapter.info.vocab_size
-        max_pos = weights.max_positions(self.adapter)
-        if not max_pos or max_pos > self.limits.max_prompt_tokens:
-            max_pos = self.limits.max_prompt_tokens
-        for b, ids in enumerate(seqs):
-            if not ids:
-                raise InvalidArgument(f"sequence {b} is empty", reason="BAD_INPUT")
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidArgument(f"token id {bad[0]} in sequence {b} is outside the vocabulary [0, {vocab})",
-                                      reason="BAD_TOKEN_ID")
-            if max_pos and len(ids) > max_pos:
-                raise InvalidArgument(f"sequence {b} has {len(ids)} tokens; the model takes at most {max_pos}",
-                                      reason="TOO_LONG")
-        return seqs
+        return [encode(self.adapter, p, f"sequence {b}", self.limits.max_prompt_tokens) for b, p in enumerate(items)]
 
     def launch(self, prompts: list[str], token_ids: list[list[int]], prepend_bos: bool, capture: list[str],
                stop_on_entry: bool, gen: GenOptions | None = None) -> DebugRun:
