@@ -287,9 +287,9 @@ class Session:
         for chunk in stream:
             if buf is None:
                 buf, shape, wdtype = bytearray(chunk.total_bytes), list(chunk.shape), chunk.dtype
-            n = len(chunk.data)
-            buf[chunk.offset:chunk.offset + n] = chunk.data
-            crc = zlib.crc32(chunk.data, crc)
+            data = chunk.data              # each access of a bytes field makes a new copy: once per chunk
+            buf[chunk.offset:chunk.offset + len(data)] = data
+            crc = zlib.crc32(data, crc)
             if chunk.last:
                 stream.close()
                 if chunk.crc32 != crc:

@@ -310,7 +310,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             raise ResourceExhausted(f"{request.expression!r} is {t.numel() * t.element_size() / 2**20:.1f} MiB; reads are "
                                     f"limited to {limit / 2**20:.1f} MiB: read a slice", reason="READ_TOO_LARGE")
         data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
-        recording.record(self.sessions.get(request.session_id), "ReadTensor", request, recording.digest(t))
+        session = self.sessions.get(request.session_id)
         size = request.chunk_bytes or CHUNK_BYTES
         total = len(data)
         dtype = wire.wire_dtype(t.dtype)
@@ -326,6 +326,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
                 chunk.shape.extend(t.shape)
             if last:
                 chunk.crc32 = crc
+                # recorded with the checksum just computed: hashing a large read again would cost more than sending it
+                recording.record(session, "ReadTensor", request, recording.read_digest(t, crc))
             yield chunk
             offset += len(piece)
             if last or not context.is_active():

@@ -63,11 +63,20 @@ def test_a_tampered_recording_reports_the_mismatch(gpt2_server, make_server):
         text = s.export_recording()
     doc = json.loads(text)
     doc["actions"][1]["outcome"]["stop"]["site"] = "blocks.0.attn.out"
-    doc["actions"][2]["outcome"]["sha256"] = "0" * 64
+    doc["actions"][2]["outcome"]["crc32"] ^= 1
     with TdbClient(gpt2_server) as c:
         report = c.replay(json.dumps(doc))
     assert not report.ok and len(report.mismatches) == 2
-    assert "blocks.0.attn.out" in report.mismatches[0] and "sha256" in report.mismatches[1]
+    assert "blocks.0.attn.out" in report.mismatches[0] and "crc32" in report.mismatches[1]
+    # a recording from before 0.2 kept a SHA-256 of each read: still checked
+    doc["actions"][1]["outcome"]["stop"]["site"] = "blocks.1.attn.out"
+    doc["actions"][2]["outcome"]["crc32"] ^= 1
+    legacy = doc["actions"][2]["outcome"]
+    del legacy["crc32"]
+    legacy["sha256"] = "0" * 64
+    with TdbClient(gpt2_server) as c:
+        report = c.replay(json.dumps(doc))
+    assert len(report.mismatches) == 1 and "sha256" in report.mismatches[0]
 
 
 def test_a_recording_against_another_model_is_refused(gpt2_server, make_server):
