@@ -1,13 +1,10 @@
 """docs/architectures.md's code blocks run as written."""
 
-import re
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from doc_helpers import python_blocks
 
 
 def test_architecture_guide_code_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "architectures.md").read_text(), re.S)
+    blocks = python_blocks("docs/architectures.md")
     assert len(blocks) == 2
     env: dict = {}
     for code in blocks:

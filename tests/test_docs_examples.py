@@ -1,16 +1,12 @@
 """The Python examples of docs/sweeps.md, circuits.md and sae.md run as written, against servers on the
 bundled models they name (the address in each example is replaced by the test server's)."""
 
-import re
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from doc_helpers import python_blocks
 
 
 def _run(doc: str, address: str, tmp_path, monkeypatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / doc).read_text(), re.S)
+    blocks = python_blocks(f"docs/{doc}")
     assert blocks, doc
     monkeypatch.chdir(tmp_path)
     for code in blocks:
