@@ -21,7 +21,7 @@ import os
 import threading
 import uuid
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grpc
 import numpy as np

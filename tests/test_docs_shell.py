@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from dap_client import DapClient
 from doc_helpers import (
     ROOT,
     SHELL_LANGS,
@@ -317,72 +318,23 @@ class Live:
         self.proc.wait(timeout=10)
 
 
-class Dap:
-    """Just enough of a DAP client: framed JSON requests, responses by seq, events in order."""
-
-    def __init__(self, rfile, wfile):
-        self._w, self._seq = wfile, 0
-        self._msgs: queue.Queue = queue.Queue()
-        self.events: list[dict] = []
-        self.responses: dict[int, dict] = {}
-        threading.Thread(target=self._read, args=(rfile,), daemon=True).start()
-
-    def _read(self, r) -> None:
-        try:
-            while True:
-                header = b""
-                while not header.endswith(b"\r\n\r\n"):
-                    c = r.read(1)
-                    if not c:
-                        return
-                    header += c
-                n = int(re.search(rb"Content-Length: (\d+)", header).group(1))
-                self._msgs.put(json.loads(r.read(n)))
-        finally:
-            self._msgs.put(None)
-
-    def _pull(self, until, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not until():
-            msg = self._msgs.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert msg is not None, f"the adapter closed the connection; events: {[e['event'] for e in self.events]}"
-            if msg["type"] == "response":
-                self.responses[msg["request_seq"]] = msg
-            elif msg["type"] == "event":
-                self.events.append(msg)
-
-    def request(self, command: str, arguments: dict | None = None) -> dict:
-        self._seq += 1
-        seq = self._seq
-        body = json.dumps({"seq": seq, "type": "request", "command": command, "arguments": arguments or {}}).encode()
-        self._w.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self._w.flush()
-        self._pull(lambda: seq in self.responses)
-        resp = self.responses.pop(seq)
-        assert resp["success"], f"DAP {command} failed: {resp.get('message')}"
-        return resp.get("body") or {}
-
-    def event(self, name: str) -> dict:
-        self._pull(lambda: any(e["event"] == name for e in self.events))
-        return next(e for e in self.events if e["event"] == name).get("body") or {}
-
-
-def dap_conversation(dap: Dap, server: str) -> None:
+def dap_conversation(dap: DapClient, server: str) -> None:
     """What an IDE does: launch on a running server, stop at a function breakpoint, look, continue."""
-    caps = dap.request("initialize", {"clientID": "docs", "adapterID": "tdb", "linesStartAt1": True,
-                                      "columnsStartAt1": True})
+    caps = dap.body("initialize", {"clientID": "docs", "adapterID": "tdb", "linesStartAt1": True,
+                                   "columnsStartAt1": True})
     assert caps["supportsFunctionBreakpoints"] and caps["supportsConfigurationDoneRequest"]
     dap.request("launch", {"server": server, "prompt": DEMO_PROMPT})
     dap.event("initialized")
-    [bp] = dap.request("setFunctionBreakpoints", {"breakpoints": [{"name": "blocks.1.attn.out"}]})["breakpoints"]
+    [bp] = dap.body("setFunctionBreakpoints", {"breakpoints": [{"name": "blocks.1.attn.out"}]})["breakpoints"]
     assert bp["verified"], bp
     dap.request("configurationDone")
-    stopped = dap.event("stopped")
-    frames = dap.request("stackTrace", {"threadId": stopped["threadId"]})["stackFrames"]
+    stopped = dap.event("stopped")["body"]
+    frames = dap.body("stackTrace", {"threadId": stopped["threadId"]})["stackFrames"]
     assert [f["name"] for f in frames] == ["blocks.1.attn.out", "blocks.1.attn", "blocks.1", "model"]
     dap.request("continue", {"threadId": stopped["threadId"]})
     dap.event("terminated")
     dap.request("disconnect", {"terminateDebuggee": True})
+    assert not dap.errors, dap.errors
 
 
 @dataclass
@@ -485,11 +437,11 @@ def _run_dap(run: BlockRun, c: Command, cmd: str, env: dict, kind: str) -> None:
         run.live.append(live)
         host, port = live.wait_for(DAP_LISTENING, START_TIMEOUT["dap-tcp"]).group(1).rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=60) as sock:
-            dap_conversation(Dap(sock.makefile("rb"), sock.makefile("wb")), run.server_for())
+            dap_conversation(DapClient(sock.makefile("rb"), sock.makefile("wb")), run.server_for())
     else:
         live = Live(cmd, env, stdin=True)
         run.live.append(live)
-        dap_conversation(Dap(live.proc.stdout, live.proc.stdin), run.server_for())
+        dap_conversation(DapClient(live.proc.stdout, live.proc.stdin), run.server_for())
     _check_expectations(c, live.output())
     run.stop(live)
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from . import expr
 
 _HIT = re.compile(r"^\s*(==|>=|>|%)?\s*(\d+)\s*$")
 _HEAD_UNIT = re.compile(r"^blocks\.(\d+)\.attn\.head\.(\d+)$")
