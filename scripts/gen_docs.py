@@ -4,7 +4,8 @@
 - docs/reference/protocol.md  every service, RPC, message, field and enum, with the .proto comments;
 - docs/reference/errors.md    every machine-readable error reason the server raises, with its gRPC code;
 - docs/reference/sites.md     the site grammar with shapes, and the module each site maps to per architecture;
-- docs/reference/client.md    the public client API (signatures and docstrings).
+- docs/reference/client.md    the public client API (signatures and docstrings);
+- docs/reference/cli.md       every `tdb` subcommand and flag, and the server limits.
 
 `--check` exits 1 when the committed files differ (the test suite runs it).
 """
@@ -200,7 +201,47 @@ def client_md() -> str:
     return "\n".join(lines) + "\n"
 
 
-DOCS = {"protocol.md": protocol_md, "errors.md": errors_md, "sites.md": sites_md, "client.md": client_md}
+def cli_md() -> str:
+    """Every `tdb` subcommand and flag (from the argparse parser itself) and the server limits."""
+    import argparse as _argparse
+
+    from tdb_server.cli import LIMIT_FLAGS, build_parser
+    from tdb_server.limits import Limits
+
+    parser = build_parser()
+    lines = [HEADER.format(src="tdb_server/cli.py"), "# Command line reference\n",
+             f"{parser.description}. Installed as `tdb` (in the project's set-up: `.venv/bin/tdb`).\n"]
+    [sub] = [a for a in parser._actions if isinstance(a, _argparse._SubParsersAction)]
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    for name, p in sub.choices.items():
+        lines.append(f"## `tdb {name}`\n")
+        lines.append(f"{helps.get(name, '')}. {p.description or ''}".strip() + "\n")
+        lines += ["| flag | default | meaning |", "|---|---|---|"]
+        for a in p._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            flag = ", ".join(f"`{o}`" for o in a.option_strings)
+            if a.choices:
+                flag += " " + "\\|".join(str(c) for c in a.choices)
+            default = "" if a.default in (None, False) else f"`{a.default}`"
+            text = (a.help or "").replace("%(default)s", str(a.default)).replace("|", "\\|")
+            text = re.sub(r"\s*\(default [^)]*\)$", "", text)
+            lines.append(f"| {flag} | {default} | {text} |")
+        lines.append("")
+    lines += ["## Server limits\n",
+              "Each limit is a flag of `tdb serve`; clients read them in `Initialize` (capabilities `limits`, "
+              "in the field's own unit). Going beyond one is an error with the reason given in "
+              "[errors.md](errors.md), never a crash.\n",
+              "| limit (capabilities) | flag | default |", "|---|---|---|"]
+    d = Limits()
+    for flag, field, scale, _ in LIMIT_FLAGS:
+        value = getattr(d, field)
+        lines.append(f"| `{field}` | `{flag}` | {value / scale:g}{' MiB' if scale != 1 else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+DOCS = {"protocol.md": protocol_md, "errors.md": errors_md, "sites.md": sites_md, "client.md": client_md,
+        "cli.md": cli_md}
 
 
 def main() -> int:

@@ -22,15 +22,33 @@ def _limit_malloc_arenas(n: int = 2) -> None:
         pass
 
 
+# `tdb serve` flags for the server's limits: (flag, Limits field, flag unit -> field unit, help)
+MiB = 2**20
+LIMIT_FLAGS = [
+    ("--max-sessions", "max_sessions", 1, "sessions open at once (RESOURCE_EXHAUSTED beyond)"),
+    ("--max-prompt-tokens", "max_prompt_tokens", 1, "tokens per prompt, for debug runs and analyses alike (the "
+     "model's own context length also applies)"),
+    ("--max-batch", "max_batch", 1, "sequences in one debug run"),
+    ("--idle-timeout", "idle_timeout_s", 1, "seconds without a request (and no open event stream) before a "
+     "session is closed and its memory freed"),
+    ("--session-capture-mib", "session_capture_bytes", MiB, "activations one session may keep (its current and "
+     "retained runs; the oldest finished runs are dropped first)"),
+    ("--total-capture-mib", "total_capture_bytes", MiB, "activations all sessions together may keep"),
+    ("--max-read-mib", "max_read_bytes", MiB, "one ReadTensor or Evaluate result"),
+    ("--max-patch-mib", "max_patch_bytes", MiB, "a tensor sent with Patch (also the largest request accepted)"),
+]
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(**{field: type(getattr(Limits, field))(getattr(args, flag[2:].replace("-", "_")) * scale)
+                     for flag, field, scale, _ in LIMIT_FLAGS})
+
+
 def _serve(args: argparse.Namespace) -> int:
     _limit_malloc_arenas()
-    from .limits import Limits
     from .server import serve
 
-    limits = Limits(max_sessions=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens,
-                    max_batch=args.max_batch, idle_timeout_s=args.idle_timeout,
-                    session_capture_bytes=int(args.session_capture_mib * 2**20),
-                    total_capture_bytes=int(args.total_capture_mib * 2**20))
+    limits = limits_from_args(args)
     token = args.token or os.environ.get("TDB_TOKEN") or None
     device_map = args.device_map
     if device_map and device_map.lstrip().startswith("{"):
@@ -59,16 +77,25 @@ def _dap(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also read by scripts/gen_docs.py for docs/reference/cli.md)."""
     parser = argparse.ArgumentParser(prog="tdb", description="tdb: a debugger for transformer language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve a model over gRPC")
     p.add_argument("--model", default=None, help="a local HF model directory or a bundled model's name "
                    "(default: the bundled model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond 127.0.0.1: set --token, and TLS "
+                   "across machines)")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port (the `listening` line says which)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's own dtype")
     p.add_argument("--device-map", default=None, help='spread the model over devices with accelerate: "auto", '
                    '"balanced", or a JSON map like \'{"transformer.h.0": "cuda:0", "transformer.h.1": "cpu"}\'')
     p.add_argument("--offload-folder", default=None, help="folder for modules mapped to \"disk\"")
@@ -76,19 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     d = Limits()
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions)
-    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
-    p.add_argument("--max-batch", type=int, default=d.max_batch)
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds before an idle session closes")
-    p.add_argument("--session-capture-mib", type=float, default=d.session_capture_bytes / 2**20)
-    p.add_argument("--total-capture-mib", type=float, default=d.total_capture_bytes / 2**20)
+    for flag, field, scale, text in LIMIT_FLAGS:
+        default = getattr(d, field)
+        if scale != 1:
+            default = default / scale
+        p.add_argument(flag, type=type(default), default=default, help=f"{text} (default %(default)s)")
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("dashboard", help="the Streamlit dashboard")
     p.add_argument("--server", default=None, help="HOST:PORT of a running tdb server (default: start one)")
     p.add_argument("--model", default=None, help="model for the embedded server")
     p.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=int, default=8501, help="the dashboard's port (0 picks a free one)")
     p.set_defaults(fn=_dashboard)
 
     p = sub.add_parser("dap", help="Debug Adapter Protocol bridge for VS Code / nvim-dap",
@@ -100,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind with --listen")
     p.add_argument("--once", action="store_true", help="with --listen: exit after the first client disconnects")
     p.set_defaults(fn=_dap)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    return parser
 
 
 if __name__ == "__main__":

@@ -101,3 +101,16 @@ def test_limits_are_reported_and_enforced(make_server, gpt2_adapter):
                 s.read("logits")
             assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.reason == "READ_TOO_LARGE"
             assert np.isfinite(s.read("logits", "[0, -1, :8]")).all()
+
+
+def test_every_limit_is_a_serve_flag():
+    """Each limit the server enforces can be set on the command line (and reaches the server's Limits)."""
+    import dataclasses
+
+    from tdb_server.cli import LIMIT_FLAGS, build_parser, limits_from_args
+
+    assert {field for _, field, _, _ in LIMIT_FLAGS} == {f.name for f in dataclasses.fields(Limits)}
+    args = build_parser().parse_args(["serve", "--max-sessions", "3", "--max-read-mib", "1.5", "--idle-timeout", "7"])
+    limits = limits_from_args(args)
+    assert limits.max_sessions == 3 and limits.max_read_bytes == int(1.5 * 2**20) and limits.idle_timeout_s == 7.0
+    assert limits_from_args(build_parser().parse_args(["serve"])) == Limits()
