@@ -63,9 +63,10 @@ def bench_steps(addr: str, n_steps: int, ids: list[int]) -> dict[str, float]:
 
 def bench_read(mib: int, repeats: int = 3) -> dict[str, float]:
     vocab = 65536
-    T = 256
-    B = max(1, (mib << 20) // (T * vocab * 4))
-    big = build_random_model("gpt2", seed=3, vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=T)
+    rows = max(1, (mib << 20) // (vocab * 4))          # float32 logit rows of `vocab` each: mib MiB in all
+    T = min(256, rows)
+    B = max(1, rows // T)
+    big = build_random_model("gpt2", seed=3, vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=256)
     handle, port = create_server("127.0.0.1:0", big)
     try:
         ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).tolist()

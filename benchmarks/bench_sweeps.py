@@ -18,14 +18,17 @@ temporary directory; tdb loads it with `load_model`, TransformerLens 4.x with
   estimates; recall = how many of the exhaustive exact top `--top` (by |effect|) the verified top
   `--top` contains, and the rank correlation of estimates and exact effects over all heads.
 
-Numbers are compared (max |tdb - TransformerLens| over all heads, and between our paths). Each time is
-from one run (plus a warm-up forward); the machine may be noisy, so read ratios, not absolutes.
+Numbers are compared (max |tdb - TransformerLens| over all heads, and between our paths). The forwards
+are the median of 5 interleaved runs, tdb's in-process sweeps the median of 3 after a warm-up, the
+TransformerLens sweep and the gRPC sweep one run each (the former takes a minute); the machine may be
+noisy, so read ratios, not absolutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tdb_server.analyses import TargetSpec, resolve_target  # noqa: E402
 from tdb_server.analyses.sweeps import SweepSpec, attribution_patching, patch_sweep, spearman  # noqa: E402
 from tdb_server.model import load_model  # noqa: E402
+from benchmarks.common import interleaved  # noqa: E402
 
 A, B = 1000, 2000   # target token, distractor
 
@@ -63,9 +67,11 @@ def once(fn):
     return time.perf_counter() - t0, out
 
 
-def median_time(fn, repeat: int = 3) -> float:
+def median_run(fn, repeat: int = 3):
+    """(median seconds of `repeat` runs after a warm-up, the last output)."""
     fn()
-    return statistics.median(once(fn)[0] for _ in range(repeat))
+    runs = [once(fn) for _ in range(repeat)]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
 def main() -> int:
@@ -76,9 +82,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--model-dir", default="", help="a random GPT-2 saved by save_random_gpt2 (default: a new one)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # everything is local: never download
     try:
         from transformer_lens import patching
         from transformer_lens.model_bridge import TransformerBridge
@@ -94,19 +102,22 @@ def main() -> int:
         corrupted[i] = int(torch.randint(100, 50000, (1,), generator=gen))
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gpt2-small-random"
-        save_random_gpt2(path, args.seed)
+        path = Path(args.model_dir or Path(tmp) / "gpt2-small-random")
+        if not args.model_dir:
+            save_random_gpt2(path, args.seed)
         adapter = load_model(str(path), device="cpu", dtype="float32")
         bridge = TransformerBridge.boot_transformers(str(path), device="cpu",
                                                      tokenizer=adapter.tokenizer)
     target, _ = resolve_target(adapter, TargetSpec(token_ids=(A,), distractor_ids=(B,)), clean)
     ids_c, ids_x = torch.tensor([clean]), torch.tensor([corrupted])
 
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple[str, float, str, str]] = []      # (what, seconds, note, target)
     with torch.no_grad():
-        t_fwd = median_time(lambda: adapter.model(input_ids=ids_c, use_cache=False))
-        t_tl_fwd = median_time(lambda: bridge(ids_c))
-    rows += [("plain HF forward (sdpa)", t_fwd, ""), ("TransformerLens TransformerBridge forward", t_tl_fwd, "")]
+        fwd = interleaved({"hf": lambda: adapter.model(input_ids=ids_c, use_cache=False),
+                           "tl": lambda: bridge(ids_c)}, repeat=5)
+    t_fwd, t_tl_fwd = fwd["hf"], fwd["tl"]
+    rows += [("plain HF forward (sdpa)", t_fwd, "", ""),
+             ("TransformerLens TransformerBridge forward", t_tl_fwd, "", "")]
 
     def metric(logits):
         return logits[0, -1, A] - logits[0, -1, B]
@@ -117,13 +128,13 @@ def main() -> int:
             return patching.get_act_patch_attn_head_out_all_pos(bridge, ids_x, cache, metric)
     t_tl, tl = once(tl_sweep)
     tl = (tl if isinstance(tl, torch.Tensor) else tl.values).float().reshape(12, 12)
-    rows.append(("TransformerLens get_act_patch_attn_head_out_all_pos (144 heads)", t_tl, "reference"))
+    rows.append(("TransformerLens get_act_patch_attn_head_out_all_pos (144 heads)", t_tl, "reference", ""))
 
-    t_ours, ours = once(lambda: patch_sweep(adapter, clean, corrupted, target, SweepSpec("head_out")))
+    t_ours, ours = median_run(lambda: patch_sweep(adapter, clean, corrupted, target, SweepSpec("head_out")))
     diff_tl = float((ours.values - tl).abs().max())
     spread = float(ours.values.max() - ours.values.min())
     rows.append(("tdb exact head sweep (batched, resumed, target row only)", t_ours,
-                 f"max |tdb - TL| = {diff_tl:.2e} (values span {spread:.2e})"))
+                 f"max |tdb - TL| = {diff_tl:.2e} (values span {spread:.2e})", "TL ÷ this >= 3"))
 
     from tdb_client import Target, TdbClient
     from tdb_server.server import create_server
@@ -136,10 +147,10 @@ def main() -> int:
     finally:
         handle.stop(grace=None)
     rows.append(("tdb exact head sweep over gRPC (streamed)", t_wire,
-                 f"max |wire - in-process| = {float(abs(wired.values - ours.values.numpy()).max()):.1e}"))
+                 f"max |wire - in-process| = {float(abs(wired.values - ours.values.numpy()).max()):.1e}", ""))
 
-    t_atp, atp = once(lambda: attribution_patching(adapter, clean, corrupted, target,
-                                                   SweepSpec("head_out", verify_top_k=args.verify)))
+    t_atp, atp = median_run(lambda: attribution_patching(adapter, clean, corrupted, target,
+                                                         SweepSpec("head_out", verify_top_k=args.verify)))
     effect = (ours.values - ours.corrupted_value).flatten()
     exact_top = set(torch.topk(effect.abs(), args.top).indices.tolist())
     verified = (~torch.isnan(atp.values)).flatten()
@@ -150,17 +161,22 @@ def main() -> int:
     v_diff = float((atp.values.flatten()[verified] - ours.values.flatten()[verified]).abs().max())
     rows.append((f"tdb attribution patching + exact verification of top {args.verify}", t_atp,
                  f"recall@{args.top} = {recall:.2f}; Spearman(est, exact) all heads {rho_all:.3f}, "
-                 f"verified {atp.summary.spearman:.3f}; verified vs exhaustive {v_diff:.1e}"))
+                 f"verified {atp.summary.spearman:.3f}; verified vs exhaustive {v_diff:.1e}",
+                 "TL ÷ this >= 10, same top-k"))
 
     print(f"\nGPT-2-small-shaped random weights, {args.tokens} tokens, CPU fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(f"| {'':<66} | {'time':>9} | {'÷ HF fwd':>8} | {'TL ÷ this':>9} | notes |")
     print(f"|{'-' * 68}|{'-' * 11}|{'-' * 10}|{'-' * 11}|-------|")
-    for name, t, note in rows:
+    for name, t, note, _ in rows:
         print(f"| {name:<66} | {t * 1000:7.0f} ms | {t / t_fwd:8.1f} | {t_tl / t:9.1f} | {note} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "recall": recall, "diff_tl": diff_tl}, indent=1))
     ok = diff_tl <= 1e-3 * max(spread, 1e-3) + 1e-4
+    if args.json:
+        out = [{"what": name, "value": t * 1e3, "unit": "ms", "ratio": t / t_fwd, "target": target,
+                "note": f"TL ÷ this {t_tl / t:.1f}×" + (f"; {note}" if note else "")}
+               for name, t, note, target in rows]
+        Path(args.json).write_text(json.dumps({"rows": out, "recall": recall, "diff_tl": diff_tl, "agree": ok},
+                                              indent=1))
     print(f"\nnumbers agree with TransformerLens: {ok}; exact speed-up {t_tl / t_ours:.1f}x (target 3x); "
           f"attribution + verification {t_tl / t_atp:.1f}x (target 10x), recall@{args.top} {recall:.2f}")
     return 0

@@ -16,11 +16,13 @@ median of --repeat runs after a warm-up, with its ratio to one plain HF forward 
 
 Then an fp32 exactness check on GPT-2: the batched head sweep against the serial loop, max |diff|.
 Needs only torch, transformers, grpcio, protobuf, numpy (what the GPU machines have). A few minutes.
+`python -m benchmarks.gpu` runs these together with P1, P2 and P5, and prints one table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -41,6 +43,10 @@ CONFIGS = {
     "llama-1b": ("llama", dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632,
                                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                max_position_embeddings=2048)),
+    # tiny shapes of both families: for checking the scripts end to end on a CPU
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=1000)),
+    "llama-tiny": ("llama", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)),
 }
 A, B = 11, 22
 
@@ -94,13 +100,37 @@ def serial_head_sweep(adapter, clean, corrupted, target) -> torch.Tensor:
     return out
 
 
-def bench_model(name: str, args) -> dict:
+def build(name: str, args):
+    """The random-weight model `name` (CONFIGS) in args.dtype on args.device, announced."""
     family, cfg = CONFIGS[name]
     t0 = time.perf_counter()
     adapter = build_random_model(family, seed=0, dtype=args.dtype, device=args.device, **cfg)
     info = adapter.info
     print(f"\n## {name}: {info.n_layers} layers x {info.n_heads} heads, d_model {info.d_model}, {args.dtype}, "
           f"{args.tokens} tokens on {info.device} (built in {time.perf_counter() - t0:.0f} s)", flush=True)
+    return adapter
+
+
+def release(device: str) -> None:
+    """Give back the memory of models no longer referenced."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def bench_model(name: str, args) -> dict:
+    adapter = build(name, args)
+    rows = sweep_rows(adapter, args)
+    result = {"model": name, "dtype": args.dtype, "tokens": args.tokens, "device": torch.cuda.get_device_name()
+              if args.device.startswith("cuda") else "cpu", "rows": rows}
+    del adapter
+    release(args.device)
+    return result
+
+
+def sweep_rows(adapter, args) -> list[tuple[str, float, float, str]]:
+    """The sweeps on `adapter`, printed as they finish: (what, seconds, ÷ one forward, note)."""
+    info = adapter.info
     gen = torch.Generator().manual_seed(1)
     clean = torch.randint(100, info.vocab_size - 1, (args.tokens,), generator=gen).tolist()
     corrupted = list(clean)
@@ -129,17 +159,11 @@ def bench_model(name: str, args) -> dict:
     rows.append((f"exact neuron sweep, layer {mid} ({nr.values.numel()} neurons)", t, ""))
     for label, secs, note in rows:
         print(f"| {label:<58} | {secs * 1000:9.1f} ms | {secs / t_fwd:7.2f}x fwd | {note}", flush=True)
-    result = {"model": name, "dtype": args.dtype, "tokens": args.tokens, "device": torch.cuda.get_device_name()
-              if args.device.startswith("cuda") else "cpu",
-              "rows": [(label, secs, secs / t_fwd, note) for label, secs, note in rows]}
-    del adapter
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return result
+    return [(label, secs, secs / t_fwd, note) for label, secs, note in rows]
 
 
-def exactness_fp32(args) -> float:
-    family, cfg = CONFIGS["gpt2"]
+def exactness_fp32(args, name: str = "gpt2") -> float:
+    family, cfg = CONFIGS[name]
     adapter = build_random_model(family, seed=0, dtype="float32", device=args.device, **cfg)
     clean = list(range(100, 100 + 32))
     corrupted = [t + 1 if i % 3 == 0 else t for i, t in enumerate(clean)]
@@ -147,7 +171,8 @@ def exactness_fp32(args) -> float:
     sweep = patch_sweep(adapter, clean, corrupted, target, SweepSpec("head_out"))
     serial = serial_head_sweep(adapter, clean, corrupted, target)
     diff = float((serial - sweep.values).abs().max())
-    print(f"\nfp32 exactness on {args.device} (GPT-2 small, 32 tokens, 144 heads): max |batched - serial| = {diff:.2e}")
+    print(f"\nfp32 exactness on {args.device} ({name}, 32 tokens, {sweep.values.numel()} heads): "
+          f"max |batched - serial| = {diff:.2e}")
     return diff
 
 
@@ -158,6 +183,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--exact-model", default="gpt2", help="the model of the fp32 exactness check")
     p.add_argument("--json", default="")
     args = p.parse_args()
     import transformers
@@ -165,7 +191,7 @@ def main() -> int:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"{dev}; torch {torch.__version__}, transformers {transformers.__version__}")
     results = [bench_model(m, args) for m in args.models.split(",") if m]
-    diff = exactness_fp32(args)
+    diff = exactness_fp32(args, args.exact_model)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "fp32_max_diff": diff}, indent=1))
     return 0

@@ -1,0 +1,129 @@
+"""The measurements P1-P6, each a function returning table rows (see common.py), on any device.
+
+`sync` is called after every timed call (torch.cuda.synchronize on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import interleaved
+from tdb.v1 import debugger_pb2 as pb
+from tdb_server.engine.session import SessionManager
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+RESID = ["embed", "blocks.*.resid_pre", "blocks.*.resid_mid", "blocks.*.resid_post"]
+
+
+def model_input(adapter, ids: list[int]) -> torch.Tensor:
+    """[1, T] on the model's device."""
+    return torch.tensor([ids], device=adapter.model.get_input_embeddings().weight.device)
+
+
+def plain_forward(adapter, ids: list[int]) -> Callable[[], object]:
+    """One plain HF forward (no hooks, no grad, no KV cache: what a session's forward runs)."""
+    x = model_input(adapter, ids)
+
+    def go():
+        with torch.no_grad():
+            return adapter.model(input_ids=x, use_cache=False)
+    return go
+
+
+def session_run(session, ids: list[int], capture: list[str], breakpoints: tuple[str, ...] = ()):
+    """A run of an in-process session to its end (continuing through every stop); returns the run."""
+    def go():
+        session.set_breakpoints([pb.Breakpoint(site=b) for b in breakpoints])
+        r = session.launch([], [ids], False, capture, False)
+        session.wait(r, 120)
+        while r.state == pb.PAUSED:
+            session.resume("continue")
+            session.wait(r, 120)
+        return r
+    return go
+
+
+def p1(adapter, ids: list[int], repeat: int, sync=None) -> list[dict]:
+    mgr = SessionManager(adapter)
+    s = mgr.create()
+    t = interleaved({"plain": plain_forward(adapter, ids), "none": session_run(s, ids, ["none"]),
+                     "one_bp": session_run(s, ids, ["none"], ("blocks.0.attn.out",)),
+                     "resid": session_run(s, ids, RESID)}, repeat, sync)
+    mgr.shutdown()
+    base = t["plain"]
+    return [
+        {"id": "P1", "what": "plain HF forward", "value": base * 1e3, "unit": "ms", "ratio": 1.0},
+        {"id": "P1", "what": "session run, nothing hooked", "value": t["none"] * 1e3, "unit": "ms",
+         "ratio": t["none"] / base, "target": "<= 1.03"},
+        {"id": "P1", "what": "session run, one breakpoint (stop + continue)", "value": t["one_bp"] * 1e3,
+         "unit": "ms", "ratio": t["one_bp"] / base},
+        {"id": "P1", "what": "session run, capturing every residual site", "value": t["resid"] * 1e3, "unit": "ms",
+         "ratio": t["resid"] / base},
+    ]
+
+
+def p2(addr: str, ids: list[int], steps: int) -> list[dict]:
+    from benchmarks.bench_session import bench_steps
+
+    r = bench_steps(addr, steps, ids)
+    return [{"id": "P2", "what": "step into, paused -> next stop (median)", "value": r["step_median_ms"],
+             "unit": "ms", "target": "<= 5"},
+            {"id": "P2", "what": "step into (p90)", "value": r["step_p90_ms"], "unit": "ms"},
+            {"id": "P2", "what": "continue to the next block's breakpoint (median)", "value": r["continue_median_ms"],
+             "unit": "ms"}]
+
+
+def p3(sizes: list[int]) -> list[dict]:
+    from benchmarks.bench_session import bench_read
+
+    rows = []
+    for mib in sizes:
+        r = bench_read(mib, repeats=3)
+        rows.append({"id": "P3", "what": f"ReadTensor {r['read_mib']:.0f} MiB (best of 3)",
+                     "value": r["read_gib_per_s"], "unit": "GiB/s", "target": ">= 1"})
+    return rows
+
+
+def p4(model_dir: str = "") -> list[dict]:
+    """benchmarks/bench_sweeps.py in a subprocess (TransformerLens stays out of this process's timings)."""
+    out = RESULTS / "sweeps.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sweeps.py"), "--json", str(out)]
+    r = subprocess.run(cmd + (["--model-dir", model_dir] if model_dir else []), capture_output=True, text=True)
+    print(r.stdout)
+    if r.returncode != 0 or not out.is_file():
+        why = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        return [{"id": "P4", "what": "head sweep vs TransformerLens", "value": None, "unit": "", "note": why}]
+    return [{"id": "P4", **row} for row in json.loads(out.read_text())["rows"]]
+
+
+def p5(adapter, ids: list[int], repeat: int, sync=None) -> list[dict]:
+    from tdb_server.analyses.inputs import TargetSpec, resolve_target
+    from tdb_server.analyses.node_table import TargetObjective, compute_node_table
+
+    target, ids = resolve_target(adapter, TargetSpec(token_ids=(ids[1],), distractor_ids=(ids[2],)), ids)
+    t = interleaved({"plain": plain_forward(adapter, ids),
+                     "table": lambda: compute_node_table(adapter, ids, TargetObjective(target))}, repeat, sync)
+    return [{"id": "P5", "what": "node table (all node types) ÷ one forward", "value": t["table"] * 1e3, "unit": "ms",
+             "ratio": t["table"] / t["plain"], "target": "<= 3"}]
+
+
+def p6(adapter, ids: list[int]) -> list[dict]:
+    mgr = SessionManager(adapter)
+    rows = []
+    for what, capture in (("no captures", ["none"]), ("every site captured", [])):
+        s = mgr.create()
+        session_run(s, ids, capture)()
+        rows.append({"id": "P6", "what": f"session memory beyond the weights, {what}",
+                     "value": s.captured_bytes() / 2**20, "unit": "MiB"})
+    mgr.shutdown()
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters()) / 2**20
+    rows.append({"id": "P6", "what": "the weights, for scale", "value": weights, "unit": "MiB"})
+    return rows

@@ -1,0 +1,49 @@
+"""The benchmarks' pure helpers, and the GPU script end to end on tiny CPU models (no timing is asserted:
+benchmarks are never tests; this only keeps the script that runs where no CI does from rotting)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_peers import dense_direct, max_diff
+from benchmarks.common import table_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dense_direct_takes_one_node_type_at_one_position():
+    ids = np.array([[1, 0, 2, 5, -1], [1, 1, 0, 5, -1], [1, 1, 0, 4, -1], [3, 0, 7, 5, -1]])
+    metrics = np.array([[0, 0, 0.5, 0], [0, 0, -1.0, 0], [0, 0, 9.0, 0], [0, 0, 3.0, 0]], dtype=np.float32)
+    got = dense_direct(ids, metrics, node_type=1, pos=5, shape=(2, 3))
+    assert got[0, 2] == 0.5 and got[1, 0] == -1.0
+    assert np.isnan(got).sum() == 4
+
+
+def test_max_diff_skips_missing_entries():
+    assert max_diff([1.0, np.nan, 3.0], [1.5, 2.0, 3.0]) == 0.5
+    assert np.isnan(max_diff([np.nan], [1.0]))
+
+
+def test_table_lines_show_missing_values_and_notes():
+    lines = table_lines([{"id": "P7", "what": "peer", "value": None, "note": "not installed"},
+                         {"id": "P1", "what": "fwd", "value": 1.2345, "unit": "ms", "ratio": 1.0, "target": "<= 1"},
+                         {"id": "P4", "what": "sweep", "value": 73157.2, "unit": "ms", "note": "max |a - b| 0"}])
+    assert lines[2] == "| P7 | peer | — |  |  | not installed |"
+    assert lines[3] == "| P1 | fwd | 1.23 ms | 1.00× | <= 1 |  |"
+    assert lines[4] == "| P4 | sweep | 73,157 ms |  |  | max \\|a - b\\| 0 |"     # pipes escaped for Markdown
+
+
+def test_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--tiny", "--device", "cpu", "--dtype", "float32",
+                        "--tokens", "8", "--steps", "10", "--repeat", "1", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["id"] for row in rows} == {"P1", "P2", "P4", "P5"}
+    assert all(row["value"] is not None for row in rows)
+    assert rows[-1]["value"] < 1e-4          # the batched head sweep reproduces the serial loop
+    assert r.stdout.rstrip().splitlines()[-1].startswith("| P4 | fp32 exactness")   # the table comes last
