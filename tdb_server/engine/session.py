@@ -158,7 +158,7 @@ class DebugRun:
                     mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)
                 with torch.no_grad(), adapter.running(self) as hook_run:
                     self.hook_run = hook_run
-                    out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask)
+                    out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask, use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]
                 idx = (self.lengths - 1).to(logits.device)
                 self.logits = logits[torch.arange(B, device=logits.device), idx].float()   # [B, V]
@@ -652,8 +652,7 @@ class Session:
             if self.current is not None and self.current.state in (pb.RUNNING, pb.PAUSED):
                 raise FailedPrecondition(f"run {self.current.run_id} is still {_STATE_NAMES[self.current.state]}: "
                                          "continue or terminate it first", reason="RUN_ACTIVE")
-        known = self.adapter.verified_sites
-        verified = [x for x in self.all_sites if x in known]
+        verified = self.adapter.verified_order
         capture_all = not capture
         if capture == ["none"]:
             capture_set: frozenset[str] = frozenset()
@@ -666,8 +665,8 @@ class Session:
             capture_set = frozenset(verified)
         bp_sites = {x for bp in self.breakpoints for x in bp.sites}
         pending_sites = {p.site for p in self.patches}
-        wanted_patterns = {x for x in verified if site_kind(x) == "attn.pattern"} & (capture_set | bp_sites | pending_sites)
-        sites = [x for x in verified if site_kind(x) != "attn.pattern" or x in wanted_patterns]
+        asked = capture_set | bp_sites | pending_sites   # attention patterns are computed only when asked for
+        sites = [x for x in verified if x in asked or not x.endswith(".attn.pattern")]
         # Hooks only where something is asked: captures, breakpoints (and the site before a BEFORE one),
         # patches (and attn.z for head units). Stepping or pausing hooks the rest of the run on demand.
         if capture_all or stop_on_entry:

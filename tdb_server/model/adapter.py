@@ -141,6 +141,7 @@ class ModelAdapter:
             has_tokenizer=tokenizer is not None, attn_implementation=original_impl,
         )
         self.verified_sites: frozenset[str] = frozenset()
+        self.verified_order: tuple[str, ...] = ()
         self.unverified: dict[str, str] = {}  # site -> why it is not verified
         if self_check:
             self._self_check(*reference)
@@ -287,4 +288,5 @@ class ModelAdapter:
             else:
                 verified.add(site)
         self.verified_sites = frozenset(verified)
+        self.verified_order = tuple(x for x in self.info.sites if x in verified)   # in execution order
         self.unverified = problems
