@@ -17,3 +17,7 @@ __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "
            "Ablation", "AblationEffect", "AblationResult", "AttentionResult", "Comparison", "InputAttributionResult",
            "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace",
            "PatchSweepResult", "SweepAxis", "SweepStream", "Graph", "ActivationRecords", "Explanation", "SaeInfo"]
+
+from . import _repr  # noqa: E402
+
+_repr.install([globals()[name] for name in __all__])   # results print compactly (arrays as dtype + shape)
