@@ -25,6 +25,10 @@ def _work(c) -> None:
     c.ablate(PROMPT, target, [Ablation("blocks.1.attn.head.1")])
     c.logit_lens(PROMPT)
     c.attention_pattern(PROMPT, layer=1)
+    corrupted = PROMPT.replace("Darcy", "Bennet")
+    c.patch_sweep(PROMPT, corrupted, target, kind="head_out")
+    c.attribution_patching(PROMPT, corrupted, target, kind="head_out", verify_top_k=3)
+    c.information_flow(PROMPT)
     with pytest.raises(TdbError):
         c.node_table(PROMPT, Target(tokens=["not-a-word-of-this-vocabulary"]))
     with c.session() as s:
