@@ -159,6 +159,17 @@ def test_hit_count_breakpoint(client):
         st = s.launch(token_ids=IDS)
         assert st.site == "blocks.0.mlp.out"      # mlp.pre, mlp.post, mlp.out: the 3rd hit
         assert s.continue_().site == "blocks.1.mlp.out"
+        s.terminate()
+
+
+def test_hit_counts_survive_the_set_being_sent_again(client):
+    """An IDE sends every breakpoint again when one changes: the unchanged ones keep counting."""
+    with client.session() as s:
+        s.set_breakpoints([Breakpoint("blocks.*.mlp.*", hit_condition=">=2")])
+        assert s.launch(token_ids=IDS).site == "blocks.0.mlp.post"          # the 2nd hit
+        s.set_breakpoints([Breakpoint("blocks.*.mlp.*", hit_condition=">=2"), Breakpoint("blocks.1.attn.out")])
+        assert s.continue_().site == "blocks.0.mlp.out"                     # the 3rd: the count went on
+        s.terminate()
 
 
 def test_log_point_emits_output_and_does_not_stop(client):

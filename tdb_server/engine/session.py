@@ -618,6 +618,11 @@ class Session:
                 spec.sites = [x for x in spec.sites if x in verified_sites]
             specs.append(spec)
         with self.cv:
+            # an IDE sends the whole set again whenever one breakpoint changes: the others keep their hit
+            # counts in the current run (a hit condition like ">= 3" must not start over)
+            old = {_bp_key(bp): bp.hits for bp in self.breakpoints}
+            for bp in specs:
+                bp.hits = old.get(_bp_key(bp), 0)
             self.breakpoints = specs
         run = self.current
         if run is not None and run.state in (pb.RUNNING, pb.PAUSED):
@@ -1135,6 +1140,10 @@ def _release_free_memory() -> None:
     libc = _libc()
     if libc and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def _bp_key(bp: BreakpointSpec) -> tuple:
+    return bp.name, bp.when, bp.condition, bp.hit_condition, bp.log_message, bp.tokens
 
 
 class SessionManager:
