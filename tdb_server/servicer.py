@@ -148,7 +148,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         ids = list(tok(request.text, add_special_tokens=False)["input_ids"])
         if request.prepend_bos and tok.bos_token_id is not None:
             ids = [tok.bos_token_id] + ids
-        return pb.TokenizeResponse(ids=ids, tokens=[tok.decode([i]) for i in ids])
+        return pb.TokenizeResponse(ids=ids, tokens=self.adapter.token_texts(ids))
 
     # -- sessions --------------------------------------------------------------------------------
 

@@ -112,10 +112,7 @@ class Target:
 
 
 def decode(adapter, ids: list[int]) -> list[str]:
-    tok = adapter.tokenizer
-    if tok is None:
-        return [f"<{i}>" for i in ids]
-    return [tok.decode([i]) for i in ids]
+    return adapter.token_texts(ids)
 
 
 def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) -> list[int]:

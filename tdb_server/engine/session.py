@@ -741,22 +741,19 @@ class Session:
         for row, n in zip(run.input_ids.tolist(), run.lengths.tolist()):
             msg.input_ids.add(ids=row[:n])
         if run.logits is not None:
-            probs = torch.softmax(run.logits, dim=-1)
             k = min(top_k or 10, run.logits.shape[-1])
             top = torch.topk(run.logits, k, dim=-1)
-            for b in range(run.logits.shape[0]):
+            probs = torch.softmax(run.logits, dim=-1).gather(-1, top.indices).tolist()
+            for b, (ids, logits) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
                 tt = msg.top.add(batch_index=b, position=int(run.lengths[b]) - 1)
-                for tid, lg in zip(top.indices[b].tolist(), top.values[b].tolist()):
-                    tt.tokens.add(token_id=tid, text=self.decode([tid])[0], logit=lg, prob=float(probs[b, tid]))
+                for tid, text, lg, p in zip(ids, self.decode(ids), logits, probs[b]):
+                    tt.tokens.add(token_id=tid, text=text, logit=lg, prob=p)
             if include_logits:
                 msg.last_logits.CopyFrom(wire.to_wire(run.logits))
         return msg
 
     def decode(self, ids: list[int]) -> list[str]:
-        tok = self.adapter.tokenizer
-        if tok is None:
-            return [f"<{i}>" for i in ids]
-        return [tok.decode([i]) for i in ids]
+        return self.adapter.token_texts(ids)
 
     # -- control ---------------------------------------------------------------------------------
 

@@ -114,14 +114,14 @@ def token_stats(adapter: Any, records: Records, k: int = 8) -> tuple[list[TokenS
         freq = freq / freq.sum()
     except Exception:  # noqa: BLE001
         freq = None
-    tok = adapter.tokenizer
+    text = adapter.token_texts
     n = len(pos)
     out = []
     for t, c in toks.most_common(k):
         share = c / n
         lift = share / float(freq[t]) if freq is not None and freq[t] > 0 else float("nan")
-        out.append(TokenStat(tok.decode([t]), round(share, 4), round(lift, 2), c, int(t)))
-    ng = [TokenStat(tok.decode([a]) + tok.decode([b]), round(c / n, 4), float("nan"), c) for (a, b), c in grams.most_common(k)]
+        out.append(TokenStat(text([t])[0], round(share, 4), round(lift, 2), c, int(t)))
+    ng = [TokenStat("".join(text([a, b])), round(c / n, 4), float("nan"), c) for (a, b), c in grams.most_common(k)]
     return out, ng
 
 
@@ -133,10 +133,10 @@ def logit_lens_tokens(adapter: Any, direction: torch.Tensor, k: int = 8) -> tupl
     x = adapter.final_norm_linear(d, torch.ones(1, device=d.device)).float()
     logits = x @ adapter.W_U.float()                                                  # [V]
     logits = logits - logits.mean()
-    dec = (lambda i: adapter.tokenizer.decode([i])) if adapter.tokenizer is not None else (lambda i: f"<{i}>")
     top, bottom = torch.topk(logits, k), torch.topk(-logits, k)
-    return ([(dec(int(i)), round(float(v), 4)) for v, i in zip(top.values, top.indices)],
-            [(dec(int(i)), round(float(-v), 4)) for v, i in zip(bottom.values, bottom.indices)])
+    up = zip(adapter.token_texts(top.indices.tolist()), top.values.tolist())
+    down = zip(adapter.token_texts(bottom.indices.tolist()), (-bottom.values).tolist())
+    return [(t, round(v, 4)) for t, v in up], [(t, round(v, 4)) for t, v in down]
 
 
 def unit_direction(adapter: Any, records: Records) -> torch.Tensor | None:

@@ -143,8 +143,23 @@ class ModelAdapter:
         self.verified_sites: frozenset[str] = frozenset()
         self.verified_order: tuple[str, ...] = ()
         self.unverified: dict[str, str] = {}  # site -> why it is not verified
+        self._token_text: dict[int, str] = {}
         if self_check:
             self._self_check(*reference)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token id's text on its own ("<id>" without a tokenizer); cached, at most one entry per
+        vocabulary item (decoding one id at a time is most of the cost of a logit lens's top tokens)."""
+        tok, cache = self.tokenizer, self._token_text
+        if tok is None:
+            return [f"<{i}>" for i in ids]
+        out = []
+        for i in ids:
+            text = cache.get(i)
+            if text is None:
+                text = cache[i] = tok.decode([i])
+            out.append(text)
+        return out
 
     # --- running ------------------------------------------------------------------------------
 

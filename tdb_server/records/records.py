@@ -220,12 +220,10 @@ def activation_records(adapter: Any, unit: str, corpus: Corpus | str | None = No
         part = chosen[start:start + batch]
         acts = _site_acts(adapter, ref.kind, ref.layer, site, ids[part])[..., ref.index]     # [b, T]
         per_token.update({w: acts[i] for i, w in enumerate(part)})
-    tok = adapter.tokenizer
-
     def record(w: int) -> Window:
         a = per_token[w]
         t_ids = ids[w].tolist()
-        return Window(w, t_ids, [tok.decode([t]) for t in t_ids], [round(float(x), 6) for x in a],
+        return Window(w, t_ids, adapter.token_texts(t_ids), [round(float(x), 6) for x in a],
                       float(a.max()), int(a.argmax()))
 
     return Records(ref.name, ref.kind, ref.site if ref.kind != "head" else f"blocks.{ref.layer}.attn.z",
