@@ -21,6 +21,7 @@ from .analyses import ablation, input_attribution, lens, node_table as nt, sweep
 from .analyses import circuits
 from .analyses.inputs import Prompt, Target, TargetSpec, decode, encode, resolve_target
 from .errors import Cancelled, InvalidArgument
+from .files import FileAccess
 from .limits import Limits
 from .engine.scheduler import scheduler_for
 from .sae_servicer import SaeServicerMixin, explanations
@@ -152,9 +153,10 @@ def _summary(adapter: Any, objective: Any, result: nt.NodeTableResult) -> pb.Res
 
 
 class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
-    def __init__(self, adapter: Any, limits: Limits | None = None):
+    def __init__(self, adapter: Any, limits: Limits | None = None, files: FileAccess | None = None):
         self.adapter = adapter
         self.limits = limits or Limits()
+        self.files = files or FileAccess.for_model(adapter)
         from .sae import attach_bundled
         attach_bundled(adapter)   # SAEs shipped next to the model (<model>/saes/*/) are attached by default
 

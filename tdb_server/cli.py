@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         device_map = json.loads(device_map)
     return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                  limits=limits, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                 device_map=device_map, offload_folder=args.offload_folder)
+                 device_map=device_map, offload_folder=args.offload_folder, data_dirs=args.data_dir)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="require this bearer token on every RPC (or set TDB_TOKEN)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--data-dir", action="append", default=[], metavar="FOLDER",
+                   help="a folder whose files clients may name (SAE folders, corpora for activation records); "
+                   "repeatable. Besides these, only the bundled data and the model's own folder")
     d = Limits()
     for flag, field, scale, text in LIMIT_FLAGS:
         default = getattr(d, field)

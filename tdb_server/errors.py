@@ -63,3 +63,8 @@ class Unauthenticated(TdbServerError):
 class Cancelled(TdbServerError):
     code = grpc.StatusCode.CANCELLED
     reason = "CANCELLED"
+
+
+class PermissionDenied(TdbServerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PATH_NOT_ALLOWED"

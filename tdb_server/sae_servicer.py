@@ -15,6 +15,7 @@ from tdb.v1 import analysis_pb2 as pb
 from . import explain, wire
 from .engine.scheduler import scheduler_for
 from .errors import Cancelled, InvalidArgument
+from .files import FileAccess
 from .records import Records, Window, activation_records
 from .sae import AttachedSae, attach, attached, detach
 from .servicer import _rpc, _rpc_stream
@@ -62,13 +63,19 @@ def explanations(adapter: Any, node_names: list[str]) -> list[str]:
 
 class SaeServicerMixin:
     adapter: Any
+    files: FileAccess
+
+    def _corpus(self, path: str) -> str | None:
+        """A client's corpus file, if it may read it (None: the bundled held-out slice)."""
+        return str(self.files.check(path, "corpus")) if path else None
 
     @_rpc
     def AttachSae(self, request: pb.AttachSaeRequest, context: grpc.ServicerContext) -> pb.SaeInfo:
         if not request.path:
             raise InvalidArgument("give the folder of an SAE (cfg.json + sae_weights.safetensors)", reason="BAD_SAE")
+        folder = self.files.check(request.path, "SAE folder")
         with scheduler_for(self.adapter).turn():
-            entry = attach(self.adapter, request.path, name=request.name, evaluate=not request.skip_quality)
+            entry = attach(self.adapter, folder, name=request.name, evaluate=not request.skip_quality)
         return sae_info(entry)
 
     @_rpc
@@ -85,6 +92,7 @@ class SaeServicerMixin:
                           context: grpc.ServicerContext) -> Iterator[pb.ActivationRecordsChunk]:
         """Progress chunks while the corpus pass runs (in a worker, holding the device), then the records."""
         kw = _record_args(request)
+        corpus = self._corpus(request.corpus_path)
         left = threading.Event()
         context.add_callback(left.set)
         events: queue.Queue = queue.Queue()
@@ -94,7 +102,7 @@ class SaeServicerMixin:
             try:
                 with scheduler_for(self.adapter).turn():
                     box["records"] = activation_records(
-                        self.adapter, request.unit, request.corpus_path or None,
+                        self.adapter, request.unit, corpus,
                         progress=lambda d, t, s: events.put(pb.RecordsProgress(stage=s, done=d, total=t)),
                         should_stop=left.is_set, **kw)
             except BaseException as e:  # noqa: BLE001 - re-raised in the RPC thread
@@ -114,8 +122,9 @@ class SaeServicerMixin:
     @_rpc
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
         kw = _record_args(request)
+        corpus = self._corpus(request.corpus_path)
         with scheduler_for(self.adapter).turn():
-            exp, records = explain.explain(self.adapter, request.unit, request.corpus_path or None,
+            exp, records = explain.explain(self.adapter, request.unit, corpus,
                                            use_llm=request.use_llm, **kw)
         msg = pb.ExplainResponse(
             unit=exp.unit, text=exp.text, method=exp.method, label=exp.label,

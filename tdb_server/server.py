@@ -15,7 +15,7 @@ import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 
@@ -23,6 +23,7 @@ from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_g
 
 from .engine.session import SessionManager
 from .analysis_servicer import AnalysisServicer
+from .files import FileAccess
 from .limits import Limits
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DebuggerServicer
@@ -69,12 +70,14 @@ def _enable_health_and_reflection(server: grpc.Server, service_names: list[str])
 
 
 def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORKERS, limits: Limits | None = None,
-                  token: str | None = None, tls_cert: str | None = None,
-                  tls_key: str | None = None) -> tuple[ServerHandle, int]:
+                  token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                  data_dirs: Sequence[str] = ()) -> tuple[ServerHandle, int]:
     """Build, bind and start a server for `adapter` on `address` ("host:port"; port 0 = any free).
 
     token: require `authorization: Bearer <token>` on every RPC but health checks.
-    tls_cert/tls_key: PEM files; the port then speaks TLS only."""
+    tls_cert/tls_key: PEM files; the port then speaks TLS only.
+    data_dirs: folders whose files clients may name (SAE folders, corpora), besides the bundled data and
+    the model's folder."""
     limits = limits or Limits()
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, limits.max_patch_bytes + (1 << 20))),
@@ -84,7 +87,7 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
                          options=options, interceptors=interceptors)
     sessions = SessionManager(adapter, limits=limits)
     debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
-    analysis_pb2_grpc.add_AnalysisServicer_to_server(AnalysisServicer(adapter, limits), server)
+    analysis_pb2_grpc.add_AnalysisServicer_to_server(AnalysisServicer(adapter, limits, FileAccess.for_model(adapter, data_dirs)), server)
     names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name,
              analysis_pb2.DESCRIPTOR.services_by_name["Analysis"].full_name]
     health = _enable_health_and_reflection(server, names)
@@ -109,7 +112,8 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
           dtype: str = "auto", ready: threading.Event | None = None, limits: Limits | None = None,
           token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-          device_map: str | dict | None = None, offload_folder: str | None = None) -> int:
+          device_map: str | dict | None = None, offload_folder: str | None = None,
+          data_dirs: Sequence[str] = ()) -> int:
     """Load the model, serve until SIGINT/SIGTERM, then shut down gracefully."""
     from .model import load_model
     from .paths import resolve_model
@@ -117,7 +121,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, 
     adapter = load_model(resolve_model(model), device=device, dtype=dtype, device_map=device_map,
                          offload_folder=offload_folder)
     handle, bound = create_server(f"{host}:{port}", adapter, limits=limits, token=token, tls_cert=tls_cert,
-                                  tls_key=tls_key)
+                                  tls_key=tls_key, data_dirs=data_dirs)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"tdb: listening on {shown_host}:{bound}", flush=True)
     print(f"tdb: model {adapter.info.name} ({adapter.info.architecture}, {adapter.info.n_layers} layers, "

@@ -5,6 +5,7 @@ Tests go through the real wire (a gRPC channel over loopback), like a user's cli
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def bundled_adapter():
 
 
 def _serve(adapter, **kw):
+    kw.setdefault("data_dirs", [tempfile.gettempdir()])   # tests write SAEs and corpora under tmp_path
     handle, port = create_server("127.0.0.1:0", adapter, **kw)
     return handle, f"127.0.0.1:{port}"
 

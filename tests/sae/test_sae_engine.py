@@ -5,6 +5,8 @@ computed by hand with plain torch hooks on the HF model, never with tdb's SAE co
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +58,7 @@ def world():
     W_dec = torch.randn(K, D, generator=g) * 0.5
     sae = Sae(SaeConfig("standard", D, K, SITE), W_enc, b_enc, W_dec, b_dec)
     entry = attach(adapter, sae)
-    handle, port = create_server("127.0.0.1:0", adapter)
+    handle, port = create_server("127.0.0.1:0", adapter, data_dirs=[tempfile.gettempdir()])
     client = TdbClient(f"127.0.0.1:{port}", timeout=60)
     yield {"adapter": adapter, "sae": sae, "entry": entry, "client": client,
            "w": {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}}
@@ -220,3 +222,29 @@ def test_attach_list_detach_over_the_wire(world, tmp_path):
     with pytest.raises(TdbError) as e:
         client.attach_sae(str(tmp_path / "missing"))
     assert e.value.code.name == "NOT_FOUND"
+
+
+def test_clients_cannot_make_the_server_read_files_outside_its_data_folders(gpt2_adapter, make_server, tmp_path):
+    """Paths a client names (SAE folders, corpora) must lie in the bundled data, the model's folder or a
+    --data-dir, after resolving links and '..': activation records would otherwise show any text file."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "corpus.txt").write_text("the cat sat on the mat " * 200)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password " * 200)
+    (allowed / "link.txt").symlink_to(secret)
+    _, addr = make_server(gpt2_adapter, data_dirs=[str(allowed)])
+    with TdbClient(addr) as c:
+        for path in (str(secret), str(allowed / ".." / "secret.txt"), str(allowed / "link.txt"), "/etc/passwd"):
+            for call in (lambda: c.activation_records("blocks.0.mlp.neuron.1", corpus_path=path),
+                         lambda: c.explain("blocks.0.mlp.neuron.1", corpus_path=path)):
+                with pytest.raises(TdbError) as e:
+                    call()
+                assert e.value.code.name == "PERMISSION_DENIED" and e.value.reason == "PATH_NOT_ALLOWED", path
+                assert "--data-dir" in e.value.message
+        with pytest.raises(TdbError) as e:
+            c.attach_sae("/etc")
+        assert e.value.code.name == "PERMISSION_DENIED"
+        with pytest.raises(TdbError) as e:                    # inside an allowed folder: an ordinary answer
+            c.attach_sae(str(allowed / "missing"))
+        assert e.value.code.name == "NOT_FOUND"
