@@ -1,4 +1,5 @@
-"""Fuzzing every RPC with generated malformed and hostile requests (hypothesis, bounded, loopback).
+"""Fuzzing every RPC of both services (Debugger and Analysis) with generated malformed and hostile
+requests (hypothesis, bounded, loopback): ~2,200 requests over 39 RPCs.
 
 Each answer must be a deliberate status — never INTERNAL or UNKNOWN, never a hang — and afterwards a
 normal session must still get exactly the right logits."""
@@ -14,13 +15,13 @@ import torch
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
+from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2 as pb, debugger_pb2_grpc
 from tdb_client import TdbClient
 from tdb_server.limits import Limits
 
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
               grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-              grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED}
+              grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 EXAMPLES_PER_RPC = 60
 IDS = [[5, 17, 42, 8, 99, 5, 17, 42, 3, 61]]
 
@@ -101,8 +102,9 @@ def _build(cls, data: dict):
     return msg
 
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Debugger"]
-METHODS = [m for m in SERVICE.methods]
+SERVICES = [(pb.DESCRIPTOR.services_by_name["Debugger"], debugger_pb2_grpc.DebuggerStub),
+            (analysis_pb2.DESCRIPTOR.services_by_name["Analysis"], analysis_pb2_grpc.AnalysisStub)]
+METHODS = [(m, stub) for service, stub in SERVICES for m in service.methods]
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +124,11 @@ def fuzz_server(fuzz_adapter):
     handle.stop(grace=None)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-def test_fuzz_rpc(method, fuzz_server, fuzz_counter):
+@pytest.mark.parametrize("method,stub_class", METHODS, ids=[f"{m.containing_service.name}.{m.name}" for m, _ in METHODS])
+def test_fuzz_rpc(method, stub_class, fuzz_server, fuzz_counter):
     addr, _ = fuzz_server
     channel = grpc.insecure_channel(addr)
-    stub = debugger_pb2_grpc.DebuggerStub(channel)
+    stub = stub_class(channel)
     with TdbClient(addr) as c:
         s = c.session()                       # a real session, so fuzzed requests reach deep code
         State.session_id = s.id
