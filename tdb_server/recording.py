@@ -123,6 +123,9 @@ class _ReplayContext:
     def is_active(self) -> bool:
         return True
 
+    def time_remaining(self) -> float | None:
+        return None
+
     def set_trailing_metadata(self, md: Any) -> None:
         pass
 

@@ -73,8 +73,13 @@ def _rpc_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]
     return stream
 
 
-def _wait_s(ms: int) -> float:
-    return ms / 1000.0 if ms > 0 else DEFAULT_WAIT_S
+def _wait_s(ms: int, context: Any) -> float:
+    """How long to wait for a run or an event: as asked (or the default), but answered before the
+    client's deadline, with whatever state there is (a RUNNING status, no events) rather than a
+    DEADLINE_EXCEEDED and a worker thread kept waiting for nobody."""
+    wait = ms / 1000.0 if ms > 0 else DEFAULT_WAIT_S
+    left = context.time_remaining()
+    return wait if left is None else min(wait, max(0.0, left - 0.05))
 
 
 def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | None = None) -> common_pb2.Capabilities:
@@ -184,19 +189,19 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         run = s.launch(list(request.prompts), [list(t.ids) for t in request.token_ids], request.prepend_bos,
                        list(request.capture), request.stop_on_entry, gen)
         if request.wait:
-            s.wait(run, _wait_s(request.wait_timeout_ms))
+            s.wait(run, _wait_s(request.wait_timeout_ms, context))
         return _recorded(s, "Launch", request, _status_or_oom(s, run))
 
-    def _control(self, request: Any, command: str, step: str | None = None) -> pb.RunStatus:
+    def _control(self, request: Any, context: Any, command: str, step: str | None = None) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         run = s.resume(command, step)
         if request.wait:
-            s.wait(run, _wait_s(request.wait_timeout_ms))
+            s.wait(run, _wait_s(request.wait_timeout_ms, context))
         return _recorded(s, "Step" if step else "Continue", request, _status_or_oom(s, run))
 
     @_rpc
     def Continue(self, request: pb.ContinueRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        return self._control(request, "continue")
+        return self._control(request, context, "continue")
 
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.RunStatus:
@@ -204,14 +209,14 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         if kind is None:
             raise InvalidArgument(f"unknown step kind {request.kind}: STEP_INTO, STEP_OVER or STEP_OUT",
                                   reason="BAD_STEP_KIND")
-        return self._control(request, "step", kind)
+        return self._control(request, context, "step", kind)
 
     @_rpc
     def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         run = s.pause()
         if request.wait:
-            s.wait(run, _wait_s(request.wait_timeout_ms))
+            s.wait(run, _wait_s(request.wait_timeout_ms, context))
         return _recorded(s, "Pause", request, s.status(run))
 
     @_rpc
@@ -219,14 +224,14 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         s = self.sessions.get(request.session_id)
         run = s.terminate()
         if request.wait:
-            run.finished.wait(_wait_s(request.wait_timeout_ms))
+            run.finished.wait(_wait_s(request.wait_timeout_ms, context))
         return _recorded(s, "Terminate", request, s.status(run))
 
     @_rpc
     def GetRunStatus(self, request: pb.GetRunStatusRequest, context: grpc.ServicerContext) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         if request.wait and s.current is not None:
-            s.wait(s.current, _wait_s(request.wait_timeout_ms))
+            s.wait(s.current, _wait_s(request.wait_timeout_ms, context))
         return s.status()
 
     @_rpc
@@ -264,7 +269,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def PollEvents(self, request: pb.PollEventsRequest, context: grpc.ServicerContext) -> pb.PollEventsResponse:
         s = self.sessions.get(request.session_id)
         if request.timeout_ms > 0:
-            s.events.wait(request.after_seq, min(request.timeout_ms / 1000.0, 30.0))
+            s.events.wait(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
         events, truncated = s.events.since(request.after_seq, request.max_events)
         return pb.PollEventsResponse(events=events, last_seq=s.events.last_seq, truncated=truncated)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 from tdb_client import Breakpoint, EventCollector, Session, TdbClient, TdbError
 from tdb_server.model import all_sites
 
@@ -591,3 +592,15 @@ def test_hooks_only_where_something_is_asked(gpt2_adapter):
     finally:
         mgr.shutdown()
     assert wait_no_hooks(gpt2_adapter) == 0
+
+
+def test_long_waits_answer_before_the_client_deadline(client):
+    """A long poll (or a wait for a run) longer than the RPC's deadline answers with what there is just
+    before the deadline: no DEADLINE_EXCEEDED, and no server thread left waiting for nobody."""
+    with client.session() as s:
+        s.launch(token_ids=IDS)
+        _, last, _ = s.poll_events()
+        stub = debugger_pb2_grpc.DebuggerStub(client._channel)
+        t0 = time.monotonic()
+        r = stub.PollEvents(pb.PollEventsRequest(session_id=s.id, after_seq=last, timeout_ms=20_000), timeout=1.0)
+        assert not r.events and r.last_seq == last and time.monotonic() - t0 < 2.0
