@@ -60,6 +60,11 @@ with TdbClient(f"127.0.0.1:{port}") as tdb:
     heads = [f"blocks.{layer}.attn.head.{h}" for layer, h in truth["induction_heads"]]
     result = tdb.ablate(prompt, target, [Ablation(h) for h in heads])
     print(f"4. zero-ablating {', '.join(heads)}: {result.before:.2f} -> {result.after:.2f}")
+    strongest = table.top.to_pandas()["node"][0]                         # head 1.3
+    backup = tdb.node_table(prompt, target, top_k=3, node_types=["head"], ablations=[strongest])
+    rows = backup.top.to_pandas()                                         # per head and query position
+    print(f"   with {strongest} alone ablated the target is {backup.target.value:.2f}, carried now by "
+          + ", ".join(f"{r.node} ({r.direct_effect:+.2f})" for r in rows.itertuples()))
 
     # -- 5. patch every head from the clean run into the corrupted one ---------------------------------
     sweep = tdb.patch_sweep(prompt, corrupted, target, kind="head_out")
