@@ -116,14 +116,27 @@ class RunOutput:
     evals: dict[str, Evaluated]
 
 
+_LAYER = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp))?$")
+
+
+def _zeroed(node: str) -> list[str]:
+    """What zero-ablating a node patches: a unit itself; a layer name (`blocks.L`, `blocks.L.attn`,
+    `blocks.L.mlp`) its output sites, as the Ablate analysis does."""
+    m = _LAYER.match(node)
+    if m is None:
+        return [node]
+    return [f"blocks.{m.group(1)}.{kind}.out" for kind in ([m.group(2)] if m.group(2) else ["attn", "mlp"])]
+
+
 @st.cache_data(**CACHE)
 def run(address: str, ids: tuple[int, ...], *, capture: tuple[str, ...] = (), reads: tuple[str, ...] = (),
         evals: tuple[str, ...] = (), ablations: tuple[str, ...] = (), top_k: int = 10) -> RunOutput:
     """One forward pass of `ids` with every unit in `ablations` zeroed; read and evaluate after it."""
     client = get_client(address)
     with client.session(name="dashboard-run") as s:
-        for unit in ablations:
-            s.patch(unit, "zero")
+        for node in ablations:
+            for target in _zeroed(node):
+                s.patch(target, "zero")
         status = s.launch(token_ids=[list(ids)], capture=list(capture))
         if status.state != "exited":
             raise TdbError(grpc.StatusCode.FAILED_PRECONDITION, "RUN_NOT_FINISHED",
