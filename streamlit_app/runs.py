@@ -8,6 +8,7 @@ on (server, token ids, ablations, what was asked), so they are cached across rer
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -119,9 +120,16 @@ class RunOutput:
 _LAYER = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp))?$")
 
 
-def _zeroed(node: str) -> list[str]:
-    """What zero-ablating a node patches: a unit itself; a layer name (`blocks.L`, `blocks.L.attn`,
-    `blocks.L.mlp`) its output sites, as the Ablate analysis does."""
+def _zeroed(node: str, info: Any) -> list[str]:
+    """What zero-ablating a node patches, as the Ablate analysis reads the name: a unit itself; a layer
+    (`blocks.L`, `blocks.L.attn`, `blocks.L.mlp`) its output sites; a pattern (`blocks.*.attn.head.*`)
+    every head, neuron or layer it matches."""
+    if any(c in node for c in "*?["):
+        names = [f"blocks.{layer}{part}" for layer in range(info.n_layers) for part in ("", ".attn", ".mlp")]
+        names += [f"blocks.{layer}.attn.head.{h}" for layer in range(info.n_layers) for h in range(info.n_heads)]
+        if "neuron" in node:
+            names += [f"blocks.{layer}.mlp.neuron.{n}" for layer in range(info.n_layers) for n in range(info.d_mlp)]
+        return [x for name in fnmatch.filter(names, node) for x in _zeroed(name, info)] or [node]
     m = _LAYER.match(node)
     if m is None:
         return [node]
@@ -134,8 +142,9 @@ def run(address: str, ids: tuple[int, ...], *, capture: tuple[str, ...] = (), re
     """One forward pass of `ids` with every unit in `ablations` zeroed; read and evaluate after it."""
     client = get_client(address)
     with client.session(name="dashboard-run") as s:
+        info = client.model_info() if ablations else None
         for node in ablations:
-            for target in _zeroed(node):
+            for target in _zeroed(node, info):
                 s.patch(target, "zero")
         status = s.launch(token_ids=[list(ids)], capture=list(capture))
         if status.state != "exited":

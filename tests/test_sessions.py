@@ -604,3 +604,18 @@ def test_long_waits_answer_before_the_client_deadline(client):
         t0 = time.monotonic()
         r = stub.PollEvents(pb.PollEventsRequest(session_id=s.id, after_seq=last, timeout_ms=20_000), timeout=1.0)
         assert not r.events and r.last_seq == last and time.monotonic() - t0 < 2.0
+
+
+def test_a_head_patch_and_a_whole_site_patch_compose_in_either_order(client):
+    """Head patches act on the head's part of attn.out, whole-site patches on the result: zeroing
+    blocks.0.attn.out and a head of it leaves attn.out zero, whichever was registered first."""
+    def logits(*patches):
+        with client.session() as s:
+            for name in patches:
+                s.patch(name, "zero")
+            assert s.launch(token_ids=IDS).state == "exited"
+            return s.result(include_logits=True).last_logits
+    layer_only = logits("blocks.0.attn.out")
+    np.testing.assert_array_equal(logits("blocks.0.attn.out", "blocks.0.attn.head.2"), layer_only)
+    np.testing.assert_array_equal(logits("blocks.0.attn.head.2", "blocks.0.attn.out"), layer_only)
+    assert not np.array_equal(logits("blocks.0.attn.head.2"), layer_only)

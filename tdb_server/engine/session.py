@@ -302,19 +302,11 @@ class DebugRun:
     def _apply_patches(self, site: str, value: torch.Tensor) -> torch.Tensor:
         specs = [p for p in (*self.session.patches, *self.patches)
                  if p.site == site and (not p.tokens or self.token in p.tokens)]
+        # units first (a head's write, an SAE latent: parts of the site's value), then whole-site patches,
+        # which act on the result: zeroing attn.out and a head of it leaves zero, as in the Ablate analysis
+        specs.sort(key=lambda p: p.head is None and getattr(p, "latent", None) is None)
         for p in specs:
-            if getattr(p, "latent", None) is not None:   # SAE latent patch (tdb_server/sae/units.py)
-                from ..sae.units import apply_latent_patch
-                value = apply_latent_patch(self.session.adapter, value, p, self.lengths, self.position_offset)
-            elif p.head is not None:
-                layer = int(site.split(".")[1])
-                z = self.z.get(layer)
-                if z is None:
-                    raise FailedPrecondition(f"head patch {p.name}: attn.z of layer {layer} was not seen in this run")
-                value = apply_head(value, z, self.session.adapter.W_O(layer)[p.head], p, self.lengths,
-                                   self.position_offset)
-            else:
-                value = apply(value, p, self.lengths, self.position_offset)
+            value = _apply_spec(self.session.adapter, p, value, self.z, self.lengths, self.position_offset)
             p.applied = True
         return value
 
@@ -1036,16 +1028,7 @@ class Session:
             spec.scope = "run"
             run.hook_more({site} | ({f"blocks.{site.split('.')[1]}.attn.z"} if spec.head is not None else set()))
             if at_value:
-                cur = run.current_value()
-                if getattr(spec, "latent", None) is not None:
-                    from ..sae.units import apply_latent_patch
-                    new = apply_latent_patch(self.adapter, cur, spec, run.lengths, run.position_offset)
-                elif spec.head is not None:
-                    layer = int(site.split(".")[1])
-                    new = apply_head(cur, run.z[layer], self.adapter.W_O(layer)[spec.head], spec, run.lengths,
-                                     run.position_offset)
-                else:
-                    new = apply(cur, spec, run.lengths, run.position_offset)
+                new = _apply_spec(self.adapter, spec, run.current_value(), run.z, run.lengths, run.position_offset)
                 run._value = new
                 if site in run.capture:
                     run.captured[site] = new
@@ -1137,6 +1120,21 @@ def _release_free_memory() -> None:
     libc = _libc()
     if libc and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def _apply_spec(adapter: Any, spec: PatchSpec, value: torch.Tensor, z: dict[int, torch.Tensor],
+                lengths: torch.Tensor, offset: int) -> torch.Tensor:
+    """One patch applied to its site's value: an SAE latent's, a head's (through attn.z of its layer) or
+    the site's own."""
+    if getattr(spec, "latent", None) is not None:   # SAE latent patch (tdb_server/sae/units.py)
+        from ..sae.units import apply_latent_patch
+        return apply_latent_patch(adapter, value, spec, lengths, offset)
+    if spec.head is not None:
+        layer = int(spec.site.split(".")[1])
+        if layer not in z:
+            raise FailedPrecondition(f"head patch {spec.name}: attn.z of layer {layer} was not seen in this run")
+        return apply_head(value, z[layer], adapter.W_O(layer)[spec.head], spec, lengths, offset)
+    return apply(value, spec, lengths, offset)
 
 
 def _bp_key(bp: BreakpointSpec) -> tuple:

@@ -129,14 +129,15 @@ def test_explore_whole_layer_ablations_are_left_out_of_the_node_table_with_a_not
     """A layer ablation changes the candidates and the target, not the node table (whose rows would no
     longer add up); the page says so, and the table is the one of the forward with the units ablated."""
     at = page("explore", prompt=dash.prompt, target=dash.target, distractor=dash.distractor,
-              ablate="blocks.0.attn,blocks.1.attn.head.1")
+              ablate="blocks.0.attn,blocks.1.attn.head.1,blocks.*.attn.head.2")
     assert any("Whole-layer ablations are applied to the candidates" in c.value for c in at.caption)
     with TdbClient(dash.address) as c:
         ids = _ids(c, dash.prompt)
         t, d = _tid(c, dash.target), _tid(c, dash.distractor)
         table = c.node_table(ids, Target([t], distractors=[d]), top_k=10, node_types=["head", "neuron"],
-                             ablations=["blocks.1.attn.head.1"])
-        joint = c.ablate(ids, Target([t], distractors=[d]), ["blocks.0.attn", "blocks.1.attn.head.1"])
+                             ablations=["blocks.1.attn.head.1", "blocks.*.attn.head.2"])
+        joint = c.ablate(ids, Target([t], distractors=[d]), ["blocks.0.attn", "blocks.1.attn.head.1",
+                                                             "blocks.*.attn.head.2"])
     [metric] = [m for m in at.metric if m.label.startswith("logit(target)")]
     assert float(metric.value) == pytest.approx(joint.results[0].after, abs=1e-3)   # the page's run: both ablated
     nodes = frame(at, -1)                           # the node table (the per-ablation effects come first)
