@@ -61,7 +61,9 @@ def bench_steps(addr: str, n_steps: int, ids: list[int]) -> dict[str, float]:
             "continue_median_ms": 1e3 * statistics.median(cont), "steps": len(lat)}
 
 
-def bench_read(mib: int, repeats: int = 3) -> dict[str, float]:
+def bench_read(mib: int, repeats: int = 3, shared_memory: bool = False) -> dict[str, float]:
+    """ReadTensor of `mib` MiB of float32 logits from an in-process server: streamed over gRPC, or
+    (shared_memory) through a shared-memory file, as a client on the server's host reads by default."""
     vocab = 65536
     rows = max(1, (mib << 20) // (vocab * 4))          # float32 logit rows of `vocab` each: mib MiB in all
     T = min(256, rows)
@@ -76,13 +78,13 @@ def bench_read(mib: int, repeats: int = 3) -> dict[str, float]:
             nbytes = 0
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                arr = s.read("logits")
+                arr = s.read("logits", shared_memory=shared_memory)
                 times.append(time.perf_counter() - t0)
                 nbytes = arr.nbytes
             small = []
             for _ in range(50):
                 t0 = time.perf_counter()
-                s.read("logits", "[0, :4]")
+                s.read("logits", "[0, :4]", shared_memory=shared_memory)
                 small.append(time.perf_counter() - t0)
     finally:
         handle.stop(grace=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from tdb.v1 import common_pb2
@@ -16,7 +18,8 @@ DTYPE_NAMES = {common_pb2.F32: "float32", common_pb2.F16: "float16", common_pb2.
 WIRE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearray | memoryview) -> np.ndarray:
+def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearray | memoryview | mmap.mmap
+           ) -> np.ndarray:
     """Raw bytes -> numpy array (bfloat16 is widened to float32, exactly)."""
     shape = tuple(int(s) for s in shape)
     if dtype == common_pb2.BF16:
@@ -25,7 +28,7 @@ def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearr
     if dtype not in _NP:
         raise ValueError(f"unknown wire dtype {dtype}")
     arr = np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
-    return arr if isinstance(data, bytearray) else arr.copy()   # a bytearray is ours: no second copy
+    return arr if isinstance(data, (bytearray, mmap.mmap)) else arr.copy()   # ours already: no second copy
 
 
 def from_wire(msg: common_pb2.Tensor) -> np.ndarray:

@@ -17,6 +17,7 @@ Every failed call raises `TdbError` (code, reason, message). Results are datacla
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import uuid
@@ -41,6 +42,10 @@ MAX_MESSAGE_BYTES = 256 << 20
 _OPS = {"set": pb.SET, "add": pb.ADD, "scale": pb.SCALE, "zero": pb.ZERO, "mean": pb.MEAN,
         "copy_from_run": pb.COPY_FROM_RUN, "copy": pb.COPY_FROM_RUN}
 _STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT, "token": pb.STEP_TOKEN}
+
+
+def _open_shared(path: str) -> int:
+    return os.open(path, os.O_RDONLY)
 
 
 class TdbClient(AnalysisMixin):
@@ -72,6 +77,7 @@ class TdbClient(AnalysisMixin):
         self._rpc = _Stub(self._channel, timeout, debugger_pb2_grpc.DebuggerStub)
         self._client_name = client_name
         self._info: ServerInfo | None = None
+        self._shm: bool | None = None        # reads through shared memory (decided at the first read)
 
     def __enter__(self) -> "TdbClient":
         return self
@@ -105,6 +111,16 @@ class TdbClient(AnalysisMixin):
 
     def model_info(self) -> ModelInfo:
         return self.initialize().model
+
+    def _use_shared_memory(self) -> bool:
+        """Reads go through shared memory when the server is on this host (a loopback address, no TLS
+        needed to reach it) and offers it; any refusal or failure turns it off for this client."""
+        if self._shm is None:
+            host = self.address.rsplit(":", 1)[0].strip("[]")
+            local = host in ("localhost", "::1") or host.startswith("127.")
+            self._shm = local and os.path.isdir("/dev/shm") and \
+                bool(self.capabilities().get("supportsSharedMemoryReads"))
+        return self._shm
 
     def capabilities(self) -> dict[str, bool]:
         return self.initialize().capabilities
@@ -267,8 +283,9 @@ class Session:
                          v.variables_reference, v.evaluate_name, v.indexed_variables) for v in r.variables]
 
     def read(self, site: str, selector: str = "", *, dtype: str | None = None, run_id: str = "",
-             chunk_bytes: int = 0) -> np.ndarray:
-        """A site's value (or any expression) as numpy, streamed in chunks and checksummed.
+             chunk_bytes: int = 0, shared_memory: bool | None = None) -> np.ndarray:
+        """A site's value (or any expression) as numpy, streamed in chunks and checksummed, or, from a
+        server on this host, through shared memory (`shared_memory`: None = whenever the server offers it).
 
         `selector` is an index appended to the site, e.g. read("blocks.1.attn.pattern", "[0, 2]").
         `dtype` converts on the server ("float32", "float16", "bfloat16", ...); bfloat16 arrives as float32.
@@ -279,6 +296,12 @@ class Session:
             if dtype not in _wire.WIRE_BY_NAME:
                 raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(_wire.WIRE_BY_NAME)}")
             req.dtype = _wire.WIRE_BY_NAME[dtype]
+        if shared_memory if shared_memory is not None else self.client._use_shared_memory():
+            got = self._read_shared(req)
+            if got is not None:
+                return got
+            self.client._shm = False                  # refused or unreachable: stream from now on
+            req.shared_memory = False
         buf: bytearray | None = None
         shape: list[int] = []
         wdtype = 0
@@ -298,6 +321,38 @@ class Session:
         if buf is None:
             raise TdbError(grpc.StatusCode.DATA_LOSS, "EMPTY_STREAM", f"no data for {expression}")
         return _wire.decode(wdtype, shape, buf)
+
+    def _read_shared(self, req: pb.ReadTensorRequest) -> np.ndarray | None:
+        """The read through a shared-memory file the server wrote; None when the server refuses it or the
+        file cannot be opened here (another host, another user, another /dev/shm)."""
+        req.shared_memory = True
+        try:
+            chunks = list(self._rpc.stream("ReadTensor", req, timeout=600))
+        except TdbError as e:
+            if e.reason == "SHM_UNAVAILABLE":
+                return None
+            raise
+        if len(chunks) != 1 or not chunks[0].shared_memory_path:
+            return None                               # a server that does not know the flag streamed the bytes
+        chunk = chunks[0]
+        path = chunk.shared_memory_path
+        try:
+            fd = _open_shared(path)
+        except OSError:
+            return None
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        try:
+            if chunk.total_bytes == 0:
+                data: Any = b""
+            else:   # private copy-on-write mapping: a writable array, copied only where it is written
+                data = mmap.mmap(fd, chunk.total_bytes, flags=mmap.MAP_PRIVATE,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return _wire.decode(chunk.dtype, list(chunk.shape), data)
 
     def stats(self, expression: str, run_id: str = "") -> TensorSummary:
         return TensorSummary.from_proto(self._rpc("TensorStats", pb.TensorStatsRequest(

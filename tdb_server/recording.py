@@ -190,6 +190,7 @@ def _replay_into(servicer: Any, session: Any, actions: list[dict], stop_on_misma
         want = action.get("outcome") or {}
         try:
             if rpc == "ReadTensor":
+                req.shared_memory = False                 # the replay checks the bytes themselves
                 chunks = list(servicer.ReadTensor(req, ctx))
                 first = chunks[0]
                 data = b"".join(c.data for c in chunks)

@@ -19,7 +19,7 @@ from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 
 from google.protobuf import json_format
 
-from . import PROTOCOL_VERSION, __version__, recording, wire
+from . import PROTOCOL_VERSION, __version__, recording, shm, wire
 from .analyses import analysis_names
 from .engine import expr, weights
 from .engine.patches import OPS, Selector
@@ -90,7 +90,7 @@ def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | N
         "supportsPatching": True, "supportsPatchBeforeRun": True, "supportsCopyFromRun": True,
         "supportsEvaluate": True, "supportsReadTensor": True, "supportsEventReplay": True,
         "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
-        "supportsGeneration": True, "supportsTokenStepping": True,
+        "supportsGeneration": True, "supportsTokenStepping": True, "supportsSharedMemoryReads": shm.available(),
     }
     analyses = analysis_names() if analyses is None else analyses
     return common_pb2.Capabilities(flags=flags, analyses=analyses, expression_functions=expr.FUNCTION_NAMES,
@@ -314,11 +314,19 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         if t.numel() * t.element_size() > limit:
             raise ResourceExhausted(f"{request.expression!r} is {t.numel() * t.element_size() / 2**20:.1f} MiB; reads are "
                                     f"limited to {limit / 2**20:.1f} MiB: read a slice", reason="READ_TOO_LARGE")
+        if request.shared_memory:
+            shm.check_peer(context.peer())
         data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
         session = self.sessions.get(request.session_id)
         size = request.chunk_bytes or CHUNK_BYTES
         total = len(data)
         dtype = wire.wire_dtype(t.dtype)
+        if request.shared_memory:
+            path, crc = shm.write(data, max_unclaimed=limit)
+            recording.record(session, "ReadTensor", request, recording.read_digest(t, crc))
+            yield pb.TensorChunk(dtype=dtype, shape=t.shape, total_bytes=total, last=True, crc32=crc,
+                                 shared_memory_path=path)
+            return
         crc = 0
         offset = 0
         while True:

@@ -584,21 +584,23 @@ class GetVariablesResponse(_message.Message):
     def __init__(self, variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ...) -> None: ...
 
 class ReadTensorRequest(_message.Message):
-    __slots__ = ("session_id", "expression", "dtype", "chunk_bytes", "run_id")
+    __slots__ = ("session_id", "expression", "dtype", "chunk_bytes", "run_id", "shared_memory")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPRESSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expression: str
     dtype: _common_pb2.DType
     chunk_bytes: int
     run_id: str
-    def __init__(self, session_id: _Optional[str] = ..., expression: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., chunk_bytes: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, session_id: _Optional[str] = ..., expression: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., chunk_bytes: _Optional[int] = ..., run_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("dtype", "shape", "total_bytes", "offset", "data", "last", "crc32")
+    __slots__ = ("dtype", "shape", "total_bytes", "offset", "data", "last", "crc32", "shared_memory_path")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -606,6 +608,7 @@ class TensorChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
     dtype: _common_pb2.DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
@@ -613,7 +616,8 @@ class TensorChunk(_message.Message):
     data: bytes
     last: bool
     crc32: int
-    def __init__(self, dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., crc32: _Optional[int] = ...) -> None: ...
+    shared_memory_path: str
+    def __init__(self, dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., crc32: _Optional[int] = ..., shared_memory_path: _Optional[str] = ...) -> None: ...
 
 class TensorStatsRequest(_message.Message):
     __slots__ = ("session_id", "expression", "run_id")
