@@ -45,7 +45,11 @@ _STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT, "token
 
 
 def _open_shared(path: str) -> int:
-    return os.open(path, os.O_RDONLY)
+    """Open a server's shared-memory file: only a `tdb-*` file directly in /dev/shm, never through a link
+    (the client unlinks what it opens, so a server must not be able to name any other file)."""
+    if os.path.dirname(path) != "/dev/shm" or not os.path.basename(path).startswith("tdb-"):
+        raise PermissionError(f"not a tdb shared-memory file: {path!r}")
+    return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
 
 
 class TdbClient(AnalysisMixin):

@@ -100,3 +100,20 @@ def test_unclaimed_files_are_bounded():
     for p in (path2, path3):
         os.unlink(p)
 
+
+def test_the_client_opens_and_unlinks_only_tdb_files_in_dev_shm(tmp_path):
+    """The client unlinks the file a server names: it must refuse any other path (or a link)."""
+    from tdb_client.client import _open_shared
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me")
+    link = shm.SHM_DIR / f"tdb-{os.getpid()}-link-test"
+    link.symlink_to(victim)
+    try:
+        for path in (str(victim), "/dev/shm/../tmp/x", "/dev/shm/other-file", str(link)):
+            with pytest.raises(OSError):
+                _open_shared(path)
+    finally:
+        link.unlink()
+    assert victim.read_text() == "keep me"
+
