@@ -181,6 +181,16 @@ def _token_lists(adapter, strings: tuple[str, ...], ids: tuple[int, ...], what: 
     return seqs
 
 
+def _spaced_hint(adapter, text: str) -> str:
+    """BPE vocabularies keep a word's leading space in its token: ' Darcy' may be one token where
+    'Darcy' is two. Say so when that is the case (the usual slip in a target)."""
+    tok = adapter.tokenizer
+    if tok is None or text.startswith(" "):
+        return ""
+    spaced = tok(" " + text, add_special_tokens=False)["input_ids"]
+    return f" (did you mean {' ' + text!r}? with its leading space it is one token)" if len(spaced) == 1 else ""
+
+
 def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, list[int]]:
     """Validate a target against a prompt's ids; returns the target and the ids to run (the prompt,
     plus the shared prefix of multi-token targets when there is one)."""
@@ -231,8 +241,9 @@ def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, l
         toks, dist = [a[k:]], [b[k:]]
     for seq in [*toks, *dist]:
         if len(seq) > 1:
-            first = decode(adapter, seq[:1])[0]
-            notes.append(f"{''.join(decode(adapter, seq))!r} is {len(seq)} tokens: using its first token {first!r}")
+            text, first = "".join(decode(adapter, seq)), decode(adapter, seq[:1])[0]
+            notes.append(f"{text!r} is {len(seq)} tokens: using its first token {first!r}"
+                         + _spaced_hint(adapter, text))
     run_ids = ids + appended
     p = len(run_ids) - 1 if appended else position(pos_in, n, "target position")
     tok_ids = [s[0] for s in toks]
