@@ -519,20 +519,28 @@ def test_a_client_that_disappears_while_paused_does_not_block_others(gpt2_server
 
 # -- big reads -------------------------------------------------------------------------------------
 
-def test_256_mib_read_arrives_intact_in_chunks(make_server):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["streamed", "shared-memory"])
+def test_256_mib_read_arrives_intact(make_server, shared_memory):
+    """Streamed in 1 MiB chunks (and in 3 MiB ones: a ragged last chunk), or through shared memory."""
+    from tdb_server import shm
     from tdb_server.model import build_random_model
 
+    if shared_memory and not shm.available():
+        pytest.skip("no writable /dev/shm")
     big = build_random_model("gpt2", seed=3, vocab_size=65536, n_embd=16, n_layer=1, n_head=2, n_positions=256)
     _, addr = make_server(big)
     ids = torch.randint(0, 65536, (4, 256), generator=torch.Generator().manual_seed(0)).tolist()
     with TdbClient(addr, timeout=300) as c, c.session() as s:
         s.launch(token_ids=ids, capture=["logits"])
-        arr = s.read("logits")
+        arr = s.read("logits", shared_memory=shared_memory)
         assert arr.nbytes == 256 << 20 and arr.shape == (4, 256, 65536)
         with torch.no_grad():
             want = big.model(torch.tensor(ids)).logits.numpy()
         assert np.array_equal(arr, want)
-        half = s.read("logits", "[1, 10:20]", dtype="float16")
+        if not shared_memory:
+            del arr
+            assert np.array_equal(s.read("logits", "[0]", chunk_bytes=3 << 20, shared_memory=False), want[0])
+        half = s.read("logits", "[1, 10:20]", dtype="float16", shared_memory=shared_memory)
         assert half.dtype == np.float16 and np.array_equal(half, want[1, 10:20].astype(np.float16))
 
 
@@ -619,3 +627,16 @@ def test_a_head_patch_and_a_whole_site_patch_compose_in_either_order(client):
     np.testing.assert_array_equal(logits("blocks.0.attn.out", "blocks.0.attn.head.2"), layer_only)
     np.testing.assert_array_equal(logits("blocks.0.attn.head.2", "blocks.0.attn.out"), layer_only)
     assert not np.array_equal(logits("blocks.0.attn.head.2"), layer_only)
+
+
+def test_a_streamed_read_with_a_wrong_checksum_is_data_loss(client, monkeypatch):
+    import types
+
+    import tdb_server.servicer as servicer_module
+
+    monkeypatch.setattr(servicer_module, "zlib", types.SimpleNamespace(crc32=lambda data, crc=0: 12345))
+    with client.session() as s:
+        s.launch(token_ids=IDS)
+        with pytest.raises(TdbError) as e:
+            s.read("logits", shared_memory=False)
+        assert e.value.code == grpc.StatusCode.DATA_LOSS and e.value.reason == "CHECKSUM"
