@@ -138,6 +138,37 @@ def tl_direct_attribution(tl, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
                 cache.logit_attrs(neurons, tokens=tok, incorrect_tokens=bad, pos_slice=-1).flatten())
 
 
+def nnsight_direct_attribution(m, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same direct logit attribution written by hand with nnsight (it has no helper for it): save
+    each block's merged head outputs (c_proj's input), MLP activations and the final residual; outside
+    the trace, write each head / neuron through its output weights, apply the final LayerNorm as frozen
+    at the last position (centre, divide by its scale, times its weight) and project on W_U[A] - W_U[B]."""
+    import nnsight
+
+    with torch.no_grad():
+        with m.trace(x):                                  # modules in the order they run, as nnsight needs
+            t = m.transformer
+            z, act = nnsight.save([]), nnsight.save([])
+            for block in t.h:
+                z.append(block.attn.c_proj.input[0, -1])                                 # [D]
+                act.append(block.mlp.act.output[0, -1])                                 # [d_mlp]
+            resid = nnsight.save(t.ln_f.input[0, -1])                                   # [D]
+        ln_f, unembed = m.transformer.ln_f, m.lm_head.weight                          # the real modules
+        scale = (resid - resid.mean()).pow(2).mean().add(ln_f.eps).sqrt()
+        direction = unembed[A] - unembed[B]
+
+        def direct(writes: torch.Tensor) -> torch.Tensor:                           # [n, D] -> [n]
+            return ((writes - writes.mean(-1, keepdim=True)) / scale * ln_f.weight) @ direction
+
+        heads, neurons = [], []
+        for block, zl, al in zip(m.transformer.h, z, act):
+            W_O = block.attn.c_proj.weight                                          # [H * Dh, D] (Conv1D)
+            H = block.attn.num_heads
+            heads.append(direct(torch.einsum("hd,hdm->hm", zl.view(H, -1), W_O.view(H, -1, W_O.shape[-1]))))
+            neurons.append(direct(al[:, None] * block.mlp.c_proj.weight))           # [d_mlp, D]
+    return torch.cat(heads), torch.cat(neurons)
+
+
 def node_table_entries(b: Bench) -> dict[str, Entry]:
     from tdb_client import Target
 
@@ -171,6 +202,15 @@ def node_table_entries(b: Bench) -> dict[str, Entry]:
         entries[label] = Entry(lambda: tl_direct_attribution(b.tl, b.x),
                                f"max |TL - tdb| direct effect: heads {d_heads:.1e}, neurons {d_neurons:.1e} "
                                f"(largest head {float(np.nanmax(np.abs(heads))):.2e})")
+    label = "nnsight: trace saving head outputs, activations, final residual + DLA by hand (direct effect only)"
+    if b.nns is None:
+        entries[label] = Entry(None, b.missing["nnsight"])
+    else:
+        nn_heads, nn_neurons = nnsight_direct_attribution(b.nns, b.x)
+        entries[label] = Entry(lambda: nnsight_direct_attribution(b.nns, b.x),
+                               f"max |nnsight - tdb| direct effect: heads "
+                               f"{max_diff(nn_heads.reshape(heads.shape), heads):.1e}, neurons "
+                               f"{max_diff(nn_neurons.reshape(neurons.shape), neurons):.1e}")
     return entries
 
 
