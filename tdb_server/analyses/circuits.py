@@ -57,6 +57,7 @@ from tdb_server.errors import Cancelled, InvalidArgument
 
 from .inputs import Target
 from .registry import register
+from .stats import pearson, spearman
 
 ABLATIONS = ("corrupted", "mean")
 INPUTS = ("q", "k", "v", "mlp", "logits")
@@ -412,28 +413,6 @@ def path_patch(adapter, scores: EdgeScores, edges: list[tuple[int, int]],
             _check_stop(should_stop)
             out.append(split_forward(adapter, topo, scores.ids, chunk, scores.target).float().cpu())
     return (torch.cat(out) - scores.clean_value) if out else torch.zeros(0)
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share their mean rank), float64."""
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty(len(x), dtype=torch.float64)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    for v in torch.unique(x):
-        tied = x == v
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return pearson(_ranks(a.double()), _ranks(b.double())) if len(a) > 1 else float("nan")
 
 
 @dataclass

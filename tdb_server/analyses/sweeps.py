@@ -56,6 +56,7 @@ from tdb_server.errors import Cancelled, InvalidArgument
 from .inputs import Target, position
 from .registry import register
 from .resume import BlockCalls, read_target, recording_blocks
+from .stats import pearson, spearman
 
 DIRECTIONS = ("denoising", "noising")
 METHODS = ("exact", "attribution")
@@ -220,30 +221,6 @@ class _Capture:
             self.leaves[site] = leaf
             return value + leaf
         return None
-
-
-# --- correlation -----------------------------------------------------------------------------------
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share the mean rank), float64."""
-    x = x.double()
-    order = torch.argsort(x)
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    uniq, inverse = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
-    return (sums / counts)[inverse]
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return pearson(_ranks(a), _ranks(b)) if len(a) > 1 else float("nan")
 
 
 # --- the sweep -------------------------------------------------------------------------------------
