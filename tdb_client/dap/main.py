@@ -48,7 +48,8 @@ def _serve_connection(conn: socket.socket) -> None:
                 conn.shutdown(socket.SHUT_RDWR)      # unblocks the adapter's reader thread
             except OSError:
                 pass
-            adapter.reader.join(timeout=5)
+            if adapter.reader is not None:
+                adapter.reader.join(timeout=5)
             reader.close()
             try:
                 writer.close()

@@ -5,6 +5,10 @@ A *target* names what to patch: a site (`blocks.1.attn.out`), a unit (`blocks.1.
 `x[0][3]` or `x[0, 3]`. Each index selects along that dimension of the site's value, which must be
 one the server can select: batch, pos (query_pos for attn.pattern), head (kv_head) or neuron. A
 single d_model, d_head, key_pos or vocab entry cannot be selected: patch its enclosing position.
+A unit selects batch and pos (`UNIT_SELECTION`).
+
+This module is syntax only: which dims a name has is the caller's `dims_of` (the adapter asks the
+model info the server sent), and whether a name is a unit at all is the server's to say.
 
 A *value* says what to do with the selection:
 
@@ -27,11 +31,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-_HEAD_UNIT = re.compile(r"^blocks\.\d+\.attn\.head\.\d+$")
-_NEURON_UNIT = re.compile(r"^blocks\.\d+\.mlp\.neuron\.\d+$")
 _TARGET = re.compile(r"^\s*(?P<name>[A-Za-z_][\w.]*)\s*(?P<index>(?:\[[^\]]*\]\s*)*)$")
 _ASSIGN = re.compile(r"^\s*(?P<target>[A-Za-z_][\w.]*\s*(?:\[[^\]]*\]\s*)*)"
                      r"(?P<op>\*=|/=|\+=|-=|=)(?!=)\s*(?P<value>.+?)\s*$")
+UNIT_SELECTION = ("batch", "pos")      # what a unit's value (a head's write, a neuron) can be indexed by
 _SELECTABLE = {"batch": "batch", "pos": "positions", "query_pos": "positions", "head": "heads",
                "kv_head": "heads", "neuron": "neurons"}
 
@@ -58,15 +61,6 @@ class PatchTarget:
 class PatchValue:
     op: str                            # set | add | scale | zero | mean
     value: Any = None                  # a float, or a nested list for set
-
-
-def unit_dims(name: str) -> tuple[str, ...] | None:
-    """The dims of a unit's value: a head's write [batch, pos, d_model]; a neuron [batch, pos]."""
-    if _HEAD_UNIT.match(name):
-        return ("batch", "pos", "d_model")
-    if _NEURON_UNIT.match(name):
-        return ("batch", "pos")
-    return None
 
 
 def _indices(text: str) -> list[int]:

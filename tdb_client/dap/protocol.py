@@ -2,6 +2,7 @@
 
 `read_message` reads one framed message from a binary stream; `Channel` writes messages with
 sequence numbers (one lock, so the reader, the request worker and the event pump can all send).
+`DapError` is a failed request, and `tdb_message` the text a failed tdb call shows the IDE.
 """
 
 from __future__ import annotations
@@ -10,11 +11,22 @@ import json
 import threading
 from typing import Any, BinaryIO
 
+from ..errors import TdbError
+
 MAX_MESSAGE_BYTES = 64 << 20
 
 
 class FramingError(Exception):
     """The peer sent bytes that are not a framed DAP message."""
+
+
+class DapError(Exception):
+    """A request failed: the message goes back in the response (success: false)."""
+
+
+def tdb_message(e: TdbError) -> str:
+    """The server's message for a failed tdb call, shown to the IDE verbatim."""
+    return e.message or f"{e.code.name} ({e.reason})"
 
 
 def read_message(stream: BinaryIO) -> dict[str, Any] | None:

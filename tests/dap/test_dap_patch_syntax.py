@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tdb_client.dap.patching import (PatchSyntaxError, PatchTarget, PatchValue, parse_assignment, parse_target,
-                                     parse_value, unit_dims)
+from tdb_client.dap.patching import (UNIT_SELECTION, PatchSyntaxError, PatchTarget, PatchValue, parse_assignment,
+                                     parse_target, parse_value)
 
 DIMS = {"blocks.1.attn.out": ("batch", "pos", "d_model"), "blocks.1.attn.pattern": ("batch", "head", "query_pos", "key_pos"),
         "blocks.0.mlp.post": ("batch", "pos", "neuron"), "blocks.0.attn.k": ("batch", "pos", "kv_head", "d_head")}
 
+UNITS = {"blocks.1.attn.head.2", "blocks.0.mlp.neuron.7"}       # names the server would take as units
+
 
 def dims_of(name):
-    return DIMS.get(name) or unit_dims(name)
+    """As the adapter answers: a site's dims from the model info; a unit selects batch and pos."""
+    return DIMS.get(name) or (UNIT_SELECTION if name in UNITS else None)
 
 
 @pytest.mark.parametrize("text, want", [
@@ -30,7 +33,7 @@ def test_targets(text, want):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("x[0][3][5]", "d_model"), ("blocks.1.attn.pattern[0][0][0][1]", "key_pos"), ("x[0:2]", "integer"),
+    ("x[0][3][5]", "d_model"), ("blocks.1.attn.head.2[0][1][2]", "dims"), ("blocks.1.attn.pattern[0][0][0][1]", "key_pos"), ("x[0:2]", "integer"),
     ("blocks.9.nope", "not a site"), ("x[0][1][2][3]", "dims"), ("norm(x)", "cannot patch"),
 ])
 def test_bad_targets(text, words):
