@@ -28,11 +28,13 @@ import torch
 
 from tdb_server.errors import InvalidArgument, ResourceExhausted
 from tdb_server.model.arch import get_path
+from tdb_server.model.capture import Capture
+from tdb_server.model.interventions import Edits, Intervention
 from tdb_server.model.sites import SiteError, parse_unit
 
 from tdb_server.sae import attribution as sae_attribution
 
-from .ablation import AblationSpec, apply_plan, unit_ablation_plan
+from .ablation import AblationSpec, unit_ablations
 from .inputs import Target, position
 from .registry import register
 
@@ -50,32 +52,17 @@ MAX_ROWS = 50_000_000
 
 # --- capture: one forward that keeps the graph --------------------------------------------------
 
-class GradCapture:
-    """A site handler for one forward with gradients. `embed` becomes a leaf that requires grad (so
-    every activation downstream is in the graph; parameters stay frozen); `grad_sites` are replaced
-    by a clone whose `.grad` is retained; `value_sites` are kept as they are (still in the graph)."""
+class GradCapture(Capture):
+    """The one capture (model/capture.py) for a forward with gradients, read as batch element 0.
+    `embed` becomes a leaf that requires grad (so every activation downstream is in the graph;
+    parameters stay frozen); `grad_sites` keep their `.grad`; `value_sites` are kept as they are (still
+    in the graph); `ablations` (interventions) are applied first."""
 
-    def __init__(self, grad_sites: set[str], value_sites: set[str], patches: dict[str, list] | None = None):
-        self.grad_sites = frozenset(grad_sites | {"embed"})
-        self.patches = patches or {}                    # ablations applied first (ablation.apply_plan)
-        self.sites = frozenset(self.grad_sites | value_sites | set(self.patches))
-        self.values: dict[str, torch.Tensor] = {}
-
-    def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
-        patched = site in self.patches
-        if patched:
-            value = apply_plan(self.patches[site], value)
-        if site == "embed":
-            x = value.detach().clone().requires_grad_(True)
-        elif site in self.grad_sites:
-            x = value.clone()
-            if x.requires_grad:
-                x.retain_grad()
-        else:
-            self.values[site] = value
-            return value if patched else None
-        self.values[site] = x
-        return x
+    def __init__(self, grad_sites: set[str], value_sites: set[str], ablations: list[Intervention] | None = None):
+        self.ablations = list(ablations or [])
+        edits = Edits(self.ablations)
+        super().__init__(value_sites, grad_sites=grad_sites | {"embed"}, edit=edits if self.ablations else None,
+                         edit_sites=edits.sites)
 
     def value(self, site: str) -> torch.Tensor:
         """[T, ...] of batch element 0, detached, float32."""
@@ -292,8 +279,7 @@ def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: 
     if latents:
         grad_sites |= sae_attribution.sites(adapter)
         value_sites -= grad_sites
-    patches = unit_ablation_plan(adapter, token_ids, ablations) if ablations else None
-    cap = GradCapture(grad_sites, value_sites, patches)
+    cap = GradCapture(grad_sites, value_sites, unit_ablations(adapter, token_ids, ablations) if ablations else None)
     ids = torch.tensor([token_ids])
     logits = adapter.forward(ids, cap, grad=True)
     scalar = objective.scalar(adapter, cap, logits)
@@ -348,7 +334,7 @@ def _table_rows(adapter, cap: GradCapture, G: torch.Tensor, const: float | None,
         # token pairs: the part of head h's write at t that comes from key position k
         if pairs:
             pattern = cap.value(f"blocks.{L}.attn.pattern")                         # [H, T, Tk]
-            pattern = pattern * _kept(cap.patches.get(f"blocks.{L}.attn.z", ()), pattern)[..., None]
+            pattern = pattern * _kept(cap.ablations, L, pattern)[..., None]
             v = cap.value(f"blocks.{L}.attn.v")                                     # [Tk, Hkv, Dh]
             v = v.repeat_interleave(info.n_heads // v.shape[1], dim=1)              # [Tk, H, Dh]
             vo_norm = torch.einsum("khd,hdm->khm", v, W_O).norm(dim=-1)             # [Tk, H]
@@ -390,12 +376,13 @@ def _table_rows(adapter, cap: GradCapture, G: torch.Tensor, const: float | None,
     return parts
 
 
-def _kept(z_patches, pattern: torch.Tensor) -> torch.Tensor:
+def _kept(ablations: list[Intervention], layer: int, pattern: torch.Tensor) -> torch.Tensor:
     """[H, T] 1 where head h's output at query t is its own, 0 where an ablation replaced it: the token
     pairs of a replaced output contribute nothing (its write no longer comes from the keys)."""
     keep = torch.ones(pattern.shape[:2], dtype=pattern.dtype, device=pattern.device)
-    for _, h, pos, _ in z_patches:
-        keep[h, pos] = 0.0
+    for iv in ablations:
+        if iv.unit is not None and iv.unit.kind == "head" and iv.unit.layer == layer:
+            keep[iv.unit.index, iv.selector.positions or slice(None)] = 0.0
     return keep
 
 

@@ -34,6 +34,7 @@ not attributed to any component and goes to the constant term.
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from tdb_server.errors import FailedPrecondition
 
 from .arch import ArchSpec, arch_for, get_path
+from .capture import Capture, Edit
 from .hooks import HookManager, Run, SiteHandler, install_attention_wrapper
 from .sites import all_sites, site_shape
 
@@ -69,17 +71,6 @@ class ModelInfo:
     parallel_blocks: bool = False                     # attn and MLP both read resid_pre (NeoX)
     has_tokenizer: bool = False
     attn_implementation: str = ""                     # the wrapped one: "sdpa", "eager", ...
-
-
-class _Recorder:
-    """A handler that records (site, shape) without patching: used by the self-check."""
-
-    def __init__(self, sites: list[str]):
-        self.sites = frozenset(sites)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def on_site(self, site: str, value: torch.Tensor) -> None:
-        self.shapes[site] = tuple(value.shape)
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -177,6 +168,16 @@ class ModelAdapter:
             attention_mask = attention_mask.to(device)
         with torch.set_grad_enabled(grad), self.running(handler):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def run_with_cache(self, input_ids: torch.Tensor, sites: Iterable[str] = (), *, edit: Edit | None = None,
+                       edit_sites: Iterable[str] = (), grad_sites: Iterable[str] = (),
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Capture]:
+        """input_ids [B, T] -> (logits [B, T, V], the Capture of `sites`): one forward that keeps what it
+        computed there (see capture.py; `edit` changes values at `edit_sites` first, `grad_sites` keep
+        the autograd graph and enable gradients)."""
+        cache = Capture(sites, grad_sites=grad_sites, edit=edit, edit_sites=edit_sites)
+        logits = self.forward(input_ids, cache, attention_mask=attention_mask, grad=bool(cache.grad_sites))
+        return logits, cache
 
     def installed_hook_count(self) -> int:
         """Number of our hook handles currently on the model (0 when no run needs any)."""
@@ -281,8 +282,7 @@ class ModelAdapter:
 
     def _self_check(self, ids: torch.Tensor, reference: torch.Tensor) -> None:
         """Hooks on every site, no patches: logits must match plain HF; reached sites are verified."""
-        recorder = _Recorder(self.info.sites)
-        hooked = self.forward(ids, handler=recorder)
+        hooked, cache = self.run_with_cache(ids, self.info.sites)
         if self.installed_hook_count() != 0:
             raise ParityError("hooks were left on the model after the self-check run")
         tol = 1e-4 if reference.dtype == torch.float32 else 2e-2
@@ -295,7 +295,7 @@ class ModelAdapter:
         verified, problems = set(), {}
         for site in self.info.sites:
             want = site_shape(site, self.info, batch, seq)
-            got = recorder.shapes.get(site)
+            got = tuple(cache[site].shape) if site in cache else None
             if got is None:
                 problems[site] = "not reached by a forward pass"
             elif got != want:

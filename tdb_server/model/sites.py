@@ -66,6 +66,18 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HEAD_RE = re.compile(r"^blocks\.(\d+)\.attn\.head\.(\d+)$")
 _NEURON_RE = re.compile(r"^blocks\.(\d+)\.mlp\.neuron\.(\d+)$")
 _LATENT_RE = re.compile(r"^blocks\.(\d+)\.(.+)\.sae\.latent\.(\d+)$")
+_LAYER_RE = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp))?$")
+
+# Axes of a site's value (batch is always axis 0): positions, heads, neurons, and the names of all axes.
+POS_AXIS: dict[str, int] = {"attn.pattern": 2}                                          # default 1
+HEAD_AXIS: dict[str, int] = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.pattern": 1}
+NEURON_AXIS: dict[str, int] = {"mlp.pre": 2, "mlp.post": 2}
+_DIMS: dict[str, tuple[str, ...]] = {
+    "attn.q": ("batch", "pos", "head", "d_head"), "attn.k": ("batch", "pos", "kv_head", "d_head"),
+    "attn.v": ("batch", "pos", "kv_head", "d_head"), "attn.z": ("batch", "pos", "head", "d_head"),
+    "attn.pattern": ("batch", "head", "query_pos", "key_pos"), "mlp.pre": ("batch", "pos", "neuron"),
+    "mlp.post": ("batch", "pos", "neuron"), "logits": ("batch", "pos", "vocab"),
+}
 
 
 class SiteError(InvalidArgument, ValueError):
@@ -92,14 +104,33 @@ class Site:
 
 @dataclass(frozen=True)
 class Unit:
-    """A parsed unit name: a head, a neuron or an SAE latent, living in `site` at `index`
-    along the site's unit axis (heads: axis 2 of attn.z; neurons: last axis of mlp.post)."""
+    """A parsed unit name: a head, a neuron or an SAE latent.
+
+    `site` holds its activation, at `index` along the unit axis (heads: axis 2 of attn.z, [B, T, Dh]
+    each; neurons: the last axis of mlp.post; latents: encode(site)[..., K]). An intervention on the
+    unit edits that activation there. `stop_site` is where a breakpoint on the unit stops and what its
+    value is read against: a head's write into the residual stream, z_h @ W_O[h], is complete only at
+    attn.out; a neuron and a latent stop at their own site."""
 
     name: str
     layer: int
     kind: str  # "head" | "neuron" | "latent"
     index: int
     site: str
+
+    @property
+    def stop_site(self) -> str:
+        return f"blocks.{self.layer}.attn.out" if self.kind == "head" else self.site
+
+
+@dataclass(frozen=True)
+class LayerNode:
+    """A whole layer as one node: `blocks.L` (attention and MLP), `blocks.L.attn` or `blocks.L.mlp`.
+    `sites` are its writes into the residual stream, the values an ablation of the node replaces."""
+
+    name: str
+    layer: int
+    sites: tuple[str, ...]
 
 
 def all_sites(n_layers: int) -> list[str]:
@@ -108,6 +139,26 @@ def all_sites(n_layers: int) -> list[str]:
     for layer in range(n_layers):
         names += [f"blocks.{layer}.{kind}" for kind in BLOCK_KINDS]
     return names + list(MODEL_KINDS_AFTER)
+
+
+def site_kind(site: str) -> str:
+    """'blocks.1.attn.out' -> 'attn.out'; 'logits' -> 'logits' (no validation: see parse_site)."""
+    return _split(site)[1]
+
+
+def site_layer(site: str) -> int | None:
+    """'blocks.1.attn.out' -> 1; model-level sites -> None (no validation: see parse_site)."""
+    return _split(site)[0]
+
+
+def site_dims(kind: str) -> list[str]:
+    """The names of the axes of a site kind's value, e.g. attn.z -> [batch, pos, head, d_head]."""
+    return list(_DIMS.get(kind, ("batch", "pos", "d_model")))
+
+
+def pos_axis(kind: str) -> int:
+    """The axis of a site kind's value that holds (query) positions."""
+    return POS_AXIS.get(kind, 1)
 
 
 def _nearest(name: str, candidates: list[str], n: int = 5) -> list[str]:
@@ -166,6 +217,42 @@ def parse_unit(name: str, n_layers: int | None = None, n_heads: int | None = Non
     examples += [f"blocks.{layer}.mlp.neuron.0" for layer in range(n_layers or 1)]
     examples += [f"blocks.{layer}.resid_post.sae.latent.0" for layer in range(n_layers or 1)]
     raise _error("unit", name, examples)
+
+
+def is_unit_name(name: str) -> bool:
+    """Whether `name` is shaped like a unit (head, neuron or latent), valid or not."""
+    return bool(_HEAD_RE.match(name) or _NEURON_RE.match(name) or _LATENT_RE.match(name))
+
+
+def is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def parse_layer_node(name: str, n_layers: int) -> LayerNode | None:
+    """`blocks.L`, `blocks.L.attn` or `blocks.L.mlp` -> LayerNode; None for other shapes of name.
+    Raises SiteError for a layer the model does not have."""
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return None
+    layer = int(m.group(1))
+    if layer >= n_layers or str(layer) != m.group(1):
+        raise SiteError(f"{name!r}: layer {m.group(1)} out of range (0..{n_layers - 1})")
+    kinds = [m.group(2)] if m.group(2) else ["attn", "mlp"]
+    return LayerNode(name, layer, tuple(f"blocks.{layer}.{k}.out" for k in kinds))
+
+
+def node_names(info: ModelInfo, latents: dict[str, int], neurons: bool = True) -> list[str]:
+    """Every node an ablation can name: layers, their attn/mlp, heads, neurons (when asked: there may be
+    many) and the latents of attached SAEs (`latents`: site -> number of latents)."""
+    names: list[str] = []
+    for layer in range(info.n_layers):
+        names += [f"blocks.{layer}", f"blocks.{layer}.attn", f"blocks.{layer}.mlp"]
+        names += [f"blocks.{layer}.attn.head.{h}" for h in range(info.n_heads)]
+        if neurons:
+            names += [f"blocks.{layer}.mlp.neuron.{n}" for n in range(info.d_mlp)]
+    for site, n in latents.items():
+        names += [f"{site}.sae.latent.{k}" for k in range(n)]
+    return names
 
 
 def expand_glob(pattern: str, sites: list[str]) -> list[str]:
