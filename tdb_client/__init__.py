@@ -1,15 +1,15 @@
 """tdb_client: the typed Python client of a tdb server (returns numpy and dataclasses, never protos)."""
 
-from .analysis import (Ablation, AblationEffect, AblationResult, AttentionResult, Comparison, InputAttributionResult,
-                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, PatchSweepResult, ResolvedTarget,
-                       SweepAxis, SweepStream, Target, Trace)
-from .graph import Graph
-from .sae import ActivationRecords, Explanation, SaeInfo
 from .client import EventCollector, Session, TdbClient
 from .errors import TdbError
-from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, ReplayReport,
-                    RunResult,
-                    RunStatus, Scope, ServerInfo, SiteInfo, StopInfo, TensorSummary, TokenProb, Variable)
+from .graph import Graph
+from .results import (AblationEffect, AblationResult, AttentionResult, Comparison, InputAttributionResult,
+                      LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, PatchSweepResult, ResolvedTarget,
+                      SweepAxis, SweepStream)
+from .sae import ActivationRecords, Explanation, SaeInfo
+from .types import (Ablation, Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult,
+                    ReplayReport, RunResult, RunStatus, Scope, ServerInfo, SiteInfo, StopInfo, Target, TensorSummary,
+                    TokenProb, Trace, Variable)
 
 __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "BreakpointStatus", "EvalResult",
            "Event", "Frame", "Generate", "ReplayReport", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",

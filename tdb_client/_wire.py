@@ -12,9 +12,7 @@ _NP = {common_pb2.F32: np.float32, common_pb2.F16: np.float16, common_pb2.F64: n
        common_pb2.I64: np.int64, common_pb2.I32: np.int32, common_pb2.I16: np.int16, common_pb2.I8: np.int8,
        common_pb2.U8: np.uint8, common_pb2.BOOL: np.bool_}
 _WIRE = {np.dtype(v): k for k, v in _NP.items()}
-DTYPE_NAMES = {common_pb2.F32: "float32", common_pb2.F16: "float16", common_pb2.BF16: "bfloat16",
-               common_pb2.F64: "float64", common_pb2.I64: "int64", common_pb2.I32: "int32",
-               common_pb2.I16: "int16", common_pb2.I8: "int8", common_pb2.U8: "uint8", common_pb2.BOOL: "bool"}
+DTYPE_NAMES = {**{k: np.dtype(v).name for k, v in _NP.items()}, common_pb2.BF16: "bfloat16"}   # "float32", ...
 WIRE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 

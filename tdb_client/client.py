@@ -29,7 +29,8 @@ import numpy as np
 
 from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 
-from . import _wire
+from . import _enums as enums
+from . import _wire, serde
 from .analysis import AnalysisMixin
 from ._rpc import _Stream, _Stub
 from .errors import TdbError
@@ -39,9 +40,6 @@ from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Gene
 
 PROTOCOL_VERSION = "1.0"
 MAX_MESSAGE_BYTES = 256 << 20
-_OPS = {"set": pb.SET, "add": pb.ADD, "scale": pb.SCALE, "zero": pb.ZERO, "mean": pb.MEAN,
-        "copy_from_run": pb.COPY_FROM_RUN, "copy": pb.COPY_FROM_RUN}
-_STEPS = {"into": pb.STEP_INTO, "over": pb.STEP_OVER, "out": pb.STEP_OUT, "token": pb.STEP_TOKEN}
 
 
 def _open_shared(path: str) -> int:
@@ -105,12 +103,8 @@ class TdbClient(AnalysisMixin):
     def initialize(self) -> ServerInfo:
         """Protocol version, capabilities and model info (cached after the first call)."""
         if self._info is None:
-            r = self._rpc("Initialize", pb.InitializeRequest(client_name=self._client_name,
-                                                             protocol_version=PROTOCOL_VERSION))
-            c = r.capabilities
-            self._info = ServerInfo(r.protocol_version, r.server_version, dict(c.flags), tuple(c.analyses),
-                                    tuple(c.expression_functions), tuple(c.patch_ops), ModelInfo.from_proto(r.model),
-                                    dict(c.limits))
+            self._info = serde.server_info_from_proto(self._rpc("Initialize", pb.InitializeRequest(
+                client_name=self._client_name, protocol_version=PROTOCOL_VERSION)))
         return self._info
 
     def model_info(self) -> ModelInfo:
@@ -142,10 +136,8 @@ class TdbClient(AnalysisMixin):
         if not recording.lstrip().startswith("{"):
             with open(recording, encoding="utf-8") as f:
                 text = f.read()
-        r = self._rpc("ReplayRecording", pb.ReplayRecordingRequest(json=text, stop_on_mismatch=stop_on_mismatch,
-                                                                    keep_session=keep_session),
-                      timeout=timeout)
-        return ReplayReport(r.ok, r.actions, r.stops_checked, r.reads_checked, tuple(r.mismatches), r.session_id)
+        return serde.replay_report_from_proto(self._rpc("ReplayRecording", pb.ReplayRecordingRequest(
+            json=text, stop_on_mismatch=stop_on_mismatch, keep_session=keep_session), timeout=timeout))
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -170,8 +162,7 @@ class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCli
         return continuation(self._details(client_call_details), request)
 
 
-def _status(m: pb.RunStatus) -> RunStatus:
-    return RunStatus.from_proto(m)
+_status = serde.run_status_from_proto
 
 
 class Session:
@@ -202,9 +193,8 @@ class Session:
     def set_breakpoints(self, breakpoints: Sequence[str | Breakpoint]) -> list[BreakpointStatus]:
         """Replace the session's breakpoints. Strings are sites/units/globs with default options."""
         bps = [Breakpoint(b) if isinstance(b, str) else b for b in breakpoints]
-        r = self._rpc("SetBreakpoints", pb.SetBreakpointsRequest(session_id=self.id,
-                                                                 breakpoints=[b.to_proto() for b in bps]))
-        return [BreakpointStatus(b.id, b.verified, b.message, tuple(b.sites)) for b in r.breakpoints]
+        return serde.breakpoint_statuses_from_proto(self._rpc("SetBreakpoints", pb.SetBreakpointsRequest(
+            session_id=self.id, breakpoints=[serde.breakpoint_to_proto(b) for b in bps])))
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -221,7 +211,8 @@ class Session:
         for ids in token_ids or []:
             req.token_ids.add(ids=[int(i) for i in ids])
         if generate is not None:
-            req.generate.CopyFrom((Generate(generate) if isinstance(generate, int) else generate).to_proto())
+            options = Generate(generate) if isinstance(generate, int) else generate
+            req.generate.CopyFrom(serde.generate_to_proto(options))
         return _status(self._rpc("Launch", req, timeout=timeout + 30))
 
     def continue_(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
@@ -231,9 +222,8 @@ class Session:
     def step(self, kind: str = "into", wait: bool = True, timeout: float = 60.0) -> RunStatus:
         """kind: "into" (next site), "over" (past the current block), "out" (end of the enclosing module),
         "token" (generation: to the next token boundary)."""
-        if kind not in _STEPS:
-            raise ValueError(f"step kind must be one of {sorted(_STEPS)}, not {kind!r}")
-        return _status(self._rpc("Step", pb.StepRequest(session_id=self.id, kind=_STEPS[kind], wait=wait,
+        step = serde.choice(kind, enums.STEP_KIND, "step kind")
+        return _status(self._rpc("Step", pb.StepRequest(session_id=self.id, kind=step, wait=wait,
                                                         wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def pause(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
@@ -250,7 +240,7 @@ class Session:
 
     def result(self, run_id: str = "", top_k: int = 10, include_logits: bool = True) -> RunResult:
         """The result of a finished run (the latest by default): top tokens and last-position logits."""
-        return RunResult.from_proto(self._rpc("GetResult", pb.GetResultRequest(
+        return serde.run_result_from_proto(self._rpc("GetResult", pb.GetResultRequest(
             session_id=self.id, run_id=run_id, top_k=top_k, include_logits=include_logits)))
 
     # -- events ----------------------------------------------------------------------------------
@@ -265,26 +255,22 @@ class Session:
         """Events after `after_seq` (waiting up to `timeout` s for one): (events, last_seq, truncated)."""
         r = self._rpc("PollEvents", pb.PollEventsRequest(session_id=self.id, after_seq=after_seq,
                                                          max_events=max_events, timeout_ms=int(timeout * 1000)))
-        return [Event.from_proto(e) for e in r.events], r.last_seq, r.truncated
+        return [serde.event_from_proto(e) for e in r.events], r.last_seq, r.truncated
 
     # -- inspection ------------------------------------------------------------------------------
 
     def stack(self) -> list[Frame]:
         """Frames of the current stop, innermost first (site, attn/mlp, block, model)."""
-        r = self._rpc("GetStack", pb.GetStackRequest(session_id=self.id))
-        return [Frame(f.id, f.name, f.site) for f in r.frames]
+        return serde.frames_from_proto(self._rpc("GetStack", pb.GetStackRequest(session_id=self.id)))
 
     def scopes(self, frame: Frame | int) -> list[Scope]:
         fid = frame.id if isinstance(frame, Frame) else frame
-        r = self._rpc("GetScopes", pb.GetScopesRequest(session_id=self.id, frame_id=fid))
-        return [Scope(s.name, s.variables_reference, s.named_variables) for s in r.scopes]
+        return serde.scopes_from_proto(self._rpc("GetScopes", pb.GetScopesRequest(session_id=self.id, frame_id=fid)))
 
     def variables(self, ref: Scope | Variable | int, start: int = 0, count: int = 0) -> list[Variable]:
         vref = ref if isinstance(ref, int) else ref.variables_reference
-        r = self._rpc("GetVariables", pb.GetVariablesRequest(session_id=self.id, variables_reference=vref,
-                                                             start=start, count=count))
-        return [Variable(v.name, v.value, v.type, TensorSummary.from_proto(v.summary) if v.HasField("summary") else None,
-                         v.variables_reference, v.evaluate_name, v.indexed_variables) for v in r.variables]
+        return serde.variables_from_proto(self._rpc("GetVariables", pb.GetVariablesRequest(
+            session_id=self.id, variables_reference=vref, start=start, count=count)))
 
     def read(self, site: str, selector: str = "", *, dtype: str | None = None, run_id: str = "",
              chunk_bytes: int = 0, shared_memory: bool | None = None) -> np.ndarray:
@@ -359,17 +345,14 @@ class Session:
         return _wire.decode(chunk.dtype, list(chunk.shape), data)
 
     def stats(self, expression: str, run_id: str = "") -> TensorSummary:
-        return TensorSummary.from_proto(self._rpc("TensorStats", pb.TensorStatsRequest(
+        return serde.tensor_summary_from_proto(self._rpc("TensorStats", pb.TensorStatsRequest(
             session_id=self.id, expression=expression, run_id=run_id)))
 
     def evaluate(self, expression: str, *, run_id: str = "", frame: Frame | int = 0, max_elements: int = 0) -> EvalResult:
         """Evaluate an expression of the tdb expression language (see Capabilities.expression_functions)."""
         fid = frame.id if isinstance(frame, Frame) else frame
-        r = self._rpc("Evaluate", pb.EvaluateRequest(session_id=self.id, expression=expression, frame_id=fid,
-                                                     max_elements=max_elements, run_id=run_id))
-        value = _wire.from_wire(r.value) if r.HasField("value") else None
-        summary = TensorSummary.from_proto(r.summary) if r.HasField("summary") else None
-        return EvalResult(r.result, value, summary, tuple(r.tokens))
+        return serde.eval_result_from_proto(self._rpc("Evaluate", pb.EvaluateRequest(
+            session_id=self.id, expression=expression, frame_id=fid, max_elements=max_elements, run_id=run_id)))
 
     # -- patching --------------------------------------------------------------------------------
 
@@ -381,19 +364,10 @@ class Session:
 
         At a stop on `site` the value is replaced now; a site that has not run yet gets the patch when it
         runs; with no active run the patch applies to every following run (until clear_patches)."""
-        if op not in _OPS:
-            raise ValueError(f"op must be one of {sorted(_OPS)}, not {op!r}")
-        req = pb.PatchRequest(session_id=self.id, site=site, op=_OPS[op], scalar=float(scalar),
-                              source_run_id=source_run_id, mean_over=mean_over, tokens=list(tokens),
-                              selector=pb.Selector(batch=list(batch), positions=list(positions), heads=list(heads),
-                                                   neurons=list(neurons)))
-        if value is not None:
-            if np.isscalar(value) and op in ("add", "scale"):
-                req.scalar = float(value)
-            else:
-                req.value.CopyFrom(_wire.to_wire(np.asarray(value)))
-        r = self._rpc("Patch", req)
-        return PatchResult(r.patch_id, r.applied_now, r.scope, r.message)
+        req = serde.patch_to_proto(self.id, site, op, value, scalar=scalar, positions=positions, heads=heads,
+                                   neurons=neurons, batch=batch, source_run_id=source_run_id, mean_over=mean_over,
+                                   tokens=tokens)
+        return serde.patch_result_from_proto(self._rpc("Patch", req))
 
     def clear_patches(self) -> int:
         return self._rpc("ClearPatches", pb.ClearPatchesRequest(session_id=self.id)).cleared
@@ -419,7 +393,7 @@ class EventStream:
         return self
 
     def __next__(self) -> Event:
-        return Event.from_proto(next(self._stream))
+        return serde.event_from_proto(next(self._stream))
 
     def close(self) -> None:
         self._stream.close()

@@ -4,7 +4,8 @@ exact path patching) or an information-flow graph (routes between residual posit
 `Graph` holds nodes (id, kind, layer, position, index, label) and edges (source, target, input,
 effect, exact, component); `to_json()`, `to_graphml()` (plain XML, readable by Gephi, yEd, networkx)
 and `to_networkx()` (only if networkx is installed: it is not a dependency) export it.
-`CircuitResult` is what `TdbClient.circuit` returns; `FlowResult` what `information_flow` returns.
+`CircuitResult` is what `TdbClient.circuit` returns (`CircuitStream` while it runs); `FlowResult` what
+`information_flow` returns. Plain dataclasses: `serde` converts the protocol's messages into them.
 
 Node ids follow the site grammar: "embed", "blocks.L.attn.head.H", "blocks.L.attn.kv_head.G" (GQA:
 key / value receivers), "blocks.L.mlp", "logits"; flow nodes "blocks.L.resid_pre@P" etc.
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from xml.sax.saxutils import quoteattr
 
-import grpc
 import numpy as np
 
-from tdb.v1 import analysis_pb2 as apb
-
-from . import _wire
-from .errors import TdbError
+from .results import ResolvedTarget
 
 
 @dataclass(frozen=True)
@@ -112,12 +109,6 @@ class Graph:
         df = pd.DataFrame([asdict(e) for e in self.edges], columns=list(Edge.__dataclass_fields__))
         return df.reindex(df["effect"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
-    @classmethod
-    def from_proto(cls, m: apb.Graph) -> "Graph":
-        return cls(m.kind, [Node(n.id, n.kind, n.layer, n.position, n.index, n.label) for n in m.nodes],
-                   [Edge(e.source, e.target, e.input, e.effect, e.exact if e.HasField("exact") else None, e.component)
-                    for e in m.edges])
-
 
 def _xml(v: Any) -> str:
     return str(v).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -138,7 +129,7 @@ class CircuitResult:
 
     tokens: list[str]
     corrupted_tokens: list[str]
-    target: Any                     # ResolvedTarget
+    target: ResolvedTarget
     clean_value: float
     ablated_value: float            # every edge ablated
     ablation: str                   # "corrupted" | "mean"
@@ -172,18 +163,6 @@ class CircuitResult:
 
         return pd.DataFrame([asdict(v) for v in self.verified], columns=list(EdgeCheck.__dataclass_fields__))
 
-    @classmethod
-    def from_proto(cls, m: apb.CircuitResult) -> "CircuitResult":
-        from .analysis import ResolvedTarget
-
-        return cls(list(m.tokens), list(m.corrupted_tokens), ResolvedTarget.from_proto(m.target), m.clean_value,
-                   m.ablated_value, {apb.CIRCUIT_ABLATION_MEAN: "mean"}.get(m.ablation, "corrupted"),
-                   list(m.senders), list(m.receivers), _wire.from_wire(m.scores),
-                   [EdgeCheck(v.sender, v.receiver, v.input, v.approx, v.exact) for v in m.verified],
-                   m.spearman, m.pearson, m.max_abs_error, Graph.from_proto(m.circuit), m.faithfulness,
-                   m.circuit_value, m.fraction, [(c.top_k, c.kept, c.faithfulness) for c in m.curve],
-                   m.elapsed_s, list(m.notes))
-
 
 @dataclass(frozen=True)
 class CircuitProgress:
@@ -195,30 +174,26 @@ class CircuitProgress:
 
 class CircuitStream:
     """A running circuit request: iterate for progress; `result` is set by the last message;
-    `cancel()` stops the server's work from any thread."""
+    `cancel()` stops the server's work from any thread.
 
-    def __init__(self, call: Any):
-        self._call = call
+    It reads a stream of CircuitProgress messages ending in the CircuitResult, already converted by the
+    serde edge; `cancel` cancels that stream."""
+
+    def __init__(self, messages: Iterable[CircuitProgress | CircuitResult], cancel: Callable[[], Any]):
+        self._messages = messages
+        self._cancel = cancel
         self.result: CircuitResult | None = None
         self.cancelled = False
 
     def __iter__(self) -> Iterator[CircuitProgress | CircuitResult]:
-        try:
-            for m in self._call:
-                if m.HasField("result"):
-                    self.result = CircuitResult.from_proto(m.result)
-                    yield self.result
-                else:
-                    p = m.progress
-                    yield CircuitProgress(p.stage, p.done, p.total, p.elapsed_s)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and self.cancelled:
-                return
-            raise TdbError.from_rpc(e) from None
+        for m in self._messages:
+            if isinstance(m, CircuitResult):
+                self.result = m
+            yield m
 
     def cancel(self) -> None:
         self.cancelled = True
-        self._call.cancel()
+        self._cancel()
 
     def wait(self, on_progress: Callable[[CircuitProgress], Any] | None = None) -> CircuitResult | None:
         for x in self:
@@ -238,7 +213,3 @@ class FlowResult:
 
     def to_pandas(self) -> Any:
         return self.graph.to_pandas()
-
-    @classmethod
-    def from_proto(cls, m: apb.InformationFlowResponse) -> "FlowResult":
-        return cls(list(m.tokens), Graph.from_proto(m.graph), m.position, m.threshold, m.candidate_edges, m.elapsed_s)

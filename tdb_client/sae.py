@@ -1,4 +1,5 @@
-"""SAEs, activation records and explanations from the client (mixed into TdbClient via AnalysisMixin).
+"""Results of the SAE, activation-record and explanation calls (TdbClient's AnalysisMixin makes them;
+`serde` converts the protocol's messages into these dataclasses).
 
     with TdbClient("127.0.0.1:50051") as tdb:
         tdb.list_saes()                                   # the bundled model ships one at blocks.1.resid_post
@@ -12,15 +13,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import grpc
 import numpy as np
-
-from tdb.v1 import analysis_pb2 as apb
-
-from . import _wire
-from .errors import TdbError
 
 
 @dataclass(frozen=True)
@@ -50,13 +45,6 @@ class SaeInfo:
 
     def latent(self, k: int) -> str:
         return f"{self.unit_prefix}{int(k)}"
-
-    @classmethod
-    def from_proto(cls, m: apb.SaeInfo) -> "SaeInfo":
-        q = m.quality
-        quality = SaeQuality(q.explained_variance, q.l0, q.dead_latents, q.dead_fraction, q.tokens, q.loss_clean,
-                             q.loss_spliced, q.loss_zero, q.loss_recovered, q.corpus) if m.HasField("quality") else None
-        return cls(m.site, m.name, m.path, m.architecture, m.d_in, m.d_sae, m.unit_prefix, quality)
 
 
 @dataclass(frozen=True)
@@ -101,15 +89,6 @@ class ActivationRecords:
                                  "activation": act, "is_max": pos == w.max_pos})
         return pd.DataFrame(rows, columns=["which", "rank", "window", "position", "token", "activation", "is_max"])
 
-    @classmethod
-    def from_proto(cls, m: apb.ActivationRecordsResult) -> "ActivationRecords":
-        def win(w: apb.ActivationWindow) -> ActivationWindow:
-            return ActivationWindow(w.window, tuple(w.token_ids), tuple(w.tokens), _wire.from_wire(w.acts), w.max_act,
-                                    w.max_pos)
-        return cls(m.unit, m.kind, m.site, m.corpus, m.corpus_sha256, m.window, m.n_windows,
-                   tuple(win(w) for w in m.top), tuple(win(w) for w in m.random), m.max_act, m.mean_max,
-                   m.frac_windows_active, m.cached)
-
 
 @dataclass(frozen=True)
 class TokenShare:
@@ -136,53 +115,3 @@ class Explanation:
     notes: tuple[str, ...]
     records: ActivationRecords | None
     llm_configured: bool
-
-    @classmethod
-    def from_proto(cls, m: apb.ExplainResponse) -> "Explanation":
-        share = lambda xs: tuple(TokenShare(t.text, t.share, t.lift, t.count, t.token_id) for t in xs)  # noqa: E731
-        return cls(m.unit, m.text, m.method, m.label, share(m.top_tokens), share(m.top_ngrams),
-                   tuple((t.text, t.logit) for t in m.promoted), tuple((t.text, t.logit) for t in m.suppressed),
-                   dict(m.attention), dict(m.corpus_attention), m.score if m.HasField("score") else None,
-                   tuple(m.notes), ActivationRecords.from_proto(m.records) if m.HasField("records") else None,
-                   m.llm_configured)
-
-
-class SaeMixin:
-    """SAE / records / explanation calls (uses AnalysisMixin's `_analysis` stub)."""
-
-    def attach_sae(self, path: str, *, name: str = "", quality: bool = True) -> SaeInfo:
-        """Attach the SAE in a folder on the server (SAELens layout); replaces one at the same site."""
-        return SaeInfo.from_proto(self._analysis("AttachSae", apb.AttachSaeRequest(
-            path=path, name=name, skip_quality=not quality)))
-
-    def list_saes(self) -> list[SaeInfo]:
-        return [SaeInfo.from_proto(m) for m in self._analysis("ListSaes", apb.ListSaesRequest()).saes]
-
-    def detach_sae(self, site: str) -> None:
-        self._analysis("DetachSae", apb.DetachSaeRequest(site=site))
-
-    def activation_records(self, unit: str, *, corpus_path: str = "", n_top: int = 20, n_random: int = 20,
-                           window: int = 64, batch: int = 32, timeout: float | None = None,
-                           on_progress: Callable[[int, int], Any] | None = None) -> ActivationRecords:
-        """Top-activating and random windows of the corpus (default: the server's held-out slice)
-        for a neuron, head or SAE latent; `on_progress(done, total)` while the server reads the corpus."""
-        req = apb.ActivationRecordsRequest(unit=unit, corpus_path=corpus_path, n_top=n_top, n_random=n_random,
-                                           window=window, batch=batch)
-        stream = self._analysis.stream("ActivationRecords", req, timeout=timeout)
-        try:
-            for chunk in stream:
-                if chunk.HasField("progress") and on_progress is not None:
-                    on_progress(chunk.progress.done, chunk.progress.total)
-                if chunk.HasField("records"):
-                    return ActivationRecords.from_proto(chunk.records)
-        except grpc.RpcError as e:
-            raise TdbError.from_rpc(e) from None
-        raise TdbError(grpc.StatusCode.UNKNOWN, "NO_RECORDS", "the server ended the stream without records")
-
-    def explain(self, unit: str, *, corpus_path: str = "", use_llm: bool = False, n_top: int = 20, window: int = 64,
-                include_records: bool = False) -> Explanation:
-        """What a neuron, head or SAE latent responds to (local explainer; use_llm asks the endpoint the
-        server's operator configured, falling back politely to the local explanation)."""
-        return Explanation.from_proto(self._analysis("Explain", apb.ExplainRequest(
-            unit=unit, corpus_path=corpus_path, use_llm=use_llm, n_top=n_top, window=window,
-            include_records=include_records)))

@@ -1,18 +1,14 @@
-"""Typed results of the client: dataclasses and numpy arrays, never protobuf messages."""
+"""The client's own types: what a request asks for (Breakpoint, Generate; Target, Trace, Ablation for
+the analyses) and what the Debugger service's calls return. Dataclasses and numpy arrays, never
+protobuf messages: `serde` converts both ways at the edge (the analyses' results are in `results`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
-
-from tdb.v1 import common_pb2, debugger_pb2 as pb
-
-from . import _wire
-
-STATE_NAMES = {pb.IDLE: "idle", pb.RUNNING: "running", pb.PAUSED: "paused", pb.EXITED: "exited",
-               pb.TERMINATED: "terminated", pb.FAILED: "failed", pb.RUN_STATE_UNSPECIFIED: "unknown"}
 
 
 @dataclass(frozen=True)
@@ -47,14 +43,6 @@ class ModelInfo:
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
 
-    @classmethod
-    def from_proto(cls, m: common_pb2.ModelInfo) -> "ModelInfo":
-        sites = tuple(SiteInfo(s.name, tuple(s.dims), s.verified, s.kind, None if s.layer < 0 else s.layer)
-                      for s in m.sites)
-        return cls(m.name, m.architecture, m.n_layers, m.n_heads, m.n_kv_heads, m.d_model, m.d_head, m.d_mlp,
-                   m.vocab_size, m.dtype, m.device, sites, m.parallel_blocks, m.has_tokenizer, m.source,
-                   m.max_positions)
-
 
 @dataclass(frozen=True)
 class ServerInfo:
@@ -82,11 +70,6 @@ class TensorSummary:
     numel: int
     dims: tuple[str, ...] = ()
 
-    @classmethod
-    def from_proto(cls, m: common_pb2.TensorSummary) -> "TensorSummary":
-        return cls(_wire.DTYPE_NAMES.get(m.dtype, "?"), tuple(m.shape), m.min, m.max, m.mean, m.std, m.norm,
-                   m.nan_count, m.inf_count, m.numel, tuple(m.dims))
-
 
 @dataclass(frozen=True)
 class Breakpoint:
@@ -98,15 +81,6 @@ class Breakpoint:
     hit_condition: str = ""      # e.g. "3", ">=2", "%2"
     log_message: str = ""        # a log point: print this ({norm}, {max}, ...) and go on
     tokens: tuple[int, int] | None = None   # generation: only in steps first..last (inclusive)
-
-    def to_proto(self) -> pb.Breakpoint:
-        if self.when not in ("after", "before"):
-            raise ValueError(f"when must be 'after' or 'before', not {self.when!r}")
-        msg = pb.Breakpoint(site=self.site, when=pb.BEFORE if self.when == "before" else pb.AFTER,
-                            condition=self.condition, hit_condition=self.hit_condition, log_message=self.log_message)
-        if self.tokens is not None:
-            msg.tokens.first, msg.tokens.last = self.tokens
-        return msg
 
 
 @dataclass(frozen=True)
@@ -120,11 +94,6 @@ class Generate:
     seed: int = 0
     stop_at_tokens: bool = False
     stop_token_ids: tuple[int, ...] = ()
-
-    def to_proto(self) -> pb.GenerateOptions:
-        return pb.GenerateOptions(max_new_tokens=self.max_new_tokens, sample=self.sample, temperature=self.temperature,
-                                  top_k=self.top_k, seed=self.seed, stop_at_tokens=self.stop_at_tokens,
-                                  stop_token_ids=list(self.stop_token_ids))
 
 
 @dataclass(frozen=True)
@@ -147,12 +116,6 @@ class StopInfo:
     value: TensorSummary | None
     token: int = 0            # generation step of the forward pass this stop is in
 
-    @classmethod
-    def from_proto(cls, m: pb.StopInfo) -> "StopInfo":
-        return cls(m.site, "before" if m.when == pb.BEFORE else "after", m.reason, tuple(m.hit_breakpoint_ids),
-                   m.description, m.stop_id, m.exception,
-                   TensorSummary.from_proto(m.value) if m.HasField("value") else None, m.token)
-
 
 @dataclass(frozen=True)
 class TokenProb:
@@ -173,14 +136,6 @@ class RunResult:
     lengths: tuple[int, ...]
     generated: tuple[tuple[int, ...], ...] = ()   # generation: new tokens per batch item
     generated_text: tuple[str, ...] = ()
-
-    @classmethod
-    def from_proto(cls, m: pb.RunResult) -> "RunResult":
-        top = tuple(tuple(TokenProb(t.token_id, t.text, t.logit, t.prob) for t in tt.tokens) for tt in m.top)
-        logits = _wire.from_wire(m.last_logits) if m.HasField("last_logits") else None
-        return cls(m.run_id, STATE_NAMES.get(m.state, "unknown"), top, logits, m.exception,
-                   tuple(tuple(t.ids) for t in m.input_ids), tuple(m.lengths),
-                   tuple(tuple(t.ids) for t in m.generated), tuple(m.generated_text))
 
 
 @dataclass(frozen=True)
@@ -207,13 +162,6 @@ class RunStatus:
     @property
     def site(self) -> str | None:
         return self.stop.site if self.stop else None
-
-    @classmethod
-    def from_proto(cls, m: pb.RunStatus) -> "RunStatus":
-        return cls(m.run_id, STATE_NAMES.get(m.state, "unknown"),
-                   StopInfo.from_proto(m.stop) if m.HasField("stop") else None,
-                   RunResult.from_proto(m.result) if m.HasField("result") else None,
-                   tuple(PatchInfo(p.patch_id, p.site, p.op, p.scope, p.applied) for p in m.patches))
 
 
 @dataclass(frozen=True)
@@ -268,32 +216,6 @@ class Event:
     text: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_proto(cls, m: pb.Event) -> "Event":
-        kind = m.WhichOneof("body") or "unknown"
-        ev: dict[str, Any] = {"seq": m.seq, "time": m.time, "run_id": m.run_id, "kind": kind}
-        if kind == "stopped":
-            ev["stop"] = StopInfo.from_proto(m.stopped)
-        elif kind == "run_exited":
-            ev["result"] = RunResult.from_proto(m.run_exited.result)
-        elif kind == "output":
-            ev["text"] = m.output.text
-            ev["data"] = {"category": m.output.category, "site": m.output.site}
-        elif kind == "progress":
-            p = m.progress
-            ev["text"] = p.message
-            ev["data"] = {"id": p.id, "title": p.title, "fraction": p.fraction, "eta_s": p.eta_s}
-        elif kind == "terminated":
-            ev["text"] = m.terminated.reason
-        elif kind == "invalidated":
-            ev["text"] = m.invalidated.what
-        elif kind == "token":
-            ev["text"] = m.token.texts[0] if m.token.texts else ""
-            ev["data"] = {"step": m.token.step, "token_ids": list(m.token.token_ids), "texts": list(m.token.texts)}
-        elif kind == "run_started":
-            ev["data"] = {"batch": m.run_started.batch, "seq_len": m.run_started.seq_len}
-        return cls(**ev)
-
 
 @dataclass(frozen=True)
 class ReplayReport:
@@ -303,3 +225,36 @@ class ReplayReport:
     reads_checked: int
     mismatches: tuple[str, ...]
     session_id: str                # the replay's session, left open at the recording's last state
+
+
+# -- analysis requests ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """What to explain: mean logit of `tokens` - mean logit of `distractors` (strings or token ids)
+    at `position` (default last); kind "logit", "logprob" or "direction" (final residual . direction)."""
+
+    tokens: Any = ()
+    distractors: Any = ()
+    kind: str = ""
+    position: int | None = None
+    direction: Any = None
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Upstream tracing: a neuron (its pre-activation) or a head (part: output | q | k | qk | v)."""
+
+    node: str
+    part: str = "output"
+    position: int | None = None
+    key_position: int | None = None
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Ablate a node (head, neuron, blocks.L.attn, blocks.L.mlp, blocks.L; fnmatch patterns allowed)."""
+
+    node: str
+    method: str = "zero"
+    positions: Sequence[int] = ()
