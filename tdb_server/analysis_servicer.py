@@ -24,6 +24,8 @@ from .errors import Cancelled, InvalidArgument
 from .files import FileAccess
 from .limits import Limits
 from .engine.scheduler import scheduler_for
+from .sae import attach_bundled
+from .sae.attribution import site_of_code
 from .sae_servicer import SaeServicerMixin, explanations
 from .servicer import _rpc, _rpc_stream
 
@@ -129,8 +131,6 @@ def _paired(ids: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> pb.Pa
 
 def _node_names(adapter: Any, ids: torch.Tensor) -> list[str]:
     """Unit names of node-table rows ("" for rows that are not heads, neurons or latents)."""
-    from .sae.attribution import site_of_code
-
     names = []
     for node_type, layer, index, _, key in ids.tolist():
         if node_type in (nt.HEAD, nt.HEAD_PAIR):
@@ -157,7 +157,6 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         self.adapter = adapter
         self.limits = limits or Limits()
         self.files = files or FileAccess.for_model(adapter)
-        from .sae import attach_bundled
         attach_bundled(adapter)   # SAEs shipped next to the model (<model>/saes/*/) are attached by default
 
     def _ids(self, msg: pb.Input, what: str = "input") -> list[int]:

@@ -19,9 +19,7 @@ class FileAccess:
 
     @classmethod
     def for_model(cls, adapter: Any, data_dirs: Iterable[str | Path] = ()) -> "FileAccess":
-        from .sae.attach import model_dir
-
-        model = model_dir(adapter)
+        model = adapter.model_dir
         return cls([BUNDLED_DIR, *([model] if model is not None else []), *data_dirs])
 
     def check(self, path: str, what: str) -> Path:

@@ -17,6 +17,7 @@ from .engine.scheduler import scheduler_for
 from .errors import Cancelled, InvalidArgument
 from .files import FileAccess
 from .records import Records, Window, activation_records
+from .analyses.registry import REGISTRY, register
 from .sae import AttachedSae, attach, attached, detach
 from .servicer import _rpc, _rpc_stream
 
@@ -145,13 +146,10 @@ class SaeServicerMixin:
 
 def _register() -> None:
     """Advertise these analyses in Capabilities.analyses (the registry is data, see analyses/registry.py)."""
-    from .analyses.registry import REGISTRY, register
-    from .sae import attach as _attach
-
     for name, doc, fn in (
             ("sae_latents", "SAEs in the SAELens layout attached to a site and spliced with the reconstruction error "
                             "kept; latents are units for breakpoints, reads, patches, ablations and the node table; "
-                            "quality: explained variance, L0, dead latents, loss recovered", _attach),
+                            "quality: explained variance, L0, dead latents, loss recovered", attach),
             ("activation_records", "top-activating and random corpus windows of a neuron, head or SAE latent with "
                                    "per-token activations; batched, cached on disk", activation_records),
             ("explain", "local explanations (tokens and n-grams at the top activations, logit lens, head "

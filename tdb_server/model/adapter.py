@@ -34,6 +34,7 @@ not attributed to any component and goes to the constant term.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterable
 from dataclasses import dataclass, field
 
@@ -151,6 +152,22 @@ class ModelAdapter:
                 text = cache[i] = tok.decode([i])
             out.append(text)
         return out
+
+    @property
+    def max_positions(self) -> int:
+        """The most positions the model takes (0 when its config does not say)."""
+        cfg = self.model.config
+        for key in ("n_positions", "max_position_embeddings"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 0
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The folder the model was loaded from (config._name_or_path), if it is a folder."""
+        p = getattr(self.model.config, "_name_or_path", "") or ""
+        return Path(p) if p and Path(p).is_dir() else None
 
     # --- running ------------------------------------------------------------------------------
 

@@ -119,15 +119,9 @@ def detach(adapter: Any, site: str) -> None:
         del table[site]
 
 
-def model_dir(adapter: Any) -> Path | None:
-    """The folder the model was loaded from (config._name_or_path), if it is a folder."""
-    p = getattr(adapter.model.config, "_name_or_path", "") or ""
-    return Path(p) if p and Path(p).is_dir() else None
-
-
 def attach_bundled(adapter: Any, evaluate: bool = True) -> list[AttachedSae]:
     """Attach every SAE found under `<model folder>/saes/*/` (the bundled model ships one)."""
-    folder = model_dir(adapter)
+    folder = adapter.model_dir
     out = []
     if folder is None or not (folder / "saes").is_dir():
         return out
@@ -186,10 +180,8 @@ def _eval_tokens(adapter: Any) -> tuple[torch.Tensor, str]:
             return windows(adapter, c, EVAL_WINDOW, EVAL_WINDOWS), f"{c.name} ({c.sha256[:12]})"
         except Exception:  # noqa: BLE001 - no corpus / too short: fall back to random tokens
             pass
-    from tdb_server.engine.weights import max_positions
-
     g = torch.Generator().manual_seed(0)
-    T = min(EVAL_WINDOW, max_positions(adapter) or EVAL_WINDOW)
+    T = min(EVAL_WINDOW, adapter.max_positions or EVAL_WINDOW)
     return torch.randint(0, adapter.info.vocab_size, (8, T), generator=g), "random tokens (seed 0)"
 
 
