@@ -21,7 +21,7 @@ import grpc
 
 from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_grpc
 
-from .engine.session import SessionManager
+from .engine.manager import SessionManager
 from .analysis_servicer import AnalysisServicer
 from .files import FileAccess
 from .limits import Limits

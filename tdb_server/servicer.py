@@ -19,20 +19,17 @@ from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 
 from google.protobuf import json_format
 
-from . import PROTOCOL_VERSION, __version__, recording, shm, wire
-from .analyses import analysis_names
-from .engine import expr, weights
-from .engine.patches import OPS, Selector
-from .engine.session import DEFAULT_WAIT_S, GenOptions, SessionManager, site_dims
+from . import PROTOCOL_VERSION, __version__, recording, serde, shm, wire
+from .engine.events import Event, Invalidated
+from .engine.manager import SessionManager
+from .engine.session import DEFAULT_WAIT_S, Session
+from .engine.types import RunStatus
 from .errors import InvalidArgument, ResourceExhausted, TdbServerError
 
 log = logging.getLogger("tdb.server")
 
 CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 16 << 20
-_OP_NAMES = {pb.SET: "set", pb.ADD: "add", pb.SCALE: "scale", pb.ZERO: "zero", pb.MEAN: "mean",
-             pb.COPY_FROM_RUN: "copy_from_run"}
-_STEP_NAMES = {pb.STEP_INTO: "into", pb.STEP_OVER: "over", pb.STEP_OUT: "out", pb.STEP_TOKEN: "token"}
 
 
 def _abort(context: grpc.ServicerContext, err: TdbServerError) -> None:
@@ -82,50 +79,10 @@ def _wait_s(ms: int, context: Any) -> float:
     return wait if left is None else min(wait, max(0.0, left - 0.05))
 
 
-def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | None = None) -> common_pb2.Capabilities:
-    flags = {
-        "supportsConditionalBreakpoints": True, "supportsHitConditionalBreakpoints": True,
-        "supportsLogPoints": True, "supportsBreakBefore": True, "supportsStepInto": True,
-        "supportsStepOver": True, "supportsStepOut": True, "supportsPause": True, "supportsTerminate": True,
-        "supportsPatching": True, "supportsPatchBeforeRun": True, "supportsCopyFromRun": True,
-        "supportsEvaluate": True, "supportsReadTensor": True, "supportsEventReplay": True,
-        "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
-        "supportsGeneration": True, "supportsTokenStepping": True, "supportsSharedMemoryReads": shm.available(),
-    }
-    analyses = analysis_names() if analyses is None else analyses
-    return common_pb2.Capabilities(flags=flags, analyses=analyses, expression_functions=expr.FUNCTION_NAMES,
-                                   patch_ops=list(OPS), limits=limits or {})
-
-
-def model_info_proto(adapter: Any) -> common_pb2.ModelInfo:
-    info = adapter.info
-    verified = set(adapter.verified_sites)
-    sites = []
-    for name in info.sites:
-        kind = name.split(".", 2)[2] if name.startswith("blocks.") else name
-        layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
-        sites.append(common_pb2.SiteInfo(name=name, dims=site_dims(kind), verified=name in verified, kind=kind,
-                                         layer=layer))
-    return common_pb2.ModelInfo(
-        name=info.name, architecture=info.architecture, n_layers=info.n_layers, n_heads=info.n_heads,
-        n_kv_heads=info.n_kv_heads, d_model=info.d_model, d_head=info.d_head, d_mlp=info.d_mlp,
-        vocab_size=info.vocab_size, dtype=info.dtype, device=info.device, sites=sites,
-        parallel_blocks=info.parallel_blocks, has_tokenizer=info.has_tokenizer,
-        source=str(getattr(adapter, "source", "") or ""), max_positions=weights.max_positions(adapter))
-
-
-def _recorded(session: Any, rpc: str, request: Any, status: pb.RunStatus) -> pb.RunStatus:
-    recording.record(session, rpc, request, recording.outcome(status))
-    return status
-
-
-def _status_or_oom(session: Any, run: Any) -> pb.RunStatus:
-    """The run's status; a run that died of out-of-memory fails the waiting request with RESOURCE_EXHAUSTED."""
-    if run.state == pb.FAILED and run.out_of_memory:
-        raise ResourceExhausted(f"the run ran out of memory on the model's device ({run.exception}); its captures "
-                                "were freed and the session is usable: capture fewer sites or send fewer tokens",
-                                reason="OUT_OF_MEMORY")
-    return session.status(run)
+def _recorded(session: Session, rpc: str, request: Any, status: RunStatus) -> pb.RunStatus:
+    msg = serde.status_to_proto(status)
+    recording.record(session, rpc, request, recording.outcome(msg))
+    return msg
 
 
 class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
@@ -142,8 +99,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             raise InvalidArgument(f"client speaks protocol {request.protocol_version}; this server speaks "
                                   f"{PROTOCOL_VERSION}", reason="PROTOCOL_MISMATCH")
         return pb.InitializeResponse(protocol_version=PROTOCOL_VERSION, server_version=__version__,
-                                     capabilities=capabilities(limits=self.sessions.limits.as_dict()),
-                                     model=model_info_proto(self.adapter))
+                                     capabilities=serde.capabilities(limits=self.sessions.limits.as_dict()),
+                                     model=serde.model_info_to_proto(self.adapter))
 
     @_rpc
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
@@ -170,34 +127,27 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc
     def SetBreakpoints(self, request: pb.SetBreakpointsRequest, context: grpc.ServicerContext) -> pb.SetBreakpointsResponse:
         s = self.sessions.get(request.session_id)
-        specs = s.set_breakpoints(list(request.breakpoints))
+        specs = s.set_breakpoints(serde.breakpoints_from_proto(request.breakpoints))
         recording.record(s, "SetBreakpoints", request, {})
-        return pb.SetBreakpointsResponse(breakpoints=[
-            pb.BreakpointStatus(id=b.id, verified=b.verified, message=b.message, sites=b.sites) for b in specs])
+        return pb.SetBreakpointsResponse(breakpoints=[serde.breakpoint_status_to_proto(b) for b in specs])
 
     # -- runs ------------------------------------------------------------------------------------
 
     @_rpc
     def Launch(self, request: pb.LaunchRequest, context: grpc.ServicerContext) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
-        gen = None
-        if request.HasField("generate") and request.generate.max_new_tokens != 0:
-            g = request.generate
-            gen = GenOptions(max_new_tokens=g.max_new_tokens, sample=g.sample, temperature=g.temperature or 1.0,
-                             top_k=g.top_k, seed=g.seed, stop_at_tokens=g.stop_at_tokens,
-                             stop_token_ids=tuple(g.stop_token_ids))
-        run = s.launch(list(request.prompts), [list(t.ids) for t in request.token_ids], request.prepend_bos,
-                       list(request.capture), request.stop_on_entry, gen)
+        r = serde.launch_from_proto(request)
+        run = s.launch(r.prompts, r.token_ids, r.prepend_bos, r.capture, r.stop_on_entry, r.gen)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms, context))
-        return _recorded(s, "Launch", request, _status_or_oom(s, run))
+        return _recorded(s, "Launch", request, s.checked_status(run))
 
     def _control(self, request: Any, context: Any, command: str, step: str | None = None) -> pb.RunStatus:
         s = self.sessions.get(request.session_id)
         run = s.resume(command, step)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms, context))
-        return _recorded(s, "Step" if step else "Continue", request, _status_or_oom(s, run))
+        return _recorded(s, "Step" if step else "Continue", request, s.checked_status(run))
 
     @_rpc
     def Continue(self, request: pb.ContinueRequest, context: grpc.ServicerContext) -> pb.RunStatus:
@@ -205,11 +155,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        kind = _STEP_NAMES.get(request.kind)
-        if kind is None:
-            raise InvalidArgument(f"unknown step kind {request.kind}: STEP_INTO, STEP_OVER or STEP_OUT",
-                                  reason="BAD_STEP_KIND")
-        return self._control(request, context, "step", kind)
+        return self._control(request, context, "step", serde.step_kind_from_proto(request.kind))
 
     @_rpc
     def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.RunStatus:
@@ -232,13 +178,12 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         s = self.sessions.get(request.session_id)
         if request.wait and s.current is not None:
             s.wait(s.current, _wait_s(request.wait_timeout_ms, context))
-        return s.status()
+        return serde.status_to_proto(s.status())
 
     @_rpc
     def GetResult(self, request: pb.GetResultRequest, context: grpc.ServicerContext) -> pb.RunResult:
-        s = self.sessions.get(request.session_id)
-        run = s.run_for(request.run_id)
-        return s.build_result(run, top_k=request.top_k or 10, include_logits=request.include_logits)
+        run = self.sessions.get(request.session_id).run_for(request.run_id)
+        return serde.result_to_proto(run.build_result(top_k=request.top_k or 10, include_logits=request.include_logits))
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -251,11 +196,11 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             after = request.after_seq
             events, truncated = s.events.since(after)
             if truncated:
-                yield pb.Event(seq=after, invalidated=pb.Invalidated(what="events dropped from the replay ring"))
+                yield serde.event_to_proto(Event(after, 0.0, "", Invalidated(what="events dropped from the replay ring")))
             while context.is_active():
                 events, _ = s.events.since(after)
                 for ev in events:
-                    yield ev
+                    yield serde.event_to_proto(ev)
                     after = ev.seq
                 if s.events.closed and not s.events.since(after)[0]:
                     return
@@ -271,43 +216,35 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         if request.timeout_ms > 0:
             s.events.wait(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
         events, truncated = s.events.since(request.after_seq, request.max_events)
-        return pb.PollEventsResponse(events=events, last_seq=s.events.last_seq, truncated=truncated)
+        return pb.PollEventsResponse(events=[serde.event_to_proto(ev) for ev in events], last_seq=s.events.last_seq,
+                                     truncated=truncated)
 
     # -- inspection ------------------------------------------------------------------------------
 
     @_rpc
     def GetStack(self, request: pb.GetStackRequest, context: grpc.ServicerContext) -> pb.GetStackResponse:
         frames, stop_id = self.sessions.get(request.session_id).stack()
-        return pb.GetStackResponse(frames=frames, stop_id=stop_id)
+        return pb.GetStackResponse(frames=[serde.frame_to_proto(f) for f in frames], stop_id=stop_id)
 
     @_rpc
     def GetScopes(self, request: pb.GetScopesRequest, context: grpc.ServicerContext) -> pb.GetScopesResponse:
-        return pb.GetScopesResponse(scopes=self.sessions.get(request.session_id).scopes(request.frame_id))
+        scopes = self.sessions.get(request.session_id).scopes(request.frame_id)
+        return pb.GetScopesResponse(scopes=[serde.scope_to_proto(x) for x in scopes])
 
     @_rpc
     def GetVariables(self, request: pb.GetVariablesRequest, context: grpc.ServicerContext) -> pb.GetVariablesResponse:
         if request.start < 0 or request.count < 0:
             raise InvalidArgument("start and count must be >= 0", reason="BAD_RANGE")
         s = self.sessions.get(request.session_id)
-        return pb.GetVariablesResponse(variables=s.variables(request.variables_reference, request.start, request.count))
-
-    def _tensor(self, session_id: str, expression: str, run_id: str) -> torch.Tensor:
-        s = self.sessions.get(session_id)
-        run = s.run_for(run_id)
-        value = s.evaluate_value(expression, run)
-        if isinstance(value, expr.TopK):
-            value = value.values
-        if isinstance(value, (int, float, bool)):
-            value = torch.tensor(value)
-        if not isinstance(value, torch.Tensor):
-            raise InvalidArgument(f"{expression!r} is not a tensor", reason="NOT_A_TENSOR")
-        return value
+        variables = s.variables(request.variables_reference, request.start, request.count)
+        return pb.GetVariablesResponse(variables=[serde.variable_to_proto(v) for v in variables])
 
     @_rpc_stream
     def ReadTensor(self, request: pb.ReadTensorRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
         if request.chunk_bytes < 0 or request.chunk_bytes > MAX_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_bytes must be in [0, {MAX_CHUNK_BYTES}]", reason="BAD_CHUNK_SIZE")
-        t = self._tensor(request.session_id, request.expression, request.run_id)
+        session = self.sessions.get(request.session_id)
+        t = session.read_value(request.expression, request.run_id)
         if request.dtype:
             t = t.to(wire.torch_dtype(request.dtype))
         limit = self.sessions.limits.max_read_bytes
@@ -317,7 +254,6 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         if request.shared_memory:
             shm.check_peer(context.peer())
         data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
-        session = self.sessions.get(request.session_id)
         size = request.chunk_bytes or CHUNK_BYTES
         total = len(data)
         dtype = wire.wire_dtype(t.dtype)
@@ -348,9 +284,9 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def TensorStats(self, request: pb.TensorStatsRequest, context: grpc.ServicerContext) -> common_pb2.TensorSummary:
-        summary = wire.summarize(self._tensor(request.session_id, request.expression, request.run_id))
-        recording.record(self.sessions.get(request.session_id), "TensorStats", request,
-                         {"summary": json_format.MessageToDict(summary)})
+        s = self.sessions.get(request.session_id)
+        summary = wire.summarize(s.read_value(request.expression, request.run_id))
+        recording.record(s, "TensorStats", request, {"summary": json_format.MessageToDict(summary)})
         return summary
 
     @_rpc
@@ -358,27 +294,9 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         s = self.sessions.get(request.session_id)
         run = s.run_for(request.run_id)
         if request.frame_id:
-            s._resolve_ref(request.frame_id, "frame")   # stale frames are ABORTED
-        resp = self._evaluate(s, s.evaluate_value(request.expression, run), request.max_elements or 4096)
+            s.check_frame(request.frame_id)   # stale frames are ABORTED
+        resp = serde.evaluate_to_proto(s.evaluate_value(request.expression, run), request.max_elements or 4096, s.decode)
         recording.record(s, "Evaluate", request, recording.outcome_of("Evaluate", resp))
-        return resp
-
-    @staticmethod
-    def _evaluate(s: Any, value: Any, limit: int) -> pb.EvaluateResponse:
-        resp = pb.EvaluateResponse(result=expr.render(value))
-        if isinstance(value, expr.TopK):
-            resp.tokens.extend(s.decode([int(i) for i in value.indices.flatten().tolist()]))
-            resp.value.CopyFrom(wire.to_wire(torch.stack([value.values.float(), value.indices.float()])))
-            return resp
-        if isinstance(value, list) and all(isinstance(x, str) for x in value):
-            resp.tokens.extend(value)
-            return resp
-        if isinstance(value, (bool, int, float)):
-            value = torch.tensor(value)
-        if isinstance(value, torch.Tensor):
-            resp.summary.CopyFrom(wire.summarize(value))
-            if value.numel() <= limit:
-                resp.value.CopyFrom(wire.to_wire(value))
         return resp
 
     # -- patching --------------------------------------------------------------------------------
@@ -386,18 +304,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc
     def Patch(self, request: pb.PatchRequest, context: grpc.ServicerContext) -> pb.PatchResponse:
         s = self.sessions.get(request.session_id)
-        op = _OP_NAMES.get(request.op)
-        if op is None:
-            raise InvalidArgument(f"unknown patch op {request.op}", reason="BAD_PATCH_OP")
-        sel = request.selector
-        selector = Selector(batch=list(sel.batch), positions=list(sel.positions), heads=list(sel.heads),
-                            neurons=list(sel.neurons))
-        if request.HasField("value") and len(request.value.data) > self.sessions.limits.max_patch_bytes:
-            raise InvalidArgument(f"patch value of {len(request.value.data)} bytes exceeds the server's limit "
-                                  f"({self.sessions.limits.max_patch_bytes})", reason="PATCH_TOO_LARGE")
-        value = wire.from_wire(request.value) if request.HasField("value") else None
-        spec, now = s.patch(request.site, op, selector, value, request.scalar, request.source_run_id, request.mean_over,
-                            tuple(request.tokens))
+        p = serde.patch_from_proto(request, self.sessions.limits.max_patch_bytes)
+        spec, now = s.patch(p.name, p.op, p.selector, p.value, p.scalar, p.source_run_id, p.mean_over, p.tokens)
         recording.record(s, "Patch", request, {})
         return pb.PatchResponse(patch_id=spec.id, applied_now=now, scope=spec.scope,
                                 message=f"{spec.describe()}: {'applied at this stop' if now else 'registered'}")

@@ -1,4 +1,6 @@
-"""torch <-> protocol conversions: Tensor messages (raw little-endian bytes) and summaries."""
+"""torch <-> protocol conversions: Tensor messages (raw little-endian bytes) and tensor summaries.
+
+Part of the protobuf edge: serde.py and the servicers use it; the engine never does."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import torch
 
 from tdb.v1 import common_pb2
 
+from .engine import summary
+from .engine.types import TensorSummary
 from .errors import InvalidArgument
 
 _TORCH_TO_WIRE = {
@@ -69,28 +73,12 @@ def from_wire(msg: common_pb2.Tensor) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def summary_to_proto(s: TensorSummary) -> common_pb2.TensorSummary:
+    return common_pb2.TensorSummary(dtype=wire_dtype(s.dtype), shape=list(s.shape), numel=s.numel, dims=s.dims,
+                                    min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
+                                    nan_count=s.nan_count, inf_count=s.inf_count)
+
+
 def summarize(t: torch.Tensor, dims: list[str] | None = None) -> common_pb2.TensorSummary:
-    """Statistics of a tensor computed on its device (one host sync for a handful of scalars)."""
-    msg = common_pb2.TensorSummary(dtype=wire_dtype(t.dtype), shape=list(t.shape), numel=t.numel(), dims=dims or [])
-    if t.numel() == 0:
-        return msg
-    x = t.detach()
-    x = x.double() if x.dtype in (torch.float64,) else x.float()
-    finite = torch.isfinite(x)
-    nan = torch.isnan(x).sum()
-    inf = torch.isinf(x).sum()
-    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    n_finite = finite.sum()
-    stats = torch.stack([
-        torch.where(finite, x, torch.full((), math.inf, dtype=x.dtype, device=x.device)).min(),
-        torch.where(finite, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max(),
-        xf.sum() / n_finite.clamp(min=1),
-        xf.norm(),
-        nan.to(x.dtype), inf.to(x.dtype), n_finite.to(x.dtype),
-    ]).cpu().tolist()
-    mn, mx, mean, norm, nans, infs, nf = stats
-    var = ((xf - mean) * finite).pow(2).sum().item() / max(nf - 1, 1)
-    msg.min, msg.max, msg.mean, msg.norm = (float(v) if nf else float("nan") for v in (mn, mx, mean, norm))
-    msg.std = math.sqrt(var) if nf > 1 else 0.0
-    msg.nan_count, msg.inf_count = int(nans), int(infs)
-    return msg
+    """Statistics of a tensor computed on its device (engine/summary.py), as a message."""
+    return summary_to_proto(summary.summarize(t, dims))

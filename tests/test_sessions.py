@@ -576,21 +576,21 @@ def test_out_of_memory_in_a_run_is_resource_exhausted_and_the_session_survives(c
 def test_hooks_only_where_something_is_asked(gpt2_adapter):
     """Engine level: a launch that captures nothing and has no breakpoints hooks nothing; breakpoints and
     patches hook just their sites; a step hooks the rest of the run on demand."""
-    from tdb.v1 import debugger_pb2 as pb
+    from tdb_server.engine.manager import SessionManager
     from tdb_server.engine.patches import Selector
-    from tdb_server.engine.session import SessionManager
+    from tdb_server.engine.types import BreakpointRequest, RunState
 
     mgr = SessionManager(gpt2_adapter)
     try:
         s = mgr.create()
         run = s.launch([], IDS, False, ["none"], False)
         s.wait(run, 30)
-        assert run.state == pb.EXITED and run.sites == frozenset()
-        s.set_breakpoints([pb.Breakpoint(site="blocks.1.attn.out")])
+        assert run.state is RunState.EXITED and run.sites == frozenset()
+        s.set_breakpoints([BreakpointRequest(site="blocks.1.attn.out")])
         s.patch("blocks.0.attn.head.1", "zero", Selector(), None, 0.0, "", "")
         run = s.launch([], IDS, False, ["logits"], False)
         s.wait(run, 30)
-        assert run.state == pb.PAUSED and run.stop.site == "blocks.1.attn.out"
+        assert run.state is RunState.PAUSED and run.stop.site == "blocks.1.attn.out"
         assert run.sites == {"logits", "blocks.1.attn.out", "blocks.0.attn.out", "blocks.0.attn.z",
                              "blocks.0.resid_mid", "blocks.1.resid_mid"}
         s.resume("step", "into")

@@ -1,9 +1,11 @@
-"""A session's event log: sequence numbers, a bounded replay ring, and waiting for new events.
+"""A session's event log: what happened in its runs, with sequence numbers, a bounded replay ring,
+and waiting for new events.
 
-Events are protocol messages (tdb.v1.Event) built by the engine; the ring keeps the last `capacity`
-so a client that reconnects with `after_seq` loses nothing that is still retained, and learns when
-something was dropped. The ring holds serialized events: a retained message would keep alive every
-protobuf arena it was ever fused with (the run results and statuses it was built from).
+Events are plain frozen dataclasses (an `Event` with one body: a `StopInfo` for a stop, or one of the
+types below); the servicer converts them to the protocol's Event on the way out (serde.py). The ring keeps
+the last `capacity`, so a client that reconnects with `after_seq` loses nothing that is still
+retained, and learns when something was dropped. Bodies hold numbers and text only (a stop's value
+as a summary, never a tensor), so a retained event keeps no activation alive.
 """
 
 from __future__ import annotations
@@ -11,13 +13,66 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from dataclasses import dataclass
+from typing import Union
 
-from tdb.v1 import debugger_pb2 as pb
+from .types import RunResult, StopInfo
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    batch: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class Continued:
+    pass
+
+
+@dataclass(frozen=True)
+class RunExited:
+    result: RunResult
+
+
+@dataclass(frozen=True)
+class Output:
+    category: str      # "console" (log points), "stderr" (condition errors), "warning" (NaN/Inf)
+    text: str
+    site: str = ""
+
+
+@dataclass(frozen=True)
+class Terminated:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Invalidated:
+    what: str
+
+
+@dataclass(frozen=True)
+class TokenGenerated:
+    step: int                        # generation step (0-based)
+    token_ids: tuple[int, ...]       # one per batch item
+    texts: tuple[str, ...]
+
+
+EventBody = Union[StopInfo, Continued, RunStarted, RunExited, Output, Terminated, Invalidated, TokenGenerated]
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    time: float        # unix seconds
+    run_id: str
+    body: EventBody
 
 
 class EventLog:
     def __init__(self, capacity: int = 4096):
-        self._ring: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=capacity)
+        self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
         self._seq = 0
         self._cv = threading.Condition()
         self.closed = False
@@ -26,24 +81,24 @@ class EventLog:
     def last_seq(self) -> int:
         return self._seq
 
-    def emit(self, run_id: str = "", **body: object) -> pb.Event:
+    def emit(self, run_id: str, body: EventBody) -> Event:
         with self._cv:
             self._seq += 1
-            ev = pb.Event(seq=self._seq, time=time.time(), run_id=run_id, **body)
-            self._ring.append((self._seq, ev.SerializeToString()))
+            ev = Event(self._seq, time.time(), run_id, body)
+            self._ring.append(ev)
             self._cv.notify_all()
             return ev
 
-    def since(self, after_seq: int, max_events: int = 0) -> tuple[list[pb.Event], bool]:
+    def since(self, after_seq: int, max_events: int = 0) -> tuple[list[Event], bool]:
         """Events with seq > after_seq still retained, and whether some were dropped from the ring."""
         with self._cv:
-            raw = [data for seq, data in self._ring if seq > after_seq]
-            truncated = bool(self._ring) and self._ring[0][0] > after_seq + 1
+            events = [ev for ev in self._ring if ev.seq > after_seq]
+            truncated = bool(self._ring) and self._ring[0].seq > after_seq + 1
             if not self._ring and self._seq > after_seq:
                 truncated = True
         if max_events > 0:
-            raw = raw[:max_events]
-        return [pb.Event.FromString(data) for data in raw], truncated
+            events = events[:max_events]
+        return events, truncated
 
     def wait(self, after_seq: int, timeout: float) -> bool:
         """Block until an event with seq > after_seq exists, the log closes, or timeout passes."""

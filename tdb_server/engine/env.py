@@ -1,0 +1,78 @@
+"""What the expression language sees in a run: its sites and units, the model's weights, the value at
+the stop. Breakpoint conditions and log messages (run.py), Evaluate, reads and expandable variables
+(inspect.py, session.py) all evaluate through `make_env`.
+
+Also the checks of a site or unit name against the model (`parse_site`, `check_unit`), which patches
+and breakpoints share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import FailedPrecondition, NotFound
+from ..model.sites import SiteError
+from ..model.sites import parse_site as _parse_site
+from . import expr, weights
+from .breakpoints import Unit, parse_unit
+from .types import ACTIVE, RunState
+
+
+def parse_site(adapter: Any, name: str) -> str:
+    """The canonical name of a site of this model (SiteError, with suggestions, if there is none)."""
+    return _parse_site(name, adapter.info.n_layers).name
+
+
+def check_unit(adapter: Any, unit: Unit) -> None:
+    """A head, neuron or SAE latent that exists in this model (SiteError otherwise)."""
+    info = adapter.info
+    if not 0 <= unit.layer < info.n_layers:
+        raise SiteError(f"layer {unit.layer} out of range: the model has {info.n_layers} layers")
+    if unit.kind == "latent":   # an SAE must be attached at the site (tdb_server/sae/units.py)
+        from ..sae.units import check_latent
+        parse_site(adapter, unit.site)
+        check_latent(adapter, unit.site, unit.index)
+        return
+    limit = info.n_heads if unit.kind == "head" else info.d_mlp
+    if not 0 <= unit.index < limit:
+        raise SiteError(f"{unit.kind} {unit.index} out of range: layer {unit.layer} has {limit} {unit.kind}s")
+
+
+def make_env(adapter: Any, run: Any, value: torch.Tensor | None, site: str = "") -> expr.Env:
+    """The environment of an expression evaluated in `run` (a DebugRun), `value` being `x`."""
+
+    # two closures, neither referring to itself: a self-referencing closure is a reference cycle that would
+    # keep the run (and every activation it captured) alive until the cyclic garbage collector comes by
+    def read_site(name: str) -> torch.Tensor:
+        canon = parse_site(adapter, name)
+        if canon in run.captured:
+            return run.captured[canon]
+        if canon not in run.index:
+            raise NotFound(f"{canon} is not computed in run {run.run_id} (attention patterns only when captured "
+                           "or a breakpoint asks)", reason="NOT_CAPTURED")
+        if run.state in ACTIVE and run.index[canon] > run.last_fired:
+            raise FailedPrecondition(f"{canon} has not run yet in run {run.run_id}: step or continue until it does",
+                                     reason="NOT_YET_RUN")
+        raise NotFound(f"{canon} was not captured in run {run.run_id} (see the launch's capture list)",
+                       reason="NOT_CAPTURED")
+
+    def get_site(name: str) -> torch.Tensor:
+        unit = parse_unit(name)
+        if unit is not None and unit.kind == "latent":   # SAE latent: read through its site -> [B, T]
+            from ..sae.units import latent_value
+            check_unit(adapter, unit)
+            return latent_value(adapter, unit.site, unit.index, read_site(unit.site))
+        return read_site(name)
+
+    return expr.Env(site=get_site, weight=lambda n: weights.weight(adapter, n), value=value,
+                    logit_lens=lambda x: weights.logit_lens(adapter, x), unembed=lambda x: weights.unembed(adapter, x),
+                    decode=adapter.token_texts, extra={"site": site})
+
+
+def evaluate(adapter: Any, expression: str, run: Any, value: Any = None) -> Any:
+    """Evaluate `expression` in `run`; at a stop, `x` is the stop's value unless `value` is given."""
+    if value is None and run.state is RunState.PAUSED and run.stop is not None:
+        value = run.stop.value
+    return expr.evaluate(expression, make_env(adapter, run, value=value, site=run.stop.site if run.stop else ""))

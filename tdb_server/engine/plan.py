@@ -1,0 +1,117 @@
+"""Planning a launch: the checked token ids of the batch, the generation settings, which sites a run
+computes, which it hooks, and what its captures will cost. Plain functions of the model, the server's
+limits and the session's breakpoints and patches; `Session.launch` (session.py) puts them together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..analyses.inputs import Prompt, encode as encode_prompt
+from ..errors import InvalidArgument
+from ..limits import Limits
+from ..model.sites import expand_glob, site_shape
+from . import weights
+from .breakpoints import BreakpointSpec
+from .patches import PatchSpec, site_kind
+from .types import GenOptions, When
+
+
+def encode(adapter: Any, limits: Limits, prompts: list[str], token_ids: list[list[int]],
+           prepend_bos: bool) -> list[list[int]]:
+    """The token ids of each sequence of the batch (prompts or token ids, within the server's limits)."""
+    if prompts and token_ids:
+        raise InvalidArgument("give prompts or token_ids, not both", reason="BAD_INPUT")
+    if not prompts and not token_ids:
+        raise InvalidArgument("nothing to run: give a prompt or token ids", reason="BAD_INPUT")
+    items = [Prompt(p, (), prepend_bos) for p in prompts] or [Prompt("", tuple(ids), prepend_bos) for ids in token_ids]
+    if len(items) > limits.max_batch:
+        raise InvalidArgument(f"batch of {len(items)} sequences; this server takes at most {limits.max_batch}",
+                              reason="BATCH_TOO_LARGE")
+    return [encode_prompt(adapter, p, f"sequence {b}", limits.max_prompt_tokens) for b, p in enumerate(items)]
+
+
+def check_generation(adapter: Any, limits: Limits, gen: GenOptions, seqs: list[list[int]]) -> None:
+    """INVALID_ARGUMENT unless the batch can generate `gen.max_new_tokens` tokens with these settings."""
+    if not 0 < gen.max_new_tokens <= limits.max_prompt_tokens:
+        raise InvalidArgument(f"max_new_tokens must be in 1..{limits.max_prompt_tokens}", reason="BAD_GENERATE")
+    if len({len(x) for x in seqs}) > 1:
+        raise InvalidArgument("generation needs sequences of equal length (no padding)", reason="BAD_GENERATE")
+    max_pos = weights.max_positions(adapter)
+    if max_pos and len(seqs[0]) + gen.max_new_tokens > max_pos:
+        raise InvalidArgument(f"{len(seqs[0])} prompt tokens + {gen.max_new_tokens} new tokens exceed the model's "
+                              f"{max_pos} positions", reason="TOO_LONG")
+    if gen.sample and not (gen.temperature >= 0 and math.isfinite(gen.temperature)):
+        raise InvalidArgument("temperature must be a finite number >= 0", reason="BAD_GENERATE")
+    if gen.top_k < 0:
+        raise InvalidArgument("top_k must be >= 0", reason="BAD_GENERATE")
+    vocab = adapter.info.vocab_size
+    if any(not 0 <= t < vocab for t in gen.stop_token_ids):
+        raise InvalidArgument(f"stop_token_ids must be in [0, {vocab})", reason="BAD_GENERATE")
+
+
+def _is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def capture_set(capture: Sequence[str], verified: Sequence[str], parse_site: Callable[[str], str]) -> frozenset[str]:
+    """The sites a launch keeps: [] = every verified site, ["none"] = nothing, else the names and globs."""
+    if list(capture) == ["none"]:
+        return frozenset()
+    if not capture:
+        return frozenset(verified)
+    sites: set[str] = set()
+    for c in capture:
+        sites.update(expand_glob(c, verified) if _is_glob(c) else [parse_site(c)])
+    return frozenset(sites)
+
+
+def run_sites(verified: Sequence[str], asked: set[str] | frozenset[str]) -> list[str]:
+    """The sites a run computes, in order: attention patterns only where asked for."""
+    return [x for x in verified if x in asked or not x.endswith(".attn.pattern")]
+
+
+def hooked_sites(sites: list[str], captured: frozenset[str], breakpoints: Sequence[BreakpointSpec],
+                 patches: Sequence[PatchSpec]) -> set[str]:
+    """Hooks only where something is asked: captures, breakpoints (and the site before a BEFORE one),
+    patches (and attn.z for head units). Stepping or pausing hooks the rest of the run on demand."""
+    fire = set(captured) | {x for bp in breakpoints for x in bp.sites} | {p.site for p in patches}
+    fire |= {f"blocks.{p.site.split('.')[1]}.attn.z" for p in patches if p.head is not None}
+    fire |= {f"blocks.{bp.unit.layer}.attn.z" for bp in breakpoints if bp.unit is not None and bp.unit.kind == "head"}
+    if any(bp.verified for bp in breakpoints):
+        # a stop may be followed by steps, which need resid_mid: the adapter derives it from the
+        # block's input, which it only records when resid_mid is hooked before the block starts
+        fire |= {x for x in sites if site_kind(x) == "resid_mid"}
+    for bp in breakpoints:
+        if bp.when is When.BEFORE:
+            fire |= {sites[sites.index(x) - 1] for x in bp.sites if x in sites and sites.index(x) > 0}
+    return fire & set(sites)
+
+
+def estimate_capture(info: Any, sites: frozenset[str], batch: int, seq: int) -> int:
+    """Bytes the captures of `sites` take for a batch of `batch` x `seq` tokens."""
+    itemsize = torch.empty((), dtype=getattr(torch, info.dtype, torch.float32)).element_size()
+    total = 0
+    for site in sites:
+        try:
+            shape = site_shape(site, info, batch, seq)
+        except Exception:  # noqa: BLE001 - an unknown shape counts as a residual stream
+            shape = (batch, seq, info.d_model)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n * itemsize
+    return total
+
+
+def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] (T = the longest) and the real lengths [B]."""
+    T = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)    # [B, T]
+    for b, x in enumerate(seqs):
+        ids[b, :len(x)] = torch.tensor(x)
+    return ids, torch.tensor([len(x) for x in seqs])

@@ -1,0 +1,46 @@
+"""Summaries of tensors: dtype, shape, min/max/mean/std/norm and NaN/Inf counts, computed on the
+tensor's device with one host sync, and the dimension names of a site's value."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .types import TensorSummary
+
+
+def site_dims(kind: str) -> list[str]:  # moves to model/sites.py
+    """Dimension names of a site kind's value ('attn.z' -> batch, pos, head, d_head)."""
+    return {
+        "attn.q": ["batch", "pos", "head", "d_head"], "attn.k": ["batch", "pos", "kv_head", "d_head"],
+        "attn.v": ["batch", "pos", "kv_head", "d_head"], "attn.z": ["batch", "pos", "head", "d_head"],
+        "attn.pattern": ["batch", "head", "query_pos", "key_pos"], "mlp.pre": ["batch", "pos", "neuron"],
+        "mlp.post": ["batch", "pos", "neuron"], "logits": ["batch", "pos", "vocab"],
+    }.get(kind, ["batch", "pos", "d_model"])
+
+
+def summarize(t: torch.Tensor, dims: list[str] | None = None) -> TensorSummary:
+    """Statistics of a tensor computed on its device (one host sync for a handful of scalars)."""
+    head = {"dtype": t.dtype, "shape": tuple(t.shape), "numel": t.numel(), "dims": tuple(dims or ())}
+    if t.numel() == 0:
+        return TensorSummary(**head)
+    x = t.detach()
+    x = x.double() if x.dtype in (torch.float64,) else x.float()
+    finite = torch.isfinite(x)
+    nan = torch.isnan(x).sum()
+    inf = torch.isinf(x).sum()
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    n_finite = finite.sum()
+    stats = torch.stack([
+        torch.where(finite, x, torch.full((), math.inf, dtype=x.dtype, device=x.device)).min(),
+        torch.where(finite, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max(),
+        xf.sum() / n_finite.clamp(min=1),
+        xf.norm(),
+        nan.to(x.dtype), inf.to(x.dtype), n_finite.to(x.dtype),
+    ]).cpu().tolist()
+    mn, mx, mean, norm, nans, infs, nf = stats
+    var = ((xf - mean) * finite).pow(2).sum().item() / max(nf - 1, 1)
+    mn, mx, mean, norm = (float(v) if nf else float("nan") for v in (mn, mx, mean, norm))
+    return TensorSummary(**head, min=mn, max=mx, mean=mean, std=math.sqrt(var) if nf > 1 else 0.0, norm=norm,
+                         nan_count=int(nans), inf_count=int(infs))
