@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tdb_server.errors import InvalidArgument
+from tdb_server.model.capture import Capture, Edit
 
 from .inputs import Target
 from .registry import register
@@ -32,38 +33,36 @@ class InputAttributionResult:
     steps: int
 
 
-class _Embed:
-    """Replaces `embed` by alpha * clean (a leaf that requires grad), one alpha per batch element;
-    records the final residual for direction targets."""
-
-    def __init__(self, last: str, alphas: torch.Tensor | None, clean: torch.Tensor | None,
-                 base: torch.Tensor | None = None):
-        self.sites = frozenset({"embed", last})
-        self.last, self.alphas, self.clean = last, alphas, clean
-        self.base = torch.zeros_like(clean) if base is None and clean is not None else base
-        self.embed: torch.Tensor | None = None
-        self.resid: torch.Tensor | None = None
-
-    def on_site(self, site, value):
+def _interpolate(alphas: torch.Tensor, clean: torch.Tensor, base: torch.Tensor) -> Edit:
+    """alphas [B], clean [T, D], base [T, D] -> an edit that sets `embed` to base + alpha (clean - base),
+    one alpha per batch row ([B, T, D]), and leaves every other site alone."""
+    def edit(site: str, value: torch.Tensor) -> torch.Tensor | None:
         if site != "embed":
-            self.resid = value
             return None
-        if self.alphas is None:
-            x = value.detach()
-        else:  # [B, T, D]: base + alpha (clean - base)
-            x = self.base[None] + self.alphas[:, None, None].to(value) * (self.clean - self.base)[None]
-        self.embed = x.clone().requires_grad_(True)
-        return self.embed
+        return base[None] + alphas[:, None, None].to(value) * (clean - base)[None]
+    return edit
 
 
-def _run(adapter, ids: list[int], target: Target, alphas=None, clean=None, base=None) -> tuple[torch.Tensor, _Embed]:
+def _run(adapter, ids: list[int], target: Target, alphas: torch.Tensor | None = None,
+         clean: torch.Tensor | None = None, base: torch.Tensor | None = None) -> tuple[torch.Tensor, Capture]:
+    """The target and its gradient at `embed` (a leaf: the clean embedding, or the interpolation at
+    `alphas` [B] between `base` and `clean` [T, D]) -> (values [B], the capture: `grad("embed")`)."""
     last = f"blocks.{adapter.info.n_layers - 1}.resid_post"
-    handler = _Embed(last, alphas, clean, base)
     batch = 1 if alphas is None else len(alphas)
-    logits = adapter.forward(torch.tensor([ids] * batch), handler, grad=True)
-    values = target.read(logits, handler.resid)                            # [B]
+    edit = None if alphas is None else _interpolate(alphas, clean, torch.zeros_like(clean) if base is None else base)
+    logits, cache = adapter.run_with_cache(torch.tensor([ids] * batch), [last], edit=edit,
+                                           edit_sites=("embed",), grad_sites=("embed",))
+    values = target.read(logits, cache[last])                               # [B]
     values.sum().backward()
-    return values.detach(), handler
+    return values.detach(), cache
+
+
+def _value_at(adapter, ids: list[int], target: Target, edit: Edit) -> float:
+    """The target of one forward (no gradients) with `embed` edited."""
+    last = f"blocks.{adapter.info.n_layers - 1}.resid_post"
+    logits, cache = adapter.run_with_cache(torch.tensor([ids]), [last], edit=edit, edit_sites=("embed",))
+    with torch.no_grad():
+        return float(target.read(logits, cache[last])[0])
 
 
 @register("input_attribution", "per-token gradient x input and integrated gradients (steps configurable) of a target")
@@ -76,30 +75,19 @@ def input_attribution(adapter, token_ids: list[int], target: Target, *, grad_x_i
         raise InvalidArgument(f"baseline token id {baseline_token_id} is outside the vocabulary "
                               f"[0, {adapter.info.vocab_size})", reason="BAD_TOKEN_ID")
     values, h = _run(adapter, token_ids, target)
-    clean = h.embed.detach()[0]                                              # [T, D]
-    gxi = (clean.float() * h.embed.grad[0].float()).sum(-1).cpu() if grad_x_input else None
+    clean = h["embed"].detach()[0]                                           # [T, D]
+    gxi = (clean.float() * h.grad("embed")[0].float()).sum(-1).cpu() if grad_x_input else None
     ig, baseline = None, float("nan")
     if integrated_gradients:
         base = torch.zeros_like(clean)
         if baseline_token_id is not None:
-            with torch.no_grad():
-                _, hbase = _run_no_grad(adapter, [baseline_token_id] * len(token_ids), target, None)
-            base = hbase.embed.detach()[0]
+            base_ids = torch.tensor([[baseline_token_id] * len(token_ids)])
+            base = adapter.run_with_cache(base_ids, ["embed"])[1]["embed"][0]      # [T, D]
         alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
         total = torch.zeros_like(clean, dtype=torch.float32)
         for start in range(0, steps, BATCH):
             _, hb = _run(adapter, token_ids, target, alphas[start:start + BATCH], clean, base)
-            total += hb.embed.grad.float().sum(0)
+            total += hb.grad("embed").float().sum(0)
         ig = ((clean - base).float() * total / steps).sum(-1).cpu()
-        with torch.no_grad():
-            at_base, _ = _run_no_grad(adapter, token_ids, target, clean, base)
-        baseline = float(at_base)
+        baseline = _value_at(adapter, token_ids, target, _interpolate(torch.zeros(1), clean, base))
     return InputAttributionResult(float(values[0]), gxi, ig, baseline, steps if integrated_gradients else 0)
-
-
-def _run_no_grad(adapter, ids, target, clean, base=None):
-    """alpha = 0: the target at the baseline (clean None: an unpatched forward)."""
-    last = f"blocks.{adapter.info.n_layers - 1}.resid_post"
-    handler = _Embed(last, None if clean is None else torch.zeros(1), clean, base)
-    logits = adapter.forward(torch.tensor([ids]), handler)
-    return target.read(logits, handler.resid)[0], handler

@@ -16,16 +16,6 @@ LENS_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.
 MAX_TOP_K = 1000
 
 
-class _Capture:
-    def __init__(self, sites):
-        self.sites = frozenset(sites)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def on_site(self, site, value):
-        self.values[site] = value.detach()
-        return None
-
-
 @dataclass
 class LensResult:
     sites: list[str]
@@ -66,13 +56,12 @@ def logit_lens(adapter, token_ids: list[int], sites: list[str], positions: list[
     if not 0 < top_k <= MAX_TOP_K:
         raise InvalidArgument(f"top_k must be in 1..{MAX_TOP_K}", reason="OUT_OF_RANGE")
     k = min(top_k, adapter.info.vocab_size)
-    cap = _Capture(names)
+    cache = adapter.run_with_cache(torch.tensor([token_ids]), names)[1]   # logits dropped at once
     with torch.no_grad():
-        adapter.forward(torch.tensor([token_ids]), cap)
         ids, lg, pr, tv = [], [], [], []
         W_U, b_U = adapter.W_U, adapter.b_U
         for site in names:
-            x = cap.values[site][0, pos]                                      # [P, D]
+            x = cache[site][0, pos]                                      # [P, D]
             normed = x if site == "final_norm" else adapter.final_norm(x)
             logits = (normed.to(W_U.dtype) @ W_U + b_U).float()              # [P, V]
             probs = torch.softmax(logits, dim=-1)
@@ -95,8 +84,6 @@ def attention_pattern(adapter, token_ids: list[int], layer: int, heads: list[int
     if bad:
         raise InvalidArgument(f"head {bad[0]} out of range (0..{info.n_heads - 1})", reason="OUT_OF_RANGE")
     site = f"blocks.{layer}.attn.pattern"
-    cap = _Capture([site])
-    with torch.no_grad():
-        adapter.forward(torch.tensor([token_ids]), cap)
-    pattern = cap.values[site][0].float().cpu()                               # [H, T, T]
+    cache = adapter.run_with_cache(torch.tensor([token_ids]), [site])[1]   # logits dropped at once
+    pattern = cache[site][0].float().cpu()                               # [H, T, T]
     return pattern[heads] if heads else pattern

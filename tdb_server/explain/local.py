@@ -28,6 +28,7 @@ of the top and random records, between "token is one of the explanation's tokens
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,8 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tdb_server.records.corpus import windows
+from tdb_server.analyses.stats import pearson
+from tdb_server.model.sites import parse_unit
+from tdb_server.records.corpus import load_corpus, windows
 from tdb_server.records.records import Records
+from tdb_server.sae.attach import sae_at
+from tdb_server.sae.attribution import to_residual
 
 TOP_FRACTION = 0.5
 HEAD_THRESHOLD = 0.3
@@ -101,8 +106,6 @@ def _top_positions(records: Records) -> list[tuple[int, int]]:
 
 
 def token_stats(adapter: Any, records: Records, k: int = 8) -> tuple[list[TokenStat], list[TokenStat]]:
-    from tdb_server.records.corpus import load_corpus
-
     pos = _top_positions(records)
     if not pos:
         return [], []
@@ -141,15 +144,10 @@ def logit_lens_tokens(adapter: Any, direction: torch.Tensor, k: int = 8) -> tupl
 
 def unit_direction(adapter: Any, records: Records) -> torch.Tensor | None:
     """The unit's write to the residual stream [D] (per unit of activation)."""
-    from tdb_server.model.sites import parse_unit
-
     u = parse_unit(records.unit)
     if u.kind == "neuron":
         return adapter.W_out(u.layer)[u.index]
     if u.kind == "latent":
-        from tdb_server.sae.attach import sae_at
-        from tdb_server.sae.attribution import to_residual
-
         d = sae_at(adapter, u.site).write_direction(u.index)
         M = to_residual(adapter, u.site)
         return d if M is None else d @ M.to(d.device)
@@ -159,21 +157,11 @@ def unit_direction(adapter: Any, records: Records) -> torch.Tensor | None:
         return None
     ids = torch.tensor([records.top[i].token_ids for i in sorted({i for i, _ in pos})])
     keep = {i: j for j, i in enumerate(sorted({i for i, _ in pos}))}
-    cap = _Capture({f"blocks.{u.layer}.attn.z"})
-    with torch.no_grad():
-        adapter.forward(ids, cap)
-    z = cap.value[:, :, u.index].float()                                              # [b, T, Dh]
+    site = f"blocks.{u.layer}.attn.z"
+    cache = adapter.run_with_cache(ids, [site])[1]   # logits dropped at once
+    z = cache[site][:, :, u.index].float()                                              # [b, T, Dh]
     W = adapter.W_O(u.layer)[u.index].float().to(z.device)                            # [Dh, D]
     return torch.stack([z[keep[i], t] @ W for i, t in pos]).mean(0)
-
-
-class _Capture:
-    def __init__(self, sites: set[str]):
-        self.sites = frozenset(sites)
-        self.value: torch.Tensor | None = None
-
-    def on_site(self, site: str, value: torch.Tensor) -> None:
-        self.value = value.detach()
 
 
 # --- heads: attention-pattern scores ---------------------------------------------------------------
@@ -203,10 +191,9 @@ def pattern_scores(pattern: torch.Tensor, ids: torch.Tensor) -> dict[str, float]
 
 
 def _head_pattern(adapter: Any, layer: int, head: int, ids: torch.Tensor) -> torch.Tensor:
-    cap = _Capture({f"blocks.{layer}.attn.pattern"})
-    with torch.no_grad():
-        adapter.forward(ids, cap)
-    return cap.value[:, head].cpu()                                                    # [B, T, T]
+    site = f"blocks.{layer}.attn.pattern"
+    cache = adapter.run_with_cache(ids, [site])[1]   # logits dropped at once
+    return cache[site][:, head].cpu()                                                    # [B, T, T]
 
 
 def probe_ids(adapter: Any, half: int = PROBE_HALF, batch: int = PROBE_BATCH, seed: int = PROBE_SEED) -> torch.Tensor:
@@ -235,16 +222,12 @@ def score_tokens(records: Records, token_ids: set[int]) -> float | None:
     for w in (*records.top, *records.random):
         pred += [float(t in token_ids) for t in w.token_ids]
         act += w.acts
-    p, a = np.asarray(pred), np.asarray(act)
-    if p.std() == 0 or a.std() == 0:
-        return None
-    return round(float(np.corrcoef(p, a)[0, 1]), 4)
+    r = pearson(torch.tensor(pred, dtype=torch.float64), torch.tensor(act, dtype=torch.float64))
+    return None if math.isnan(r) else round(r, 4)
 
 
 def explain_local(adapter: Any, records: Records, corpus_windows: int = 32) -> Explanation:
     """The local explanation of the unit whose records these are."""
-    from tdb_server.model.sites import parse_unit
-
     u = parse_unit(records.unit)
     tokens, grams = token_stats(adapter, records)
     direction = unit_direction(adapter, records)
@@ -252,7 +235,6 @@ def explain_local(adapter: Any, records: Records, corpus_windows: int = 32) -> E
     exp = Explanation(records.unit, "", "local", top_tokens=tokens, top_ngrams=grams, promoted=promoted,
                       suppressed=suppressed)
     if u.kind == "head":
-        from tdb_server.records.corpus import load_corpus
         try:
             cids = windows(adapter, load_corpus(records.corpus_path or None), records.window, corpus_windows)
         except Exception:  # noqa: BLE001 - a corpus-free probe is still informative

@@ -27,9 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tdb_server.errors import InvalidArgument
+from tdb_server.errors import Cancelled, InvalidArgument
 from tdb_server.model.sites import SiteError, parse_unit
 from tdb_server.recording import fingerprint
+from tdb_server.sae.attach import sae_at
+from tdb_server.sae.units import check_latent
 
 from .corpus import Corpus, cache_dir, load_corpus, windows
 
@@ -55,7 +57,6 @@ def unit_ref(adapter: Any, name: str) -> UnitRef:
     except SiteError as e:
         raise InvalidArgument(f"activation records: {e.message}", reason="BAD_NODE", suggestions=e.suggestions) from None
     if u.kind == "latent":
-        from tdb_server.sae.units import check_latent
         try:
             check_latent(adapter, u.site, u.index)
         except SiteError as e:
@@ -104,28 +105,17 @@ class Records:
 
 # --- per-site activations -------------------------------------------------------------------------
 
-class _Capture:
-    def __init__(self, sites: set[str]):
-        self.sites = frozenset(sites)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def on_site(self, site: str, value: torch.Tensor) -> None:
-        self.values[site] = value.detach()
-
-
 def _site_acts(adapter: Any, kind: str, layer: int, site: str, ids: torch.Tensor) -> torch.Tensor:
     """Activations of every unit of the site's kind for ids [B, T] -> [B, T, units] float32 (CPU)."""
-    cap = _Capture({site})
+    cache = adapter.run_with_cache(ids, [site])[1]   # logits dropped at once
+    v = cache[site]
     with torch.no_grad():
-        adapter.forward(ids, cap)
-        v = cap.values[site]
         if kind == "neuron":
             out = v.float()                                                           # [B, T, N]
         elif kind == "head":
             W_O = adapter.W_O(layer).float().to(v.device)                             # [H, Dh, D]
             out = torch.einsum("bthd,hdm->bthm", v.float(), W_O).norm(dim=-1)          # [B, T, H]
         else:
-            from tdb_server.sae.attach import sae_at
             out = sae_at(adapter, site).encode(v)                                    # [B, T, K]
     return out.cpu()
 
@@ -139,7 +129,6 @@ def _cache_key(adapter: Any, ref: UnitRef, corpus: Corpus, window: int) -> Path:
     model = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     what = f"{ref.site}.{ref.kind}"
     if ref.kind == "latent":
-        from tdb_server.sae.attach import sae_at
         sae = sae_at(adapter, ref.site)
         h = hashlib.sha256()
         for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold):
@@ -167,7 +156,6 @@ def site_maxima(adapter: Any, ref: UnitRef, corpus: Corpus, window: int = DEFAUL
     site = _activation_site(ref)
     for start in range(0, n, batch):
         if should_stop is not None and should_stop():
-            from tdb_server.errors import Cancelled
             raise Cancelled("the client cancelled the request")
         acts = _site_acts(adapter, ref.kind, ref.layer, site if ref.kind != "latent" else ref.site,
                           ids[start:start + batch])                                     # [b, T, U]
@@ -196,8 +184,7 @@ def activation_records(adapter: Any, unit: str, corpus: Corpus | str | None = No
     """Top-activating and random windows of `corpus` (default: the bundled held-out slice) for a unit."""
     if not 0 <= n_top <= MAX_RECORDS or not 0 <= n_random <= MAX_RECORDS:
         raise InvalidArgument(f"n_top and n_random must be in 0..{MAX_RECORDS}", reason="OUT_OF_RANGE")
-    from tdb_server.engine.weights import max_positions
-    limit = max_positions(adapter)
+    limit = adapter.max_positions
     if limit and window > limit:
         raise InvalidArgument(f"window {window} is longer than the model's {limit} positions", reason="OUT_OF_RANGE")
     if batch < 1:
