@@ -117,6 +117,9 @@ class RunOutput:
     evals: dict[str, Evaluated]
 
 
+# TODO(issue 18): ask the server. Expanding layer nodes and patterns into patch targets is the server's
+# grammar (tdb_server/model/sites.py), re-derived here; replace _LAYER and _zeroed with the RPC that
+# expands a node name (or a session patch that takes layer nodes and patterns) once it exists.
 _LAYER = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp))?$")
 
 

@@ -15,6 +15,7 @@ import streamlit as st
 
 from tdb_client import Target
 from tdb_client.graph import Graph
+from tdb_client.names import is_head
 
 from .. import state
 from ..connection import Context, get_client
@@ -91,7 +92,7 @@ def _label_expr(tokens: list[str]) -> str:
 
 def _open_component(g: Graph, selected: str | None) -> None:
     heads = [n.id for n in g.nodes if n.kind == "head"] + sorted(
-        {e.component for e in g.edges if e.component.startswith("blocks.") and ".attn.head." in e.component})
+        {e.component for e in g.edges if is_head(e.component)})
     heads = list(dict.fromkeys(heads))
     if not heads:
         return

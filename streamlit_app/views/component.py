@@ -9,29 +9,28 @@ records analyses and say so until it has them.
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 import streamlit as st
 
+from tdb_client.names import split_unit
+
 from .. import charts, state
-from ..connection import Context, attempt
+from ..connection import Context, attempt, get_client
 from ..runs import Prompt, run, show_token
 from ..widgets import not_available, prompt_input, show_tokens
 from .attention import patterns
 
 TITLE, ICON = "Component", ":material/memory:"
-UNIT = re.compile(r"^blocks\.(\d+)\.(attn\.head|mlp\.neuron)\.(\d+)$")
 RECORDS = ("activation_records", "explanations")
 
 
 def parse_component(ctx: Context, name: str) -> tuple[str, int, int]:
     """("head" | "neuron", layer, index), or ValueError saying what is expected."""
-    m = UNIT.match(name.strip())
-    if not m:
+    unit = split_unit(name)
+    if unit is None:
         raise ValueError(f"{name!r} is not a component: use blocks.L.attn.head.H or blocks.L.mlp.neuron.N")
-    kind = "head" if m.group(2) == "attn.head" else "neuron"
-    layer, index = int(m.group(1)), int(m.group(3))
+    kind, layer, index = unit
+    # TODO(issue 18): ask the server whether the unit exists (and show its message) instead of checking here.
     limit = ctx.model.n_heads if kind == "head" else ctx.model.d_mlp
     if layer >= ctx.model.n_layers or index >= limit:
         raise ValueError(f"{name} does not exist: {ctx.model.n_layers} layers, "
@@ -116,15 +115,11 @@ def render(ctx: Context) -> None:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _explain(address: str, unit: str):
-    from ..connection import get_client
-
     return get_client(address).explain(unit, n_top=8)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _records_of(address: str, unit: str):
-    from ..connection import get_client
-
     return get_client(address).activation_records(unit, n_top=5, n_random=0)
 
 

@@ -153,6 +153,8 @@ def _actions(ctx: Context, row: pd.Series, add_ablation: Callable[[str], None]) 
 
 
 def _is_unit(node: str) -> bool:
+    # TODO(issue 18): ask the server whether a name is a unit or a layer node (it decides what the node
+    # table can ablate); this substring test re-derives the grammar.
     return any(part in node for part in (".head.", ".neuron.", ".latent."))
 
 
