@@ -22,19 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tdb_server.engine.weights import max_positions
 from tdb_server.errors import FailedPrecondition, InvalidArgument
+from tdb_server.model.tokens import Prompt, check_ids, decode, encode, position
+
+__all__ = ["KINDS", "Prompt", "Target", "TargetSpec", "decode", "encode", "position", "resolve_target"]
 
 KINDS = ("logit_diff", "logit", "logprob", "direction")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt: text or token ids (not both)."""
-
-    text: str = ""
-    token_ids: tuple[int, ...] = ()
-    prepend_bos: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,55 +104,6 @@ class Target:
         return d, float(const), True
 
 
-def decode(adapter, ids: list[int]) -> list[str]:
-    return adapter.token_texts(ids)
-
-
-def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) -> list[int]:
-    """Token ids of a prompt, validated (vocabulary, length, non-empty; at most `max_tokens`, the
-    server's limit, when given)."""
-    tok = adapter.tokenizer
-    if prompt.text and prompt.token_ids:
-        raise InvalidArgument(f"{what}: give a prompt or token_ids, not both", reason="BAD_INPUT")
-    if prompt.text:
-        if tok is None:
-            raise FailedPrecondition(f"{what}: this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
-        ids = list(tok(prompt.text, add_special_tokens=False)["input_ids"])
-    else:
-        ids = [int(i) for i in prompt.token_ids]
-    if prompt.prepend_bos:
-        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
-        if bos is None:
-            raise FailedPrecondition(f"{what}: this model has no BOS token", reason="NO_BOS")
-        ids = [bos] + ids
-    if not ids:
-        raise InvalidArgument(f"{what}: nothing to run: give a prompt or token ids", reason="BAD_INPUT")
-    _check_ids(adapter, ids, what)
-    if max_tokens and len(ids) > max_tokens:
-        raise InvalidArgument(f"{what}: {len(ids)} tokens; this server takes at most {max_tokens} per prompt "
-                              "(tdb serve --max-prompt-tokens)", reason="TOO_LONG")
-    return ids
-
-
-def _check_ids(adapter, ids: list[int], what: str) -> None:
-    vocab = adapter.info.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise InvalidArgument(f"{what}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                              reason="BAD_TOKEN_ID")
-    max_pos = max_positions(adapter)
-    if max_pos and len(ids) > max_pos:
-        raise InvalidArgument(f"{what}: {len(ids)} tokens; the model takes at most {max_pos}", reason="TOO_LONG")
-
-
-def position(pos: int, n: int, what: str = "position") -> int:
-    """A python-style index into n positions -> non-negative; InvalidArgument when out of range."""
-    if not -n <= pos < n:
-        raise InvalidArgument(f"{what} {pos} is out of range for {n} tokens (use 0..{n - 1} or -{n}..-1)",
-                              reason="OUT_OF_RANGE")
-    return pos % n
-
-
 def _token_lists(adapter, strings: tuple[str, ...], ids: tuple[int, ...], what: str) -> list[list[int]]:
     seqs = [[int(i)] for i in ids]
     if strings:
@@ -177,7 +121,7 @@ def _token_lists(adapter, strings: tuple[str, ...], ids: tuple[int, ...], what: 
                                       reason="BAD_TARGET")
             seqs.append(t)
     for seq in seqs:
-        _check_ids(adapter, seq, what)
+        check_ids(adapter, seq, what)
     return seqs
 
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tdb_server.recording import fingerprint
+from tdb_server.model.fingerprint import fingerprint
 from tdb_server.records.corpus import cache_dir
 from tdb_server.records.records import Records, activation_records
 

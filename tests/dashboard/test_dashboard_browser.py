@@ -1,7 +1,9 @@
 """The running dashboard in a real browser (Debian's Chromium through Selenium), and `tdb dashboard`
 end to end: start, print its URL, serve pages, stop cleanly on SIGTERM (with its embedded server).
 
-Screenshots land in docs/screenshots/ (or $TDB_SCREENSHOTS): the README shows them.
+Screenshots land in a temporary folder, or in $TDB_SCREENSHOTS: the README's come from
+`TDB_SCREENSHOTS=docs/screenshots bash scripts/test.sh tests/dashboard/test_dashboard_browser.py`
+(a test run never rewrites tracked files).
 scripts/install_browser.sh (run by scripts/test.sh) installs chromium and chromium-driver; without
 them this file is skipped, except under CI, where that is a failure.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import shutil
 import signal
 import subprocess
@@ -25,7 +28,7 @@ from dash_helpers import ROOT
 from tdb_client import TdbClient, TdbError
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SHOTS = Path(os.environ.get("TDB_SCREENSHOTS", ROOT / "docs" / "screenshots"))
+SHOTS = Path(os.environ.get("TDB_SCREENSHOTS") or tempfile.mkdtemp(prefix="tdb-screenshots-"))
 URL_LINE = re.compile(r"^tdb: dashboard at (http://\S+)$")
 WIDTH = 1440
 TYPED_BUNDLED = "Elizabeth saw Mr. Darcy at the ball, and later that evening she spoke of Mr."

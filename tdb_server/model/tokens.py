@@ -1,0 +1,66 @@
+"""Prompts as token ids: what every run of the model reads, validated against the model (vocabulary,
+length) before any work is done. The engine's launches and every analysis encode through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tdb_server.errors import FailedPrecondition, InvalidArgument
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: text or token ids (not both)."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    prepend_bos: bool = False
+
+
+def decode(adapter, ids: list[int]) -> list[str]:
+    return adapter.token_texts(ids)
+
+
+def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) -> list[int]:
+    """Token ids of a prompt, validated (vocabulary, length, non-empty; at most `max_tokens`, the
+    server's limit, when given)."""
+    tok = adapter.tokenizer
+    if prompt.text and prompt.token_ids:
+        raise InvalidArgument(f"{what}: give a prompt or token_ids, not both", reason="BAD_INPUT")
+    if prompt.text:
+        if tok is None:
+            raise FailedPrecondition(f"{what}: this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
+        ids = list(tok(prompt.text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = [int(i) for i in prompt.token_ids]
+    if prompt.prepend_bos:
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        if bos is None:
+            raise FailedPrecondition(f"{what}: this model has no BOS token", reason="NO_BOS")
+        ids = [bos] + ids
+    if not ids:
+        raise InvalidArgument(f"{what}: nothing to run: give a prompt or token ids", reason="BAD_INPUT")
+    check_ids(adapter, ids, what)
+    if max_tokens and len(ids) > max_tokens:
+        raise InvalidArgument(f"{what}: {len(ids)} tokens; this server takes at most {max_tokens} per prompt "
+                              "(tdb serve --max-prompt-tokens)", reason="TOO_LONG")
+    return ids
+
+
+def check_ids(adapter, ids: list[int], what: str) -> None:
+    vocab = adapter.info.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidArgument(f"{what}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                              reason="BAD_TOKEN_ID")
+    max_pos = adapter.max_positions
+    if max_pos and len(ids) > max_pos:
+        raise InvalidArgument(f"{what}: {len(ids)} tokens; the model takes at most {max_pos}", reason="TOO_LONG")
+
+
+def position(pos: int, n: int, what: str = "position") -> int:
+    """A python-style index into n positions -> non-negative; InvalidArgument when out of range."""
+    if not -n <= pos < n:
+        raise InvalidArgument(f"{what} {pos} is out of range for {n} tokens (use 0..{n - 1} or -{n}..-1)",
+                              reason="OUT_OF_RANGE")
+    return pos % n
