@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from tdb_server.errors import Cancelled, InvalidArgument
+from tdb_server.model.fingerprint import fingerprint
 from tdb_server.model.sites import SiteError, parse_unit
-from tdb_server.recording import fingerprint
 from tdb_server.sae.attach import sae_at
 from tdb_server.sae.units import check_latent
 
