@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tdb_server.errors import Cancelled, InvalidArgument
+from tdb_server.model.sites import site_layer
 
 from .inputs import Target, position
 from .registry import register
@@ -187,7 +188,9 @@ def _select(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
 
 
 class _MaskPatch:
-    """Handler: at `blocks.L.<site>`, rows where masks[L] is True take the source run's value."""
+    """Handler: at `blocks.L.<site>`, rows where masks[L] is True take the source run's value — the
+    batched special case of a copy_from_run Intervention (model/interventions.py), one cell per batch
+    row; tests/test_intervention_equivalence.py checks the cells against Ablate's resample."""
 
     def __init__(self, kind: SweepKind, layers: list[int], source: dict[int, torch.Tensor]):
         self.kind = kind
@@ -196,31 +199,11 @@ class _MaskPatch:
         self.masks: dict[int, torch.Tensor] = {}
 
     def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
-        layer = int(site.split(".", 2)[1])
+        layer = site_layer(site)
         mask = self.masks.get(layer)
         if mask is None:
             return None
         return torch.where(mask, self.source[layer].to(value.dtype), value)
-
-
-class _Capture:
-    """Handler: keeps site values (detached unless `keep_graph`), optionally adds zero leaves to take
-    gradients at them (`leaves`)."""
-
-    def __init__(self, sites: set[str], grad_sites: set[str] = frozenset(), keep_graph: set[str] = frozenset()):
-        self.sites = frozenset(sites) | frozenset(grad_sites) | frozenset(keep_graph)
-        self.grad_sites = frozenset(grad_sites)
-        self.keep_graph = frozenset(keep_graph)
-        self.values: dict[str, torch.Tensor] = {}
-        self.leaves: dict[str, torch.Tensor] = {}
-
-    def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
-        self.values[site] = value if site in self.keep_graph else value.detach()
-        if site in self.grad_sites:
-            leaf = torch.zeros_like(value, requires_grad=True)
-            self.leaves[site] = leaf
-            return value + leaf
-        return None
 
 
 # --- the sweep -------------------------------------------------------------------------------------
@@ -304,29 +287,27 @@ class PatchSweep:
                                 else (clean_ids, corrupted_ids))
         atp = self.spec.method == "attribution"
         with torch.no_grad():
-            src = _Capture(site_names | {last})
-            src_logits = a.forward(torch.tensor([source_ids]), src)
-            source_value = float(t.read(src_logits, src.values[last])[0])
-        base = _Capture(site_names | {last}, grad_sites=site_names if atp else set(),
-                        keep_graph={last} if atp else set())
-        with recording_blocks(a) as calls, torch.set_grad_enabled(atp):
-            base_logits = a.forward(torch.tensor([base_ids]), base, grad=atp)
-            base_metric = t.read(base_logits, base.values.get(last))[0]
+            src_logits, src = a.run_with_cache(torch.tensor([source_ids]), site_names | {last})
+            source_value = float(t.read(src_logits, src[last])[0])
+        with recording_blocks(a) as calls:   # atp: the sites keep the graph, to take gradients at them
+            base_logits, base = a.run_with_cache(torch.tensor([base_ids]), site_names | {last},
+                                                 grad_sites=site_names if atp else ())
+            base_metric = t.read(base_logits, base[last])[0]
         self.base_value = float(base_metric.detach())
         self.clean_value, self.corrupted_value = ((source_value, self.base_value) if self.spec.direction == "denoising"
                                                   else (self.base_value, source_value))
         if not math.isfinite(self.clean_value - self.corrupted_value) or self.clean_value == self.corrupted_value:
             self.notes.append("the clean and corrupted values are equal: normalized values are NaN")
         self.calls: BlockCalls = calls
-        self.source = {layer: src.values[self.site.format(L=layer)] for layer in self.layers}   # [1, ...]
+        self.source = {layer: src[self.site.format(L=layer)] for layer in self.layers}   # [1, ...]
         self.approx_effects: torch.Tensor | None = None
         if atp:
-            leaves = [base.leaves[self.site.format(L=layer)] for layer in self.layers]
-            grads = torch.autograd.grad(base_metric, leaves, allow_unused=True)
+            at = [base[self.site.format(L=layer)] for layer in self.layers]
+            grads = torch.autograd.grad(base_metric, at, allow_unused=True)
             effects = []
             for layer, g in zip(self.layers, grads):
                 name = self.site.format(L=layer)
-                diff = self.source[layer] - base.values[name]            # [1, ...]
+                diff = self.source[layer] - base[name].detach()          # [1, ...]
                 g = torch.zeros_like(diff) if g is None else g
                 effects.append(self._reduce((diff.float() * g.float())[0]))
             self.approx_effects = torch.cat(effects).cpu()               # [total]
