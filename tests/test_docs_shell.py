@@ -176,6 +176,7 @@ def test_skipped_commands_name_files_that_exist():
 PYTHON_RUNNERS = {          # every ```python block of the doc, by this test file
     "README.md": "tests/test_readme.py",
     "docs/architectures.md": "tests/test_docs_architectures.py",
+    "docs/analyses.md": "tests/test_docs_analyses.py",
     "docs/sweeps.md": "tests/test_docs_examples.py",
     "docs/circuits.md": "tests/test_docs_examples.py",
     "docs/sae.md": "tests/test_docs_examples.py",
