@@ -185,6 +185,17 @@ def test_mean_ablation_and_validation(case):
         C.edge_attribution(a, ids, target, bad, ablation="zero")
 
 
+def test_flow_nodes_are_in_depth_order(case):
+    """Within a block: resid_pre, then resid_mid, then resid_post, then by position (this order used to
+    depend on the hash seed for the last block's resid_mid and resid_post)."""
+    a, ids, _, _ = case
+    g = C.information_flow(a, ids, threshold=0.0).graph
+    depth = {"resid_pre": 0, "resid_mid": 1, "resid_post": 2}
+    keys = [(n.layer, depth[n.kind], n.position) for n in g.nodes]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert g.nodes[-1].id == f"blocks.{a.info.n_layers - 1}.resid_post@{len(ids) - 1}"
+
+
 def test_no_hooks_left(case):
     a, ids, bad, target = case
     C.edge_attribution(a, ids, target, bad)

@@ -124,3 +124,22 @@ def test_edge_ablation_identities(family, llama):
     assert c == pytest.approx(pruned, abs=1e-5)
     v = C.verify(a, scores, 8)
     assert len(v.exact) == 8 and torch.isfinite(v.exact).all()
+
+
+def test_gqa_graph_nodes_come_from_the_topology(llama):
+    """Receiver nodes of k / v under GQA are KV heads (kind, index and label from the topology, not
+    from parsing the name); every node kind is one the wire knows."""
+    ids, bad, target = _case(llama)
+    scores = C.edge_attribution(llama, ids, target, bad)
+    topo = scores.topology
+    kv = [r for r, rec in enumerate(topo.receivers) if rec.input in ("k", "v")]
+    edges = [(0, kv[0]), (0, kv[-1]), (0, len(topo.receivers) - 1), (topo.sender_index("blocks.0.mlp"), kv[-1])]
+    g = C.circuit_graph(scores, edges)
+    by_id = {n.id: n for n in g.nodes}
+    last = topo.receivers[kv[-1]]
+    assert llama.info.n_kv_heads < llama.info.n_heads
+    assert by_id[last.node].kind == "kv_head" and by_id[last.node].index == last.index
+    assert by_id[last.node].label == f"KVL{last.layer}H{last.index}"
+    assert by_id["blocks.0.mlp"].label == "MLP0" and by_id["embed"].layer == -1
+    assert by_id["logits"].layer == llama.info.n_layers
+    assert {n.kind for n in g.nodes} <= {"embed", "head", "kv_head", "mlp", "logits"}
