@@ -46,15 +46,6 @@ def corpus_text(path: str | None) -> tuple[str, str]:
     return p.read_text(encoding="utf-8"), str(p)
 
 
-class _Capture:
-    def __init__(self, site: str):
-        self.sites = frozenset({site})
-        self.value = None
-
-    def on_site(self, site, value):
-        self.value = value.detach()
-
-
 def activations(adapter, site: str, text: str, n_tokens: int, window: int, batch: int = 64) -> torch.Tensor:
     """[n, d_in] activations of `site` over the first n_tokens of the text, in windows."""
     ids = adapter.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -62,9 +53,9 @@ def activations(adapter, site: str, text: str, n_tokens: int, window: int, batch
     ids = torch.tensor(ids[:n * window]).view(n, window)                         # [n, window]
     out = []
     for start in range(0, n, batch):
-        cap = _Capture(site)
-        adapter.forward(ids[start:start + batch], cap)
-        out.append(cap.value.flatten(0, 1).float())                             # [b * window, d_in]
+        with torch.no_grad():
+            cache = adapter.run_with_cache(ids[start:start + batch], {site})[1]
+        out.append(cache[site].flatten(0, 1).float())                           # [b * window, d_in]
     return torch.cat(out)
 
 

@@ -9,7 +9,7 @@
 | lens.py                | logit_lens, attention_pattern                                            |
 | input_attribution.py   | input_attribution (gradient x input, integrated gradients)              |
 | sweeps.py (resume.py)  | patch_sweep, attribution_patching (batched, resumed at the patched layer)|
-| circuits.py            | edge_attribution, path_patching, circuit, information_flow             |
+| circuits/              | edge_attribution, path_patching, circuit, information_flow             |
 
 `analysis_names()` lists what `Capabilities.analyses` advertises.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tdb_server.model.fingerprint import fingerprint
-from tdb_server.records.corpus import cache_dir
+from tdb_server.model.corpus import cache_dir
 from tdb_server.records.records import Records, activation_records
 
 from .llm import configured, explain_llm

@@ -38,7 +38,7 @@ import torch
 
 from tdb_server.analyses.stats import pearson
 from tdb_server.model.sites import parse_unit
-from tdb_server.records.corpus import load_corpus, windows
+from tdb_server.model.corpus import load_corpus, windows
 from tdb_server.records.records import Records
 from tdb_server.sae.attach import sae_at
 from tdb_server.sae.attribution import to_residual

@@ -7,7 +7,7 @@ with per-token activations; batched with progress, cached on disk (see records.p
 | records.py  | `activation_records`, `Records`, `Window`, `site_maxima`               |
 """
 
-from .corpus import Corpus, cache_dir, load_corpus, windows
+from tdb_server.model.corpus import Corpus, cache_dir, load_corpus, windows
 from .records import Records, UnitRef, Window, activation_records, site_maxima, unit_ref
 
 __all__ = ["Corpus", "Records", "UnitRef", "Window", "activation_records", "cache_dir", "load_corpus",

@@ -33,7 +33,7 @@ from tdb_server.model.sites import SiteError, parse_unit
 from tdb_server.sae.attach import sae_at
 from tdb_server.sae.units import check_latent
 
-from .corpus import Corpus, cache_dir, load_corpus, windows
+from tdb_server.model.corpus import Corpus, cache_dir, load_corpus, windows
 
 DEFAULT_WINDOW = 64
 DEFAULT_BATCH = 32

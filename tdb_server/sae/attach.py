@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from tdb_server.errors import InvalidArgument, NotFound
+from tdb_server.model.corpus import load_corpus, windows
 from tdb_server.model.sites import parse_site
 
 from .sae import Sae, explained_variance, load_sae
@@ -173,8 +174,6 @@ class _Replace:
 def _eval_tokens(adapter: Any) -> tuple[torch.Tensor, str]:
     """[n, T] evaluation token ids and their description."""
     if adapter.tokenizer is not None:
-        from tdb_server.records.corpus import load_corpus, windows
-
         try:
             c = load_corpus()
             return windows(adapter, c, EVAL_WINDOW, EVAL_WINDOWS), f"{c.name} ({c.sha256[:12]})"
