@@ -196,7 +196,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             after = request.after_seq
             events, truncated = s.events.since(after)
             if truncated:
-                yield serde.event_to_proto(Event(after, 0.0, "", Invalidated(what="events dropped from the replay ring")))
+                dropped = Invalidated(what="events dropped from the replay ring")
+                yield serde.event_to_proto(Event(seq=after, time=0.0, run_id="", body=dropped))
             while context.is_active():
                 events, _ = s.events.since(after)
                 for ev in events:
@@ -295,7 +296,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         run = s.run_for(request.run_id)
         if request.frame_id:
             s.check_frame(request.frame_id)   # stale frames are ABORTED
-        resp = serde.evaluate_to_proto(s.evaluate_value(request.expression, run), request.max_elements or 4096, s.decode)
+        value = s.evaluate_value(request.expression, run)
+        resp = serde.evaluate_to_proto(value, request.max_elements or 4096, s.decode)
         recording.record(s, "Evaluate", request, recording.outcome_of("Evaluate", resp))
         return resp
 

@@ -293,29 +293,35 @@ class _Interpreter:
         args = [self.run(a) for a in n.args]
         kwargs = {k.arg: self.run(k.value) for k in n.keywords if k.arg}
         if isinstance(n.func, ast.Attribute):  # method call: x.sum(-1)
-            name = n.func.attr
-            if name not in _METHODS:
-                raise InvalidArgument(f"method '.{name}()' is not allowed; methods: {sorted(_METHODS)}",
-                                      reason="BAD_EXPRESSION")
-            base = self.run(n.func.value)
-            if name in _SIMPLE_FUNCS:
-                return _SIMPLE_FUNCS[name](base, *args, **kwargs)
-            t = _as_tensor(base)
-            try:
-                if name == "flatten":
-                    return t.flatten()
-                if name == "reshape":
-                    return t.reshape(*[int(a) for a in (args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args)])
-                if name == "transpose":
-                    return t.transpose(int(args[0]), int(args[1]))
-                if name == "squeeze":
-                    return t.squeeze(*[int(a) for a in args])
-                return t.unsqueeze(int(args[0]))
-            except (RuntimeError, IndexError, ValueError) as e:
-                raise InvalidArgument(f".{name}(): {e}", reason="BAD_EXPRESSION") from None
+            return self._call_method(n.func, args, kwargs)
         if not isinstance(n.func, ast.Name):
             raise InvalidArgument("only named functions can be called", reason="BAD_EXPRESSION")
-        name = n.func.id
+        return self._call_function(n.func.id, args, kwargs)
+
+    def _call_method(self, func: ast.Attribute, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        name = func.attr
+        if name not in _METHODS:
+            raise InvalidArgument(f"method '.{name}()' is not allowed; methods: {sorted(_METHODS)}",
+                                  reason="BAD_EXPRESSION")
+        base = self.run(func.value)
+        if name in _SIMPLE_FUNCS:
+            return _SIMPLE_FUNCS[name](base, *args, **kwargs)
+        t = _as_tensor(base)
+        try:
+            if name == "flatten":
+                return t.flatten()
+            if name == "reshape":
+                shape = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+                return t.reshape(*[int(a) for a in shape])
+            if name == "transpose":
+                return t.transpose(int(args[0]), int(args[1]))
+            if name == "squeeze":
+                return t.squeeze(*[int(a) for a in args])
+            return t.unsqueeze(int(args[0]))
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise InvalidArgument(f".{name}(): {e}", reason="BAD_EXPRESSION") from None
+
+    def _call_function(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if name == "logit_lens" and self.env.logit_lens_fn:
             return self.env.logit_lens_fn(_as_tensor(args[0]))
         if name == "unembed" and self.env.unembed_fn:
@@ -330,7 +336,6 @@ class _Interpreter:
             return fn(*args, **kwargs)
         except TypeError as e:
             raise InvalidArgument(f"{name}(): {e}", reason="BAD_EXPRESSION") from None
-
 
 def _index(t: torch.Tensor, idx: Any) -> torch.Tensor:
     items = idx if isinstance(idx, tuple) else (idx,)

@@ -78,14 +78,16 @@ def scopes(run: DebugRun, stop: StopState, payload: Any, patches: list[PatchSpec
     out.append(Scope(name="Captured", variables_reference=new_ref(stop, ("sites", tuple(names))),
                      named_variables=len(names)))
     if prefix == "":
-        out.append(Scope(name="Patches", variables_reference=new_ref(stop, ("patches",)), named_variables=len(patches) + len(run.patches)))
+        out.append(Scope(name="Patches", variables_reference=new_ref(stop, ("patches",)),
+                         named_variables=len(patches) + len(run.patches)))
     return out
 
 
 def variable(stop: StopState, name: str, value: torch.Tensor, evaluate_name: str) -> Variable:
     """A tensor as a variable: a scalar's number, or a summary that expands along the first dimension."""
     shape = list(value.shape)
-    var = Variable(name=name, evaluate_name=evaluate_name, type=f"tensor {str(value.dtype).replace('torch.', '')} {shape}")
+    dtype = str(value.dtype).replace("torch.", "")
+    var = Variable(name=name, evaluate_name=evaluate_name, type=f"tensor {dtype} {shape}")
     if value.numel() == 1 and value.dim() == 0:
         var.value = expr.render(value)
         return var

@@ -150,6 +150,9 @@ class DebugRun:
         self.nonfinite_seen = False
         self.out_of_memory = False
         self.forced_stops: list[tuple[str, int]] = []           # replays: stop here as a pause did
+        self._indexed: list[BreakpointSpec] | None = None       # the session's breakpoints, indexed by
+        self._after: stops.BySite = {}                          # site in _after and _before
+        self._before: stops.BySite = {}
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -372,29 +375,39 @@ class DebugRun:
 
     def _should_stop_after(self, site: str, value: torch.Tensor) -> StopState | None:
         s = self.session
-        hit, stop_value = self._breakpoint_hits(site, value)
-        if hit:
-            return StopState(0, site, When.AFTER, "breakpoint", hit, f"breakpoint {hit} at {site}", value=stop_value)
+        if s.breakpoints is not self._indexed:
+            self._index_breakpoints()
+        if site in self._after:
+            hit, stop_value = self._breakpoint_hits(site, value)
+            if hit:
+                return StopState(0, site, When.AFTER, "breakpoint", hit, f"breakpoint {hit} at {site}",
+                                 value=stop_value)
         with s.cv:
             step, pause = self.step, self.pause_requested
             forced = (site, self.token) in self.forced_stops
             if forced:
                 self.forced_stops.remove((site, self.token))
-        reason = stops.control_reason(step, pause or forced, site, self.order)
-        if reason == "pause":
+        if pause or forced:
             return StopState(0, site, When.AFTER, "pause", [], f"paused at {site}", value=value)
-        if reason == "step":
+        if step is not None and stops.step_done(step, site, self.order):
             return StopState(0, site, When.AFTER, "step", [], f"step {step[0]} to {site}", value=value)
         return None
+
+    def _index_breakpoints(self) -> None:
+        """Index the session's breakpoints by site (set_breakpoints replaces the list: once per list)."""
+        bps = self.session.breakpoints
+        self._indexed = bps
+        self._after, self._before = stops.by_site(bps, When.AFTER), stops.by_site(bps, When.BEFORE)
 
     def _breakpoint_hits(self, site: str, value: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """The AFTER breakpoints that stop at `site` (log points log instead), and the value to show."""
         adapter = self.session.adapter
         hit: list[int] = []
         stop_value = value
-        for bp in stops.armed(self.session.breakpoints, site, self.token, When.AFTER):
+        for bp in stops.armed(self._after, site, self.token):
             v = self._unit_value(bp.unit, site, value)
-            if bp.unit is not None and bp.unit.kind == "latent" and bp.condition_ast is None and not bool((v > 0).any()):
+            latent = bp.unit is not None and bp.unit.kind == "latent"
+            if latent and bp.condition_ast is None and not bool((v > 0).any()):
                 continue   # a latent breakpoint without a condition stops where the latent fires
             env = make_env(adapter, self, value=v, site=site)
             if bp.condition_ast is not None and not self._condition_holds(bp, env, site):
@@ -431,7 +444,11 @@ class DebugRun:
         return self._logged(bp, make_env(self.session.adapter, self, value=None, site=bp.sites[0]), bp.sites[0])
 
     def _should_stop_before(self, site: str) -> StopState | None:
-        hit = [bp.id for bp in stops.armed(self.session.breakpoints, site, self.token, When.BEFORE)
+        if self.session.breakpoints is not self._indexed:     # replaced while the run was parked
+            self._index_breakpoints()
+        if site not in self._before:
+            return None
+        hit = [bp.id for bp in stops.armed(self._before, site, self.token)
                if stops.count_hit(bp) and not self._logged_before(bp)]
         if hit:
             return StopState(0, site, When.BEFORE, "breakpoint", hit, f"breakpoint {hit} before {site}")

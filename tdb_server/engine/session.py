@@ -197,12 +197,13 @@ class Session:
     @staticmethod
     def _arm_live(run: DebugRun, specs: list[BreakpointSpec]) -> None:
         """Hook the new breakpoints' sites in the live run; say which apply only from the next launch."""
-        run.hook_more({x for bp in specs for x in bp.sites}
-                      | {f"blocks.{bp.unit.layer}.attn.z" for bp in specs if bp.unit is not None and bp.unit.kind == "head"})
+        heads = [bp.unit for bp in specs if bp.unit is not None and bp.unit.kind == "head"]
+        run.hook_more({x for bp in specs for x in bp.sites} | {f"blocks.{unit.layer}.attn.z" for unit in heads})
         for bp in specs:   # a breakpoint may ask for a site the run does not fire (attn.pattern)
             extra = [x for x in bp.sites if x not in run.sites]
             if extra:
-                bp.message = f"{extra[0]} is not computed in the current run; the breakpoint applies from the next launch"
+                bp.message = (f"{extra[0]} is not computed in the current run; the breakpoint applies from the "
+                              "next launch")
 
     # -- runs ------------------------------------------------------------------------------------
 

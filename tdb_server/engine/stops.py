@@ -24,10 +24,23 @@ BOUNDARY = -2          # step start index meaning "from a token boundary"
 Step = tuple[str, int]  # (kind: "into" | "over" | "out" | "token", index in the order of the stop it started from)
 
 
-def armed(breakpoints: Sequence[BreakpointSpec], site: str, token: int, when: When) -> list[BreakpointSpec]:
-    """The breakpoints that may stop `when` at `site` in generation step `token`."""
-    return [bp for bp in breakpoints
-            if bp.when is when and bp.verified and site in bp.sites and bp.in_tokens(token)]
+BySite = dict[str, list[BreakpointSpec]]
+
+
+def by_site(breakpoints: Sequence[BreakpointSpec], when: When) -> BySite:
+    """The verified breakpoints that stop `when` at each site, in the order given (a run looks them up
+    at every site it hands control to)."""
+    index: BySite = {}
+    for bp in breakpoints:
+        if bp.verified and bp.when is when:
+            for site in dict.fromkeys(bp.sites):
+                index.setdefault(site, []).append(bp)
+    return index
+
+
+def armed(index: BySite, site: str, token: int) -> list[BreakpointSpec]:
+    """The breakpoints of `index` that may stop at `site` in generation step `token`."""
+    return [bp for bp in index.get(site, ()) if bp.in_tokens(token)]
 
 
 def count_hit(bp: BreakpointSpec) -> bool:
@@ -76,15 +89,6 @@ def step_done(step: Step, site: str, order: Sequence[str]) -> bool:
         block = start_scopes[0] if start_scopes else None
         return block is None or not site.startswith(block + ".")
     return site == step_out_target(start_site, order)
-
-
-def control_reason(step: Step | None, pause: bool, site: str, order: Sequence[str]) -> str | None:
-    """Whether a run stops after `site` without a breakpoint: "pause", "step", or None."""
-    if pause:
-        return "pause"
-    if step is not None and step_done(step, site, order):
-        return "step"
-    return None
 
 
 def reaches_boundary(step: Step | None) -> bool:
