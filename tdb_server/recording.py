@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
-import weakref
 from typing import Any
 
 import grpc
@@ -26,7 +24,7 @@ from tdb.v1 import debugger_pb2 as pb
 
 from . import __version__, wire
 from .errors import FailedPrecondition, InvalidArgument
-from .model.adapter import _param
+from .model.fingerprint import fingerprint
 
 FORMAT = "tdb-recording/1"
 CONTROL = ("Launch", "Continue", "Step", "Pause", "Terminate")
@@ -36,36 +34,6 @@ _REQUESTS = {"SetBreakpoints": pb.SetBreakpointsRequest, "Launch": pb.LaunchRequ
              "Step": pb.StepRequest, "Pause": pb.PauseRequest, "Terminate": pb.TerminateRequest,
              "Patch": pb.PatchRequest, "ClearPatches": pb.ClearPatchesRequest, "ReadTensor": pb.ReadTensorRequest,
              "TensorStats": pb.TensorStatsRequest, "Evaluate": pb.EvaluateRequest}
-
-_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_FP_LOCK = threading.Lock()
-
-
-def fingerprint(adapter: Any) -> dict[str, str]:
-    """The model's identity: hashes of its config, weights (every parameter's bytes) and tokenizer."""
-    with _FP_LOCK:
-        if adapter in _FINGERPRINTS:
-            return _FINGERPRINTS[adapter]
-        cfg = adapter.model.config.to_dict()
-        for key in ("_name_or_path", "transformers_version", "_attn_implementation_internal", "_attn_implementation",
-                    "attn_implementation", "torch_dtype", "dtype", "architectures", "_commit_hash", "use_cache",
-                    "output_attentions", "output_hidden_states", "return_dict"):
-            cfg.pop(key, None)   # bookkeeping that save_pretrained or a run may change; not the model
-        w = hashlib.sha256()
-        for mod_name, module in sorted(adapter.model.named_modules(), key=lambda kv: kv[0]):
-            for name, _ in sorted(module.named_parameters(recurse=False)):
-                p = _param(module, name)   # real weights, also for modules offloaded by a device_map
-                w.update(f"{mod_name}.{name}".encode())
-                w.update(wire.tensor_view(p))
-        tok = adapter.tokenizer
-        t = hashlib.sha256()
-        if tok is not None:
-            t.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
-        fp = {"name": adapter.info.name, "architecture": adapter.info.architecture, "dtype": adapter.info.dtype,
-              "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
-              "weights_sha256": w.hexdigest(), "tokenizer_sha256": t.hexdigest() if tok is not None else ""}
-        _FINGERPRINTS[adapter] = fp
-        return fp
 
 
 def read_digest(t: torch.Tensor, crc32: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The Debugger gRPC servicer: one method per RPC, translating protos <-> engine calls, nothing else.
+"""The Debugger gRPC servicer: one method per RPC, translating protos <-> engine calls (through
+serde.py, where every conversion lives), nothing else.
 
 `_rpc` is the one place that turns errors into gRPC statuses: a TdbServerError keeps its code and
 reason (sent as `tdb-reason` trailing metadata); anything unexpected becomes INTERNAL, logged with

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..analyses.inputs import Prompt, encode as encode_prompt
+from ..model.tokens import Prompt, encode as encode_prompt
 from ..errors import InvalidArgument
 from ..limits import Limits
 from ..model.sites import expand_glob, site_shape
