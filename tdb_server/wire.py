@@ -13,6 +13,7 @@ from tdb.v1 import common_pb2
 from .engine import summary
 from .engine.types import TensorSummary
 from .errors import InvalidArgument
+from .model.fingerprint import tensor_view  # a byte view of a tensor on the host (no copy when it can)
 
 _TORCH_TO_WIRE = {
     torch.float32: common_pb2.F32, torch.float16: common_pb2.F16, torch.bfloat16: common_pb2.BF16,
@@ -40,16 +41,6 @@ def torch_dtype(wire: int) -> torch.dtype:
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Raw little-endian, C-order bytes of `t` (moved to the host)."""
     return tensor_view(t).tobytes()
-
-
-def tensor_view(t: torch.Tensor) -> memoryview:
-    """A byte view of `t` on the host, without copying when it is already a contiguous CPU tensor."""
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.numpy()).cast("B")
 
 
 def to_wire(t: torch.Tensor) -> common_pb2.Tensor:
