@@ -42,7 +42,7 @@ from benchmarks.measures import plain_forward, session_run  # noqa: E402
 from tdb_server.analyses import TargetSpec, resolve_target  # noqa: E402
 from tdb_server.analyses.lens import logit_lens  # noqa: E402
 from tdb_server.analyses.node_table import HEAD, NEURON, TargetObjective, compute_node_table  # noqa: E402
-from tdb_server.engine.session import SessionManager  # noqa: E402
+from tdb_server.engine.manager import SessionManager  # noqa: E402
 from tdb_server.model import load_model  # noqa: E402
 
 INSTALL = "pip install -c constraints.txt -e '.[bench]'"

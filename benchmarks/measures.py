@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import interleaved
-from tdb.v1 import debugger_pb2 as pb
-from tdb_server.engine.session import SessionManager
+from tdb_server.engine.manager import SessionManager
+from tdb_server.engine.types import BreakpointRequest, RunState
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,10 +40,10 @@ def plain_forward(adapter, ids: list[int]) -> Callable[[], object]:
 def session_run(session, ids: list[int], capture: list[str], breakpoints: tuple[str, ...] = ()):
     """A run of an in-process session to its end (continuing through every stop); returns the run."""
     def go():
-        session.set_breakpoints([pb.Breakpoint(site=b) for b in breakpoints])
+        session.set_breakpoints([BreakpointRequest(site=b) for b in breakpoints])
         r = session.launch([], [ids], False, capture, False)
         session.wait(r, 120)
-        while r.state == pb.PAUSED:
+        while r.state is RunState.PAUSED:
             session.resume("continue")
             session.wait(r, 120)
         return r
