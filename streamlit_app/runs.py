@@ -8,7 +8,6 @@ on (server, token ids, ablations, what was asked), so they are cached across rer
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -117,38 +116,16 @@ class RunOutput:
     evals: dict[str, Evaluated]
 
 
-# TODO(issue 18): ask the server. Expanding layer nodes and patterns into patch targets is the server's
-# grammar (tdb_server/model/sites.py), re-derived here; replace _LAYER and _zeroed with the RPC that
-# expands a node name (or a session patch that takes layer nodes and patterns) once it exists.
-_LAYER = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp))?$")
-
-
-def _zeroed(node: str, info: Any) -> list[str]:
-    """What zero-ablating a node patches, as the Ablate analysis reads the name: a unit itself; a layer
-    (`blocks.L`, `blocks.L.attn`, `blocks.L.mlp`) its output sites; a pattern (`blocks.*.attn.head.*`)
-    every head, neuron or layer it matches."""
-    if any(c in node for c in "*?["):
-        names = [f"blocks.{layer}{part}" for layer in range(info.n_layers) for part in ("", ".attn", ".mlp")]
-        names += [f"blocks.{layer}.attn.head.{h}" for layer in range(info.n_layers) for h in range(info.n_heads)]
-        if "neuron" in node:
-            names += [f"blocks.{layer}.mlp.neuron.{n}" for layer in range(info.n_layers) for n in range(info.d_mlp)]
-        return [x for name in fnmatch.filter(names, node) for x in _zeroed(name, info)] or [node]
-    m = _LAYER.match(node)
-    if m is None:
-        return [node]
-    return [f"blocks.{m.group(1)}.{kind}.out" for kind in ([m.group(2)] if m.group(2) else ["attn", "mlp"])]
-
-
 @st.cache_data(**CACHE)
 def run(address: str, ids: tuple[int, ...], *, capture: tuple[str, ...] = (), reads: tuple[str, ...] = (),
         evals: tuple[str, ...] = (), ablations: tuple[str, ...] = (), top_k: int = 10) -> RunOutput:
-    """One forward pass of `ids` with every unit in `ablations` zeroed; read and evaluate after it."""
+    """One forward pass of `ids` with every node in `ablations` zeroed (units, layers such as `blocks.1.attn`,
+    patterns such as `blocks.*.attn.head.*`: the server reads the names, as its Ablate analysis does);
+    read and evaluate after it."""
     client = get_client(address)
     with client.session(name="dashboard-run") as s:
-        info = client.model_info() if ablations else None
         for node in ablations:
-            for target in _zeroed(node, info):
-                s.patch(target, "zero")
+            s.patch(node, "zero")
         status = s.launch(token_ids=[list(ids)], capture=list(capture))
         if status.state != "exited":
             raise TdbError(grpc.StatusCode.FAILED_PRECONDITION, "RUN_NOT_FINISHED",

@@ -1,8 +1,9 @@
 """Errors that carry their gRPC status code and a machine-readable reason.
 
-Every error the server raises on purpose is a `TdbServerError`; `wire_error` in servicer.py is the
-one place that turns it into a gRPC status (with `tdb-reason` trailing metadata). Anything else that
-escapes a handler becomes INTERNAL with its traceback logged.
+Every error the server raises on purpose is a `TdbServerError` with a neutral `Code` (named as gRPC's
+canonical status codes, so that nothing below the servicers imports grpc); `_abort` in servicer.py is
+the one place that turns it into a gRPC status (with `tdb-reason` trailing metadata). Anything else
+that escapes a handler becomes INTERNAL with its traceback logged.
 
 "Your request is invalid" (INVALID_ARGUMENT) is kept distinct from "not possible now"
 (FAILED_PRECONDITION); stale references after a resume are ABORTED.
@@ -10,11 +11,26 @@ escapes a handler becomes INTERNAL with its traceback logged.
 
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Code(enum.Enum):
+    """The canonical status codes the server answers with (the servicer maps them to grpc.StatusCode)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    CANCELLED = "CANCELLED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    INTERNAL = "INTERNAL"
 
 
 class TdbServerError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Code = Code.INTERNAL
     reason: str = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None, suggestions: list[str] | None = None):
@@ -26,45 +42,45 @@ class TdbServerError(Exception):
 
 
 class InvalidArgument(TdbServerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
 
 class NotFound(TdbServerError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
     reason = "NOT_FOUND"
 
 
 class FailedPrecondition(TdbServerError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
 
 
 class Aborted(TdbServerError):
-    code = grpc.StatusCode.ABORTED
+    code = Code.ABORTED
     reason = "STALE_REFERENCE"
 
 
 class ResourceExhausted(TdbServerError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Code.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceeded(TdbServerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Code.DEADLINE_EXCEEDED
     reason = "TIMEOUT"
 
 
 class Unauthenticated(TdbServerError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Code.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
 
 
 class Cancelled(TdbServerError):
-    code = grpc.StatusCode.CANCELLED
+    code = Code.CANCELLED
     reason = "CANCELLED"
 
 
 class PermissionDenied(TdbServerError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = Code.PERMISSION_DENIED
     reason = "PATH_NOT_ALLOWED"

@@ -21,11 +21,11 @@ from .engine import expr, weights
 from .engine.breakpoints import BreakpointSpec
 from .engine.events import (Continued, Event, Invalidated, Output, RunExited, RunStarted, Terminated,
                             TokenGenerated)
-from .engine.patches import OPS, Selector
-from .engine.summary import site_dims
 from .engine.types import (BreakpointRequest, GenOptions, LaunchRequest, PatchInfo, PatchRequest, RunResult, RunState,
                            RunStatus, Scope, StackFrame, StopInfo, Variable, When)
 from .errors import InvalidArgument
+from .model.interventions import OPS, Selector
+from .model.sites import site_dims, site_kind, site_layer
 
 _RUN_STATE = {s: pb.RunState.Value(s.name) for s in RunState}
 _WHEN = {w: pb.BreakWhen.Value(w.name) for w in When}
@@ -58,10 +58,9 @@ def model_info_to_proto(adapter: Any) -> common_pb2.ModelInfo:
     verified = set(adapter.verified_sites)
     sites = []
     for name in info.sites:
-        kind = name.split(".", 2)[2] if name.startswith("blocks.") else name
-        layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+        kind, layer = site_kind(name), site_layer(name)
         sites.append(common_pb2.SiteInfo(name=name, dims=site_dims(kind), verified=name in verified, kind=kind,
-                                         layer=layer))
+                                         layer=-1 if layer is None else layer))
     return common_pb2.ModelInfo(
         name=info.name, architecture=info.architecture, n_layers=info.n_layers, n_heads=info.n_heads,
         n_kv_heads=info.n_kv_heads, d_model=info.d_model, d_head=info.d_head, d_mlp=info.d_mlp,

@@ -21,10 +21,12 @@ import grpc
 
 from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_grpc
 
-from .engine.manager import SessionManager
 from .analysis_servicer import AnalysisServicer
+from .engine.manager import SessionManager
 from .files import FileAccess
 from .limits import Limits
+from .model import load_model
+from .paths import resolve_model
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DebuggerServicer
 
@@ -115,9 +117,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, 
           device_map: str | dict | None = None, offload_folder: str | None = None,
           data_dirs: Sequence[str] = ()) -> int:
     """Load the model, serve until SIGINT/SIGTERM, then shut down gracefully."""
-    from .model import load_model
-    from .paths import resolve_model
-
     adapter = load_model(resolve_model(model), device=device, dtype=dtype, device_map=device_map,
                          offload_folder=offload_folder)
     handle, bound = create_server(f"{host}:{port}", adapter, limits=limits, token=token, tls_cert=tls_cert,

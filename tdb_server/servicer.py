@@ -38,7 +38,7 @@ def _abort(context: grpc.ServicerContext, err: TdbServerError) -> None:
     if err.suggestions:
         md.append(("tdb-suggestions", ",".join(err.suggestions)))
     context.set_trailing_metadata(md)
-    context.abort(err.code, err.message)
+    context.abort(grpc.StatusCode[err.code.name], err.message)
 
 
 def _convert(context: grpc.ServicerContext, e: BaseException) -> None:

@@ -577,7 +577,7 @@ def test_hooks_only_where_something_is_asked(gpt2_adapter):
     """Engine level: a launch that captures nothing and has no breakpoints hooks nothing; breakpoints and
     patches hook just their sites; a step hooks the rest of the run on demand."""
     from tdb_server.engine.manager import SessionManager
-    from tdb_server.engine.patches import Selector
+    from tdb_server.model.interventions import Selector
     from tdb_server.engine.types import BreakpointRequest, RunState
 
     mgr = SessionManager(gpt2_adapter)
@@ -591,7 +591,8 @@ def test_hooks_only_where_something_is_asked(gpt2_adapter):
         run = s.launch([], IDS, False, ["logits"], False)
         s.wait(run, 30)
         assert run.state is RunState.PAUSED and run.stop.site == "blocks.1.attn.out"
-        assert run.sites == {"logits", "blocks.1.attn.out", "blocks.0.attn.out", "blocks.0.attn.z",
+        # the head patch lands on its slice of blocks.0.attn.z (model/interventions.py): that one hook only
+        assert run.sites == {"logits", "blocks.1.attn.out", "blocks.0.attn.z",
                              "blocks.0.resid_mid", "blocks.1.resid_mid"}
         s.resume("step", "into")
         s.wait(run, 30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import os
 
-import grpc
 import numpy as np
 import pytest
 
@@ -72,7 +71,7 @@ def test_only_clients_on_this_host_may_ask():
     assert not shm.local_peer("ipv4:10.1.2.3:50123") and not shm.local_peer("ipv6:[2001:db8::1]:443")
     with pytest.raises(FailedPrecondition) as e:
         shm.check_peer("ipv4:192.168.1.7:40000")
-    assert e.value.reason == "SHM_UNAVAILABLE" and e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.reason == "SHM_UNAVAILABLE" and e.value.code.name == "FAILED_PRECONDITION"
 
 
 def test_a_recording_with_shared_memory_reads_replays(client):

@@ -10,6 +10,9 @@ converts at the edge.
     plan.py       planning a launch: tokens, generation settings, sites computed and hooked, capture cost
     session.py    a session: breakpoints, launch, control (continue/step/pause/terminate), patches
     manager.py    all sessions of a server; idle timeouts
+    patching.py   a Patch call's name and op -> checked Interventions (model/interventions.py); where
+                  a patch on the live run lands
     summary.py    tensor summaries; patches.py, breakpoints.py, expr.py, scheduler.py, weights.py: the
-                  patch ops, breakpoint parts, expression language, device turns and named weights
+                  session's patch records, breakpoint parts, expression language, device turns and
+                  named weights
 """

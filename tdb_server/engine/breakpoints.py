@@ -1,4 +1,5 @@
-"""Breakpoints: resolution of a site/unit/glob to sites, conditions, hit conditions, log points."""
+"""Breakpoints: what one is (its sites, unit, condition, hit condition, log message) and hit conditions.
+Names are resolved by the grammar (model/sites.py); a unit's breakpoint stops at its `stop_site`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..model.sites import Unit
 
 _HIT = re.compile(r"^\s*(==|>=|>|%)?\s*(\d+)\s*$")
-_HEAD_UNIT = re.compile(r"^blocks\.(\d+)\.attn\.head\.(\d+)$")
-_NEURON_UNIT = re.compile(r"^blocks\.(\d+)\.mlp\.neuron\.(\d+)$")
-_LATENT_UNIT = re.compile(r"^blocks\.(\d+)\.(.+)\.sae\.latent\.(\d+)$")   # SAE latent (tdb_server/sae)
 
 
 def parse_hit_condition(text: str) -> tuple[str, int] | None:
@@ -29,30 +28,6 @@ def hit_matches(cond: tuple[str, int] | None, hits: int) -> bool:
         return True
     op, n = cond
     return {"==": hits == n, ">=": hits >= n, ">": hits > n, "%": n > 0 and hits % n == 0}[op]
-
-
-@dataclass
-class Unit:
-    kind: str   # "head", "neuron" or "latent"
-    layer: int
-    index: int
-    site: str = ""   # latent: the site its SAE reads (blocks.L.<kind>)
-
-
-def parse_unit(name: str) -> Unit | None:
-    if m := _HEAD_UNIT.match(name):
-        return Unit("head", int(m.group(1)), int(m.group(2)))
-    if m := _NEURON_UNIT.match(name):
-        return Unit("neuron", int(m.group(1)), int(m.group(2)))
-    if m := _LATENT_UNIT.match(name):
-        return Unit("latent", int(m.group(1)), int(m.group(3)), f"blocks.{m.group(1)}.{m.group(2)}")
-    return None
-
-
-def unit_site(unit: Unit) -> str:
-    if unit.kind == "latent":
-        return unit.site
-    return f"blocks.{unit.layer}.attn.out" if unit.kind == "head" else f"blocks.{unit.layer}.mlp.post"
 
 
 @dataclass

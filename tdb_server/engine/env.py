@@ -2,8 +2,8 @@
 the stop. Breakpoint conditions and log messages (run.py), Evaluate, reads and expandable variables
 (inspect.py, session.py) all evaluate through `make_env`.
 
-Also the checks of a site or unit name against the model (`parse_site`, `check_unit`), which patches
-and breakpoints share.
+Also the checks of a site or unit name against this model (`parse_site`, `parse_unit`, `check_unit`:
+the grammar of model/sites.py with the SAEs attached now), which patches and breakpoints share.
 """
 
 from __future__ import annotations
@@ -13,31 +13,28 @@ from typing import Any
 import torch
 
 from ..errors import FailedPrecondition, NotFound
-from ..model.sites import SiteError
-from ..model.sites import parse_site as _parse_site
+from ..model import sites
+from ..model.sites import Unit
+from ..sae.units import latent_sizes, latent_value
 from . import expr, weights
-from .breakpoints import Unit, parse_unit
 from .types import ACTIVE, RunState
 
 
 def parse_site(adapter: Any, name: str) -> str:
     """The canonical name of a site of this model (SiteError, with suggestions, if there is none)."""
-    return _parse_site(name, adapter.info.n_layers).name
+    return sites.parse_site(name, adapter.info.n_layers).name
 
 
-def check_unit(adapter: Any, unit: Unit) -> None:
+def parse_unit(adapter: Any, name: str) -> Unit | None:
+    """The unit `name` names, if it is shaped like one (SiteError when this model has no such unit)."""
+    if not sites.is_unit_name(name):
+        return None
+    return check_unit(adapter, sites.parse_unit(name, adapter.info.n_layers))
+
+
+def check_unit(adapter: Any, unit: Unit) -> Unit:
     """A head, neuron or SAE latent that exists in this model (SiteError otherwise)."""
-    info = adapter.info
-    if not 0 <= unit.layer < info.n_layers:
-        raise SiteError(f"layer {unit.layer} out of range: the model has {info.n_layers} layers")
-    if unit.kind == "latent":   # an SAE must be attached at the site (tdb_server/sae/units.py)
-        from ..sae.units import check_latent
-        parse_site(adapter, unit.site)
-        check_latent(adapter, unit.site, unit.index)
-        return
-    limit = info.n_heads if unit.kind == "head" else info.d_mlp
-    if not 0 <= unit.index < limit:
-        raise SiteError(f"{unit.kind} {unit.index} out of range: layer {unit.layer} has {limit} {unit.kind}s")
+    return sites.check_unit(unit, adapter.info, latent_sizes(adapter))
 
 
 def make_env(adapter: Any, run: Any, value: torch.Tensor | None, site: str = "") -> expr.Env:
@@ -59,10 +56,8 @@ def make_env(adapter: Any, run: Any, value: torch.Tensor | None, site: str = "")
                        reason="NOT_CAPTURED")
 
     def get_site(name: str) -> torch.Tensor:
-        unit = parse_unit(name)
+        unit = parse_unit(adapter, name)
         if unit is not None and unit.kind == "latent":   # SAE latent: read through its site -> [B, T]
-            from ..sae.units import latent_value
-            check_unit(adapter, unit)
             return latent_value(adapter, unit.site, unit.index, read_site(unit.site))
         return read_site(name)
 

@@ -19,7 +19,7 @@ from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from ..model.sites import enclosing
 from . import expr
 from .env import evaluate
-from .patches import PatchSpec
+from .patches import Patch
 from .run import DebugRun, StopState
 from .summary import summarize
 from .types import RunState, Scope, StackFrame, Variable, When
@@ -66,7 +66,7 @@ def stack(stop: StopState) -> list[StackFrame]:
     return frames
 
 
-def scopes(run: DebugRun, stop: StopState, payload: Any, patches: list[PatchSpec], frame_id: int) -> list[Scope]:
+def scopes(run: DebugRun, stop: StopState, payload: Any, patches: list[Patch], frame_id: int) -> list[Scope]:
     """The scopes of a frame: Value (the stop's own site), Captured, and Patches (the model frame)."""
     if payload[0] != "frame":
         raise InvalidArgument(f"{frame_id} is not a frame id", reason="BAD_REFERENCE")
@@ -102,7 +102,7 @@ def variable(stop: StopState, name: str, value: torch.Tensor, evaluate_name: str
 
 
 def variables(adapter: Any, run: DebugRun, stop: StopState, payload: Any, start: int, count: int,
-              patches: list[PatchSpec]) -> list[Variable]:
+              patches: list[Patch]) -> list[Variable]:
     """The variables a reference names: the stop's value, captured sites, patches, or an expression's slices."""
     kind = payload[0]
     if kind == "value":

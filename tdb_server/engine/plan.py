@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from ..model.tokens import Prompt, encode as encode_prompt
 from ..errors import InvalidArgument
 from ..limits import Limits
-from ..model.sites import expand_glob, site_shape
+from ..model.sites import expand_glob, site_kind, site_shape
+from ..model.tokens import Prompt, encode as encode_prompt
 from . import weights
 from .breakpoints import BreakpointSpec
-from .patches import PatchSpec, site_kind
+from .patches import Patch
 from .types import GenOptions, When
 
 
@@ -76,11 +76,10 @@ def run_sites(verified: Sequence[str], asked: set[str] | frozenset[str]) -> list
 
 
 def hooked_sites(sites: list[str], captured: frozenset[str], breakpoints: Sequence[BreakpointSpec],
-                 patches: Sequence[PatchSpec]) -> set[str]:
+                 patches: Sequence[Patch]) -> set[str]:
     """Hooks only where something is asked: captures, breakpoints (and the site before a BEFORE one),
-    patches (and attn.z for head units). Stepping or pausing hooks the rest of the run on demand."""
-    fire = set(captured) | {x for bp in breakpoints for x in bp.sites} | {p.site for p in patches}
-    fire |= {f"blocks.{p.site.split('.')[1]}.attn.z" for p in patches if p.head is not None}
+    patches (and attn.z for heads landing on attn.out). Stepping or pausing hooks the rest of the run on demand."""
+    fire = set(captured) | {x for bp in breakpoints for x in bp.sites} | {x for p in patches for x in p.hooks}
     fire |= {f"blocks.{bp.unit.layer}.attn.z" for bp in breakpoints if bp.unit is not None and bp.unit.kind == "head"}
     if any(bp.verified for bp in breakpoints):
         # a stop may be followed by steps, which need resid_mid: the adapter derives it from the

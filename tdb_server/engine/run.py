@@ -20,14 +20,17 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import FailedPrecondition, ResourceExhausted, TdbServerError
+from ..errors import ResourceExhausted, TdbServerError
+from ..model.interventions import Context, Intervention, apply_all
+from ..model.sites import Unit, site_dims, site_kind, site_layer
+from ..sae.units import latent_value
 from . import expr, stops
-from .breakpoints import BreakpointSpec, Unit
+from .breakpoints import BreakpointSpec
 from .env import make_env
 from .events import EventLog, Output, RunExited, RunStarted, Terminated, TokenGenerated
-from .patches import PatchSpec, apply, apply_head, site_kind
+from .patches import Patch
 from .scheduler import DeviceScheduler
-from .summary import site_dims, summarize
+from .summary import summarize
 from .types import GenOptions, RunResult, RunState, StopInfo, TokenProb, TopTokens, When
 
 
@@ -48,7 +51,7 @@ class RunHost(Protocol):
     run_pool: ThreadPoolExecutor
     device: torch.device
     breakpoints: list[BreakpointSpec]
-    patches: list[PatchSpec]
+    patches: list[Patch]
 
     def next_stop_id(self) -> int: ...
 
@@ -89,21 +92,6 @@ class StopState:
                         token=self.token)
 
 
-def _apply_spec(adapter: Any, spec: PatchSpec, value: torch.Tensor, z: dict[int, torch.Tensor],
-                lengths: torch.Tensor, offset: int) -> torch.Tensor:
-    """One patch applied to its site's value: an SAE latent's, a head's (through attn.z of its layer) or
-    the site's own."""
-    if getattr(spec, "latent", None) is not None:   # SAE latent patch (tdb_server/sae/units.py)
-        from ..sae.units import apply_latent_patch
-        return apply_latent_patch(adapter, value, spec, lengths, offset)
-    if spec.head is not None:
-        layer = int(spec.site.split(".")[1])
-        if layer not in z:
-            raise FailedPrecondition(f"head patch {spec.name}: attn.z of layer {layer} was not seen in this run")
-        return apply_head(value, z[layer], adapter.W_O(layer)[spec.head], spec, lengths, offset)
-    return apply(value, spec, lengths, offset)
-
-
 def _choose(gen: GenOptions, logits: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
     """The next token of each batch item from logits [B, V]: argmax, or a sample (temperature, top-k)."""
     if not gen.sample:
@@ -137,7 +125,7 @@ class DebugRun:
         self.captured: dict[str, torch.Tensor] = {}
         self.z: dict[int, torch.Tensor] = {}                    # attn.z per layer (head units)
         self.last_fired = -1                                    # index in `order` of the last site run
-        self.patches: list[PatchSpec] = []                      # run-scoped (pending or applied)
+        self.patches: list[Patch] = []                          # run-scoped (pending or applied)
         self.result: RunResult | None = None
         self.exception = ""
         self.logits: torch.Tensor | None = None                 # [B, V] at the last real position
@@ -321,7 +309,7 @@ class DebugRun:
     def _keep(self, site: str, value: torch.Tensor) -> None:
         """Capture the site's value if asked; keep attn.z of every layer (head units read it)."""
         if site_kind(site) == "attn.z":
-            self.z[int(site.split(".")[1])] = value
+            self.z[site_layer(site)] = value
         if site in self.capture:
             self.captured[site] = value
 
@@ -334,19 +322,21 @@ class DebugRun:
                  f"{int(torch.isinf(value).sum())} Inf); set a breakpoint with condition 'any_nan' to stop there"))
 
     def _apply_patches(self, site: str, value: torch.Tensor) -> torch.Tensor:
-        specs = [p for p in (*self.session.patches, *self.patches)
-                 if p.site == site and (not p.tokens or self.token in p.tokens)]
-        # units first (a head's write, an SAE latent: parts of the site's value), then whole-site patches,
-        # which act on the result: zeroing attn.out and a head of it leaves zero, as in the Ablate analysis
-        specs.sort(key=lambda p: p.head is None and getattr(p, "latent", None) is None)
-        for p in specs:
-            value = _apply_spec(self.session.adapter, p, value, self.z, self.lengths, self.position_offset)
+        """The site's value after every patch in force here (model/interventions.py composes them)."""
+        patches = [p for p in (*self.session.patches, *self.patches) if p.at(site, self.token)]
+        if not patches:
+            return value
+        for p in patches:
             p.applied = True
-        return value
+        return apply_all([iv for p in patches for iv in p.at(site, self.token)], value, self.context())
 
-    def apply_now(self, spec: PatchSpec) -> torch.Tensor:
-        """Apply a patch to the value of the site the run is stopped after (a patch at the stop)."""
-        new = _apply_spec(self.session.adapter, spec, self.current_value(), self.z, self.lengths, self.position_offset)
+    def context(self) -> Context:
+        """What an intervention needs of this forward: real lengths, the KV-cache offset, attn.z."""
+        return Context(self.lengths, self.position_offset, self.z.get)
+
+    def apply_now(self, interventions: list[Intervention]) -> torch.Tensor:
+        """Apply interventions to the value of the site the run is stopped after (a patch at the stop)."""
+        new = apply_all(interventions, self.current_value(), self.context())
         self._value = new
         if self.stop.site in self.capture:
             self.captured[self.stop.site] = new
@@ -363,7 +353,6 @@ class DebugRun:
         if unit.kind == "neuron":
             return value[..., unit.index]                # [B, T]
         if unit.kind == "latent":   # SAE latent: encode(site)[..., K] -> [B, T] (tdb_server/sae/units.py)
-            from ..sae.units import latent_value
             return latent_value(self.session.adapter, site, unit.index, value)
         z = self.z.get(unit.layer)
         if z is None:

@@ -21,11 +21,12 @@ import torch
 
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..limits import Limits
-from ..model.sites import SiteError, expand_glob
-from . import env, expr, inspect, plan, stops, weights
-from .breakpoints import BreakpointSpec, Unit, parse_hit_condition, parse_unit, unit_site
+from ..model.interventions import Intervention, Selector
+from ..model.sites import SiteError, Unit, expand_glob
+from . import env, expr, inspect, patching, plan, stops, weights
+from .breakpoints import BreakpointSpec, parse_hit_condition
 from .events import Continued, EventLog, Terminated
-from .patches import PatchSpec, Selector
+from .patches import Patch
 from .run import DebugRun, StopState, _shared_pool
 from .scheduler import scheduler_for
 from .types import (ACTIVE, DONE, BreakpointRequest, GenOptions, PatchInfo, RunState, RunStatus, Scope, StackFrame,
@@ -37,11 +38,6 @@ DEFAULT_WAIT_S = 60.0
 
 def _bp_key(bp: BreakpointSpec) -> tuple:
     return bp.name, bp.when, bp.condition, bp.hit_condition, bp.log_message, bp.tokens
-
-
-def _head_z(site: str) -> set[str]:
-    """attn.z of a head unit's layer (its write into attn.out is computed from it)."""
-    return {f"blocks.{site.split('.')[1]}.attn.z"}
 
 
 class Session:
@@ -60,7 +56,7 @@ class Session:
         self.cv = threading.Condition()
         self.events = EventLog(event_capacity)
         self.breakpoints: list[BreakpointSpec] = []
-        self.patches: list[PatchSpec] = []                   # session-scoped
+        self.patches: list[Patch] = []                   # session-scoped
         self.runs: OrderedDict[str, DebugRun] = OrderedDict()
         self.current: DebugRun | None = None
         self.last_activity = time.monotonic()
@@ -188,10 +184,9 @@ class Session:
             if not sites:
                 raise SiteError(f"no site matches {name!r}")
             return None, sites
-        unit = parse_unit(name)
+        unit = env.parse_unit(self.adapter, name)
         if unit is not None:
-            env.check_unit(self.adapter, unit)
-            return unit, [unit_site(unit)]
+            return unit, [unit.stop_site]
         return None, [env.parse_site(self.adapter, name)]
 
     @staticmethod
@@ -219,7 +214,7 @@ class Session:
                                          "continue or terminate it first", reason="RUN_ACTIVE")
         verified = self.adapter.verified_order
         captured = plan.capture_set(capture, verified, lambda c: env.parse_site(self.adapter, c))
-        asked = captured | {x for bp in self.breakpoints for x in bp.sites} | {p.site for p in self.patches}
+        asked = captured | {x for bp in self.breakpoints for x in bp.sites} | {x for p in self.patches for x in p.sites}
         sites = plan.run_sites(verified, asked)
         fire = set(sites) if not capture or stop_on_entry else plan.hooked_sites(sites, captured, self.breakpoints,
                                                                                   self.patches)
@@ -367,108 +362,55 @@ class Session:
     # -- patching --------------------------------------------------------------------------------
 
     def patch(self, name: str, op: str, selector: Selector, value: torch.Tensor | None, scalar: float,
-              source_run_id: str, mean_over: str, tokens: tuple[int, ...] = ()) -> tuple[PatchSpec, bool]:
+              source_run_id: str, mean_over: str, tokens: tuple[int, ...] = ()) -> tuple[Patch, bool]:
         """Register a patch: on the session (no live run), on the live run, or applied now at its stop.
         Returns the patch and whether it was applied now."""
         name = name.strip()
-        unit = parse_unit(name)
-        spec = self._patch_spec(name, unit, op, selector, value, scalar, mean_over, tokens)
+        ivs = patching.interventions(self.adapter, name, op, selector, value, scalar, mean_over, tuple(tokens))
         if op == "copy_from_run":
-            spec.source = self._copy_source(source_run_id, spec.site, unit)
-            spec.source()  # fails now, with a clear message, if the source lacks the value
+            src = self._source_run(source_run_id)
+            for iv in ivs:
+                patching.bind_source(iv, src)
+        patch = Patch(next(self._patch_ids), name, ivs, tokens=tuple(tokens))
         run = self.current
         with self.cv:
             if run is None or run.state not in ACTIVE:
-                spec.scope = "session"
-                self.patches.append(spec)
-                return spec, False
-            return self._patch_run(run, spec)
+                patch.scope = "session"
+                self.patches.append(patch)
+                return patch, False
+            return self._patch_run(run, patch)
 
-    def _patch_spec(self, name: str, unit: Unit | None, op: str, selector: Selector, value: torch.Tensor | None,
-                    scalar: float, mean_over: str, tokens: tuple[int, ...]) -> PatchSpec:
-        """A checked patch of a site or unit of this model (not yet registered)."""
-        if unit is not None:
-            env.check_unit(self.adapter, unit)
-            site = unit_site(unit)
-            if unit.kind == "neuron":
-                selector.neurons = [unit.index]
-        else:
-            site = env.parse_site(self.adapter, name)
-        if site not in self.adapter.verified_sites:
-            raise FailedPrecondition(f"{site} is never reached by this model's forward pass", reason="UNVERIFIED_SITE")
-        if mean_over not in ("", "positions", "batch"):
-            raise InvalidArgument(f"mean_over must be 'positions' or 'batch', not {mean_over!r}", reason="BAD_PATCH")
-        if op in ("set",) and value is None:
-            raise InvalidArgument("op 'set' needs a value", reason="BAD_PATCH")
-        spec = PatchSpec(id=next(self._patch_ids), name=name, site=site, op=op, selector=selector,
-                         head=unit.index if unit is not None and unit.kind == "head" else None,
-                         value=value, scalar=scalar, mean_over=mean_over or "positions", tokens=tuple(tokens))
-        if unit is not None and unit.kind == "latent":   # SAE latent patch (tdb_server/sae/units.py)
-            from ..sae.units import LatentPatchSpec
-            spec = LatentPatchSpec(**spec.__dict__, latent=unit.index)
-        if any(t < 0 for t in spec.tokens):
-            raise InvalidArgument("generation steps in `tokens` must be >= 0", reason="BAD_PATCH")
-        return spec
-
-    def _patch_run(self, run: DebugRun, spec: PatchSpec) -> tuple[PatchSpec, bool]:
-        """A patch on the live run (under the lock): for a site still to come, or applied now when the run is
-        stopped after the patch's site."""
+    def _patch_run(self, run: DebugRun, patch: Patch) -> tuple[Patch, bool]:
+        """A patch on the live run (under the lock): for sites still to come, or applied now when the run is
+        stopped after a patched site."""
         if run.state is RunState.RUNNING:
             raise FailedPrecondition("the run is running: pause it (or set a breakpoint) before patching it",
                                      reason="RUNNING")
         stop = run.stop
-        spec.scope = "run"
-        now = False
-        later_token = bool(spec.tokens) and min(spec.tokens) > run.token
+        patch.scope = "run"
+        now: list[Intervention] = []
+        later_token = bool(patch.tokens) and min(patch.tokens) > run.token
         if not later_token and stop.site != "":      # not a later token's forward, not at a token boundary
-            self._check_not_ran(run, stop, spec)
-            now = stop.when is When.AFTER and run.index[spec.site] == run.index.get(stop.site, -1)
-        run.hook_more({spec.site} | (_head_z(spec.site) if spec.head is not None else set()))
+            if patch.tokens and run.token not in patch.tokens:
+                raise FailedPrecondition(f"generation step(s) {list(patch.tokens)} already ran (now at step "
+                                         f"{run.token})", reason="SITE_ALREADY_RAN")
+            now = [iv for iv in patch.interventions if patching.land(self.adapter, run, stop, iv)]
+        run.hook_more(patch.hooks)
         if now:
-            new = run.apply_now(spec)
+            new = run.apply_now(now)
             if stop.value is not None and stop.value.shape == new.shape:
                 stop.value = new   # the stop showed the site itself (not a unit's slice of it)
-            spec.applied = True
-        run.patches.append(spec)
-        return spec, now
+            patch.applied = True
+        run.patches.append(patch)
+        return patch, bool(now)
 
-    @staticmethod
-    def _check_not_ran(run: DebugRun, stop: StopState, spec: PatchSpec) -> None:
-        """FAILED_PRECONDITION if the patch's site (or generation step) already ran in this run."""
-        if spec.tokens and run.token not in spec.tokens:
-            raise FailedPrecondition(f"generation step(s) {list(spec.tokens)} already ran (now at step {run.token})",
-                                     reason="SITE_ALREADY_RAN")
-        if spec.site not in run.index:
-            raise FailedPrecondition(f"{spec.site} is not computed in run {run.run_id}", reason="NOT_IN_RUN")
-        here, there = run.index.get(stop.site, -1), run.index[spec.site]
-        if there < here or (there == here and stop.when is When.AFTER and stop.value is None):
-            raise FailedPrecondition(
-                f"{spec.site} already ran in run {run.run_id} (the run is stopped at {stop.site}): a patch must be "
-                "registered before its site runs — set a BEFORE breakpoint on it, or patch before launching",
-                reason="SITE_ALREADY_RAN")
-
-    def _copy_source(self, source_run_id: str, site: str, unit: Unit | None) -> Callable[[], torch.Tensor]:
+    def _source_run(self, source_run_id: str) -> DebugRun:
         src = self.run_for(source_run_id) if source_run_id else None
         if src is None:
             raise InvalidArgument("copy_from_run needs source_run_id", reason="BAD_PATCH")
         if src.state not in DONE:
             raise FailedPrecondition(f"source run {src.run_id} has not finished", reason="SOURCE_RUNNING")
-        adapter = self.adapter
-
-        def get() -> torch.Tensor:
-            if unit is not None and unit.kind == "head":
-                z = src.z.get(unit.layer)
-                if z is None:
-                    raise FailedPrecondition(f"run {src.run_id} has no attn.z for layer {unit.layer}",
-                                             reason="NO_SOURCE_VALUE")
-                return z[:, :, unit.index, :] @ adapter.W_O(unit.layer)[unit.index].to(z.device)   # [B, T, D]
-            if site not in src.captured:
-                raise FailedPrecondition(f"run {src.run_id} did not capture {site}", reason="NO_SOURCE_VALUE")
-            if unit is not None and unit.kind == "latent":
-                from ..sae.units import latent_value
-                return latent_value(adapter, site, unit.index, src.captured[site])
-            return src.captured[site]
-        return get
+        return src
 
     def clear_patches(self) -> int:
         with self.cv:
@@ -501,5 +443,5 @@ class Session:
             self.patches = []
 
 
-def _patch_info(p: PatchSpec, scope: str) -> PatchInfo:
+def _patch_info(p: Patch, scope: str) -> PatchInfo:
     return PatchInfo(patch_id=p.id, site=p.name, op=p.describe(), scope=scope, applied=p.applied)

@@ -1,5 +1,5 @@
 """Summaries of tensors: dtype, shape, min/max/mean/std/norm and NaN/Inf counts, computed on the
-tensor's device with one host sync, and the dimension names of a site's value."""
+tensor's device with one host sync (dimension names of a site: model/sites.py site_dims)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,6 @@ import math
 import torch
 
 from .types import TensorSummary
-
-
-def site_dims(kind: str) -> list[str]:  # moves to model/sites.py
-    """Dimension names of a site kind's value ('attn.z' -> batch, pos, head, d_head)."""
-    return {
-        "attn.q": ["batch", "pos", "head", "d_head"], "attn.k": ["batch", "pos", "kv_head", "d_head"],
-        "attn.v": ["batch", "pos", "kv_head", "d_head"], "attn.z": ["batch", "pos", "head", "d_head"],
-        "attn.pattern": ["batch", "head", "query_pos", "key_pos"], "mlp.pre": ["batch", "pos", "neuron"],
-        "mlp.post": ["batch", "pos", "neuron"], "logits": ["batch", "pos", "vocab"],
-    }.get(kind, ["batch", "pos", "d_model"])
 
 
 def summarize(t: torch.Tensor, dims: list[str] | None = None) -> TensorSummary:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .patches import Selector
+from ..model.interventions import Selector
 
 
 class RunState(enum.Enum):
@@ -76,7 +76,7 @@ class BreakpointRequest:
 
 @dataclass
 class PatchRequest:
-    """A patch as asked: a site or unit, an op of engine.patches.OPS, where, and with what."""
+    """A patch as asked: a site or unit, an op of model.interventions.OPS, where, and with what."""
 
     name: str
     op: str

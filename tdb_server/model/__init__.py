@@ -1,6 +1,15 @@
-"""The model layer: canonical sites, per-architecture mappings, leak-free hooks, the HF adapter.
+"""The model layer: the HF adapter and what everything above shares about a model.
 
-Everything above (engine, analyses) talks to models through `ModelAdapter` and site names only.
+    sites.py          THE name grammar: sites, units, layer nodes, globs, axes and dims
+    arch.py           per-architecture mappings (one row a family); hooks.py: leak-free dispatcher hooks
+    adapter.py        ModelAdapter: the wrapped model, its weights, `run_with_cache`, model facts
+    capture.py        the one capture (`Capture`, what `run_with_cache` returns)
+    interventions.py  the one intervention model (ops, selectors, composition) for every path
+    tokens.py         prompts as validated token ids; corpus.py: text cut into windows
+    fingerprint.py    the model's identity (recordings, record and explanation caches)
+    loading.py        loading a local HF directory; tiny random models for tests
+
+Everything above (engine, analyses) talks to models through `ModelAdapter` and these names only.
 """
 
 from .adapter import ModelAdapter, ModelInfo, ParityError

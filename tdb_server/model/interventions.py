@@ -103,9 +103,10 @@ class Intervention:
         """The site a copy_from_run source must provide: the unit's own site (attn.z for heads)."""
         return self.unit.site if self.unit is not None else self.site
 
-    def describe(self) -> str:
+    def describe(self, name: str = "") -> str:
+        """e.g. 'scale 0.5 blocks.1.attn.head.2 [pos=[-1]]' (`name`: what to call the target)."""
         extra = f" {self.scalar:g}" if self.op in ("scale", "add") and self.value is None else ""
-        return f"{self.op}{extra} {self.target} [{self.selector.describe()}]"
+        return f"{self.op}{extra} {name or self.target} [{self.selector.describe()}]"
 
     # -- the part of the site's value it edits ---------------------------------------------------
 

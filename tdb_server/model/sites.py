@@ -255,6 +255,50 @@ def node_names(info: ModelInfo, latents: dict[str, int], neurons: bool = True) -
     return names
 
 
+def check_latent_index(site: str, index: int, latents: dict[str, int]) -> None:
+    """SiteError unless an SAE is attached at `site` (`latents`: site -> number of latents) with latent `index`."""
+    if site not in latents:
+        have = sorted(latents)
+        hint = f"; SAEs are attached at {', '.join(have)}" if have else "; attach one first (AttachSae)"
+        raise SiteError(f"no SAE is attached at {site}{hint}", suggestions=[f"{s}.sae.latent.{index}" for s in have][:5])
+    n = latents[site]
+    if not 0 <= index < n:
+        raise SiteError(f"latent {index} out of range: the SAE at {site} has {n} latents (0..{n - 1})")
+
+
+def check_unit(unit: Unit, info: ModelInfo, latents: dict[str, int]) -> Unit:
+    """`unit` if this model has it (a latent: an SAE attached at its site has it); SiteError otherwise."""
+    if not 0 <= unit.layer < info.n_layers:
+        raise SiteError(f"layer {unit.layer} out of range: the model has {info.n_layers} layers")
+    if unit.kind == "latent":
+        parse_site(unit.site, info.n_layers)
+        check_latent_index(unit.site, unit.index, latents)
+        return unit
+    limit = info.n_heads if unit.kind == "head" else info.d_mlp
+    if not 0 <= unit.index < limit:
+        raise SiteError(f"{unit.kind} {unit.index} out of range: layer {unit.layer} has {limit} {unit.kind}s")
+    return unit
+
+
+def parse_node(name: str, info: ModelInfo, latents: dict[str, int]) -> LayerNode | Unit:
+    """A node an ablation or a patch can name: a layer node or a unit of this model. SiteError otherwise."""
+    layer = parse_layer_node(name, info.n_layers)
+    if layer is not None:
+        return layer
+    return check_unit(parse_unit(name, info.n_layers, info.n_heads, info.d_mlp), info, latents)
+
+
+def expand_nodes(pattern: str, info: ModelInfo, latents: dict[str, int]) -> list[str]:
+    """The nodes an fnmatch pattern names (`blocks.*.attn.head.*`), in model order; SiteError if none.
+    Neurons are candidates only when the pattern says `neuron` (there may be many)."""
+    names = node_names(info, latents if "latent" in pattern else {}, neurons="neuron" in pattern)
+    matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        raise SiteError(f"pattern {pattern!r} matches no head, neuron, latent or layer",
+                        suggestions=_nearest(pattern, names))
+    return matched
+
+
 def expand_glob(pattern: str, sites: list[str]) -> list[str]:
     """Sites matching an fnmatch pattern (e.g. `blocks.*.mlp.out`), in the order of `sites`.
     A pattern without wildcards must name a site exactly. Raises SiteError when nothing matches."""

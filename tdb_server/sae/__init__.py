@@ -5,7 +5,7 @@ reconstruction error kept, quality reports (attach.py), and latents as debugger 
 |------------|-------------------------------------------------------------------------------|
 | sae.py     | `Sae` (encode / decode / delta), `load_sae`, `Sae.save` (cfg.json + safetensors) |
 | attach.py  | `attach`, `detach`, `attached`, `attach_bundled`, `SaeSplice`, `quality`        |
-| units.py   | `check_latent`, `latent_value`, `LatentPatchSpec`, `apply_latent_patch`          |
+| units.py   | `latent_sizes`, `check_latent`, `latent_value` (edits: model/interventions.py)   |
 """
 
 from .attach import AttachedSae, Quality, SaeSplice, attach, attach_bundled, attached, detach, quality, sae_at

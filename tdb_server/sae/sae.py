@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from tdb_server.errors import InvalidArgument, NotFound
+from tdb_server.model.sites import site_kind, site_layer
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -55,14 +56,13 @@ NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "
 _TL_HOOKS = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
              "hook_attn_out": "attn.out", "hook_mlp_out": "mlp.out", "attn.hook_z": "attn.z",
              "mlp.hook_pre": "mlp.pre", "mlp.hook_post": "mlp.post"}
-_TL_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def site_from_hook(hook_name: str) -> str:
     """`blocks.1.hook_resid_post` -> `blocks.1.resid_post`; tdb site names pass through."""
-    m = _TL_RE.match(hook_name or "")
-    if m and m.group(2) in _TL_HOOKS:
-        return f"blocks.{m.group(1)}.{_TL_HOOKS[m.group(2)]}"
+    layer, kind = site_layer(hook_name or ""), site_kind(hook_name or "")
+    if layer is not None and kind in _TL_HOOKS:
+        return f"blocks.{layer}.{_TL_HOOKS[kind]}"
     if hook_name == "hook_embed" or hook_name == "embed":
         return "embed"
     return hook_name
@@ -70,11 +70,11 @@ def site_from_hook(hook_name: str) -> str:
 
 def hook_from_site(site: str) -> str:
     """`blocks.1.resid_post` -> `blocks.1.hook_resid_post` (the TransformerLens name SAELens records)."""
-    m = _TL_RE.match(site)
-    if m:
+    layer = site_layer(site)
+    if layer is not None:
         for hook, kind in _TL_HOOKS.items():
-            if kind == m.group(2):
-                return f"blocks.{m.group(1)}.{hook}"
+            if kind == site_kind(site):
+                return f"blocks.{layer}.{hook}"
     return site
 
 
