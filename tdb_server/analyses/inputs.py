@@ -135,27 +135,68 @@ def _spaced_hint(adapter, text: str) -> str:
     return f" (did you mean {' ' + text!r}? with its leading space it is one token)" if len(spaced) == 1 else ""
 
 
+def _direction_target(adapter, spec: TargetSpec, n: int) -> Target:
+    """final residual . direction at a position."""
+    if spec.tokens or spec.token_ids or spec.distractors or spec.distractor_ids:
+        raise InvalidArgument("a direction target takes no tokens or distractors", reason="BAD_TARGET")
+    d = spec.direction
+    if d is None or tuple(d.shape) != (adapter.info.d_model,):
+        got = "none" if d is None else list(d.shape)
+        raise InvalidArgument(f"a direction target needs a direction of shape [{adapter.info.d_model}] "
+                              f"(d_model); got {got}", reason="BAD_TARGET")
+    if not torch.isfinite(d).all():
+        raise InvalidArgument("the target direction has NaN or Inf entries", reason="BAD_TARGET")
+    p = position(spec.position, n, "target position")
+    return Target("direction", [], [], p, d.float(), f"final residual . direction at position {p}")
+
+
+def _split_shared_prefix(adapter, a: list[int], b: list[int], pos_in: int, n: int) -> tuple[int, list[str]]:
+    """How many leading tokens a target and a distractor share (to append to the prompt), and the note."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    if k == len(a) or k == len(b):
+        raise InvalidArgument(f"target {decode(adapter, a)} and distractor {decode(adapter, b)}: one is a "
+                              "prefix of the other, so no token tells them apart", reason="BAD_TARGET")
+    if not k:
+        return 0, []
+    if position(pos_in, n, "target position") != n - 1:
+        raise InvalidArgument("target and distractor share their first token(s); they can be told apart "
+                              "only after appending the shared prefix, which needs the last position",
+                              reason="BAD_TARGET")
+    return k, [f"target and distractor share the prefix {''.join(decode(adapter, a[:k]))!r}: it is "
+               f"appended to the prompt and the first differing tokens are compared"]
+
+
+def _first_token_notes(adapter, seqs: list[list[int]]) -> list[str]:
+    notes = []
+    for seq in seqs:
+        if len(seq) > 1:
+            text, first = "".join(decode(adapter, seq)), decode(adapter, seq[:1])[0]
+            notes.append(f"{text!r} is {len(seq)} tokens: using its first token {first!r}"
+                         + _spaced_hint(adapter, text))
+    return notes
+
+
+def _describe(adapter, kind: str, tok_ids: list[int], dist_ids: list[int], p: int) -> str:
+    fmt = "logprob" if kind == "logprob" else "logit"
+
+    def mean(xs: list[int]) -> str:
+        words = [f"{fmt}({w!r})" for w in decode(adapter, xs)]
+        return words[0] if len(words) == 1 else f"mean({', '.join(words)})"
+
+    return mean(tok_ids) + (f" - {mean(dist_ids)}" if dist_ids else "") + f" at position {p}"
+
+
 def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, list[int]]:
     """Validate a target against a prompt's ids; returns the target and the ids to run (the prompt,
     plus the shared prefix of multi-token targets when there is one)."""
     kind = spec.kind or ("logit_diff" if (spec.distractors or spec.distractor_ids) else "logit")
     if kind not in KINDS:
         raise InvalidArgument(f"unknown target kind {kind!r}; one of {', '.join(KINDS)}", reason="BAD_TARGET")
-    pos_in = spec.position
     n = len(ids)
     if kind == "direction":
-        if spec.tokens or spec.token_ids or spec.distractors or spec.distractor_ids:
-            raise InvalidArgument("a direction target takes no tokens or distractors", reason="BAD_TARGET")
-        d = spec.direction
-        if d is None or tuple(d.shape) != (adapter.info.d_model,):
-            got = "none" if d is None else list(d.shape)
-            raise InvalidArgument(f"a direction target needs a direction of shape [{adapter.info.d_model}] "
-                                  f"(d_model); got {got}", reason="BAD_TARGET")
-        if not torch.isfinite(d).all():
-            raise InvalidArgument("the target direction has NaN or Inf entries", reason="BAD_TARGET")
-        p = position(pos_in, n, "target position")
-        t = Target(kind, [], [], p, d.float(), f"final residual . direction at position {p}")
-        return t, ids
+        return _direction_target(adapter, spec, n), ids
     if spec.direction is not None:
         raise InvalidArgument(f"a {kind} target takes no direction (use kind direction)", reason="BAD_TARGET")
     toks = _token_lists(adapter, spec.tokens, spec.token_ids, "target tokens")
@@ -167,36 +208,12 @@ def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, l
     notes: list[str] = []
     appended: list[int] = []
     if len(toks) == 1 and len(dist) == 1 and (len(toks[0]) > 1 or len(dist[0]) > 1):
-        a, b = toks[0], dist[0]
-        k = 0
-        while k < min(len(a), len(b)) and a[k] == b[k]:
-            k += 1
-        if k == len(a) or k == len(b):
-            raise InvalidArgument(f"target {decode(adapter, a)} and distractor {decode(adapter, b)}: one is a "
-                                  "prefix of the other, so no token tells them apart", reason="BAD_TARGET")
-        if k:
-            if position(pos_in, n, "target position") != n - 1:
-                raise InvalidArgument("target and distractor share their first token(s); they can be told apart "
-                                      "only after appending the shared prefix, which needs the last position",
-                                      reason="BAD_TARGET")
-            appended = a[:k]
-            notes.append(f"target and distractor share the prefix {''.join(decode(adapter, appended))!r}: it is "
-                         f"appended to the prompt and the first differing tokens are compared")
-        toks, dist = [a[k:]], [b[k:]]
-    for seq in [*toks, *dist]:
-        if len(seq) > 1:
-            text, first = "".join(decode(adapter, seq)), decode(adapter, seq[:1])[0]
-            notes.append(f"{text!r} is {len(seq)} tokens: using its first token {first!r}"
-                         + _spaced_hint(adapter, text))
+        k, notes = _split_shared_prefix(adapter, toks[0], dist[0], spec.position, n)
+        appended = toks[0][:k]
+        toks, dist = [toks[0][k:]], [dist[0][k:]]
+    notes += _first_token_notes(adapter, [*toks, *dist])
     run_ids = ids + appended
-    p = len(run_ids) - 1 if appended else position(pos_in, n, "target position")
-    tok_ids = [s[0] for s in toks]
-    dist_ids = [s[0] for s in dist]
-    fmt = "logprob" if kind == "logprob" else "logit"
-
-    def mean(xs: list[int]) -> str:
-        words = [f"{fmt}({w!r})" for w in decode(adapter, xs)]
-        return words[0] if len(words) == 1 else f"mean({', '.join(words)})"
-
-    desc = mean(tok_ids) + (f" - {mean(dist_ids)}" if dist_ids else "") + f" at position {p}"
-    return Target(kind, tok_ids, dist_ids, p, None, desc, notes, appended), run_ids
+    p = len(run_ids) - 1 if appended else position(spec.position, n, "target position")
+    tok_ids, dist_ids = [s[0] for s in toks], [s[0] for s in dist]
+    return Target(kind, tok_ids, dist_ids, p, None, _describe(adapter, kind, tok_ids, dist_ids, p), notes,
+                  appended), run_ids

@@ -263,17 +263,29 @@ def _sites(adapter, objective, pairs: bool) -> tuple[set[str], set[str]]:
     return grad_sites, value_sites - grad_sites
 
 
+def _check_size(info, T: int, pairs: bool) -> None:
+    if pairs and info.n_layers * info.n_heads * T * (T + 1) // 2 + info.n_layers * info.d_mlp * T > MAX_ROWS:
+        raise ResourceExhausted(f"a node table with token pairs for {T} tokens has more than {MAX_ROWS} rows; "
+                                "leave out HEAD_PAIR rows or shorten the prompt", reason="TOO_MANY_ROWS")
+
+
+def _assemble(parts: list, wanted: set[int], objective) -> tuple[NodeTable, float]:
+    """The table of the wanted rows upstream of the objective, and the sum of the direct effects of the
+    rows that partition the residual stream (not token pairs or latents, which split other rows)."""
+    keep = [(i, m) for (nt, layer, i, m) in parts if nt in wanted and objective.upstream(layer, nt)]
+    table = NodeTable(torch.cat([i for i, _ in keep]) if keep else torch.zeros(0, 5, dtype=torch.int32),
+                      torch.cat([m for _, m in keep]) if keep else torch.zeros(0, 4))
+    summed = [m for (nt, layer, i, m) in parts if nt not in (HEAD_PAIR, SAE_LATENT) and objective.upstream(layer, nt)]
+    return table, float(torch.cat(summed)[:, 2].double().sum()) if summed else 0.0
+
+
 def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: set[int] | None = None,
                        notes: list[str] | None = None, ablations: list[AblationSpec] | None = None) -> NodeTableResult:
     """The node table for one prompt (token ids) and objective: one forward, one backward. With
     `ablations` (heads, neurons, SAE latents), the table explains the forward with those ablated."""
-    info = adapter.info
     wanted = set(node_types or NODE_TYPES.values())
     pairs = HEAD_PAIR in wanted
-    T = len(token_ids)
-    if pairs and info.n_layers * info.n_heads * T * (T + 1) // 2 + info.n_layers * info.d_mlp * T > MAX_ROWS:
-        raise ResourceExhausted(f"a node table with token pairs for {T} tokens has more than {MAX_ROWS} rows; "
-                                "leave out HEAD_PAIR rows or shorten the prompt", reason="TOO_MANY_ROWS")
+    _check_size(adapter.info, len(token_ids), pairs)
     grad_sites, value_sites = _sites(adapter, objective, pairs)
     latents = SAE_LATENT in wanted and bool(sae_attribution.sites(adapter))
     if latents:
@@ -292,11 +304,7 @@ def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: 
         if latents:
             for layer, *cols in sae_attribution.latent_parts(adapter, cap, G):
                 parts.append((SAE_LATENT, layer, *_rows(SAE_LATENT, layer, *cols)))
-    keep = [(i, m) for (nt, layer, i, m) in parts if nt in wanted and objective.upstream(layer, nt)]
-    table = NodeTable(torch.cat([i for i, _ in keep]) if keep else torch.zeros(0, 5, dtype=torch.int32),
-                      torch.cat([m for _, m in keep]) if keep else torch.zeros(0, 4))
-    summed = [m for (nt, layer, i, m) in parts if nt not in (HEAD_PAIR, SAE_LATENT) and objective.upstream(layer, nt)]
-    de_sum = float(torch.cat(summed)[:, 2].double().sum()) if summed else 0.0
+    table, de_sum = _assemble(parts, wanted, objective)
     if isinstance(objective, TargetObjective):
         t = objective.target
         return NodeTableResult(token_ids, table, value, de_sum, t.description, t.exact, t.position,

@@ -208,6 +208,26 @@ class _MaskPatch:
 
 # --- the sweep -------------------------------------------------------------------------------------
 
+def _check_spec(spec: SweepSpec, clean_ids: list[int], corrupted_ids: list[int], target: Target) -> None:
+    """INVALID_ARGUMENT for a sweep request that cannot run, before any work."""
+    if spec.kind not in KINDS:
+        raise InvalidArgument(f"unknown sweep kind {spec.kind!r}; one of {', '.join(KINDS)}", reason="BAD_SWEEP")
+    if spec.direction not in DIRECTIONS:
+        raise InvalidArgument(f"unknown direction {spec.direction!r}; one of {', '.join(DIRECTIONS)}",
+                              reason="BAD_SWEEP")
+    if spec.method not in METHODS:
+        raise InvalidArgument(f"unknown method {spec.method!r}; one of {', '.join(METHODS)}", reason="BAD_SWEEP")
+    if len(clean_ids) != len(corrupted_ids):
+        raise InvalidArgument(f"the clean prompt has {len(clean_ids)} tokens, the corrupted one {len(corrupted_ids)}: "
+                              "patching takes values at the same positions, so they must have the same length",
+                              reason="LENGTH_MISMATCH")
+    if target.appended_ids:
+        raise InvalidArgument("sweeps take single-token targets (or targets that differ in their first token)",
+                              reason="BAD_TARGET")
+    if spec.max_batch < 0 or spec.verify_top_k < 0:
+        raise InvalidArgument("max_batch and verify_top_k must be >= 0", reason="OUT_OF_RANGE")
+
+
 class PatchSweep:
     """A prepared sweep. Construction validates the request and runs the two prompts once (and, for
     attribution, the one backward); `chunks()` then computes and yields the results, a chunk at a time
@@ -216,53 +236,21 @@ class PatchSweep:
     def __init__(self, adapter, clean_ids: list[int], corrupted_ids: list[int], target: Target, spec: SweepSpec):
         info = adapter.info
         self.adapter, self.target, self.spec = adapter, target, spec
-        if spec.kind not in KINDS:
-            raise InvalidArgument(f"unknown sweep kind {spec.kind!r}; one of {', '.join(KINDS)}", reason="BAD_SWEEP")
-        if spec.direction not in DIRECTIONS:
-            raise InvalidArgument(f"unknown direction {spec.direction!r}; one of {', '.join(DIRECTIONS)}",
-                                  reason="BAD_SWEEP")
-        if spec.method not in METHODS:
-            raise InvalidArgument(f"unknown method {spec.method!r}; one of {', '.join(METHODS)}", reason="BAD_SWEEP")
-        if len(clean_ids) != len(corrupted_ids):
-            raise InvalidArgument(f"the clean prompt has {len(clean_ids)} tokens, the corrupted one {len(corrupted_ids)}: "
-                                  "patching takes values at the same positions, so they must have the same length",
-                                  reason="LENGTH_MISMATCH")
-        if target.appended_ids:
-            raise InvalidArgument("sweeps take single-token targets (or targets that differ in their first token)",
-                                  reason="BAD_TARGET")
-        if spec.max_batch < 0 or spec.verify_top_k < 0:
-            raise InvalidArgument("max_batch and verify_top_k must be >= 0", reason="OUT_OF_RANGE")
+        _check_spec(spec, clean_ids, corrupted_ids, target)
         self.kind = KINDS[spec.kind]
         self.site = f"blocks.{{L}}.{self.kind.site}"
         self.notes: list[str] = []
-        P = target.position
-        self.seq = P + 1                                   # later tokens cannot change the target
+        self.seq = target.position + 1                     # later tokens cannot change the target
         if self.seq < len(clean_ids):
-            self.notes.append(f"the prompts are cut after the target position {P}: later tokens cannot change it")
+            self.notes.append(f"the prompts are cut after the target position {target.position}: later tokens "
+                              "cannot change it")
         layers = [position(x, info.n_layers, "layer") for x in spec.layers] or list(range(info.n_layers))
         if len(set(layers)) != len(layers):
             raise InvalidArgument("layers are listed twice", reason="BAD_SWEEP")
         self.layers = sorted(layers)
-        per_pos = self.kind.unit is None or spec.per_position
-        if spec.positions and not per_pos:
-            raise InvalidArgument(f"positions are for per-position sweeps; set per_position for {spec.kind}",
-                                  reason="BAD_SWEEP")
-        positions = [position(p, len(clean_ids), "sweep position") for p in spec.positions] or list(range(self.seq))
-        late = [p for p in positions if p > P]
-        if late:
-            raise InvalidArgument(f"position {late[0]} comes after the target position {P}: patching it cannot change "
-                                  "the target", reason="OUT_OF_RANGE")
-        if len(set(positions)) != len(positions):
-            raise InvalidArgument("positions are listed twice", reason="BAD_SWEEP")
-        n_units = {"head": info.n_heads, "kv_head": info.n_kv_heads, "neuron": info.d_mlp, None: 0}[self.kind.unit]
-        axes = [Axis("layer", tuple(self.layers))]
-        if self.kind.unit:
-            axes.append(Axis(self.kind.unit, tuple(range(n_units))))
-        if per_pos:
-            axes.append(Axis("position", tuple(positions)))
-        self.axes = axes
-        self.per_position = per_pos
-        self.shape = tuple(len(a.values) for a in axes)
+        self.per_position = self.kind.unit is None or spec.per_position
+        self.axes = self._axes(info, self._positions(len(clean_ids)))
+        self.shape = tuple(len(a.values) for a in self.axes)
         self.total = math.prod(self.shape)
         if self.total > MAX_PATCHES:
             raise InvalidArgument(f"{self.total} patches is more than {MAX_PATCHES}: choose layers or positions",
@@ -276,6 +264,30 @@ class PatchSweep:
         cap = MAX_BATCH.get(self._device.type, MAX_BATCH["cuda"])
         self.batch_size = int(min(fit, spec.max_batch or cap))
         self._prepare(clean_ids[:self.seq], corrupted_ids[:self.seq])
+
+    def _positions(self, n: int) -> list[int]:
+        """The positions of a per-position grid (every one up to the target by default)."""
+        spec, P = self.spec, self.target.position
+        if spec.positions and not self.per_position:
+            raise InvalidArgument(f"positions are for per-position sweeps; set per_position for {spec.kind}",
+                                  reason="BAD_SWEEP")
+        positions = [position(p, n, "sweep position") for p in spec.positions] or list(range(self.seq))
+        late = [p for p in positions if p > P]
+        if late:
+            raise InvalidArgument(f"position {late[0]} comes after the target position {P}: patching it cannot change "
+                                  "the target", reason="OUT_OF_RANGE")
+        if len(set(positions)) != len(positions):
+            raise InvalidArgument("positions are listed twice", reason="BAD_SWEEP")
+        return positions
+
+    def _axes(self, info, positions: list[int]) -> list[Axis]:
+        n_units = {"head": info.n_heads, "kv_head": info.n_kv_heads, "neuron": info.d_mlp, None: 0}[self.kind.unit]
+        axes = [Axis("layer", tuple(self.layers))]
+        if self.kind.unit:
+            axes.append(Axis(self.kind.unit, tuple(range(n_units))))
+        if self.per_position:
+            axes.append(Axis("position", tuple(positions)))
+        return axes
 
     # --- the two runs ---------------------------------------------------------------------------
 
