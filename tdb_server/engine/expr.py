@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
+from . import weights
 
 MAX_EXPR_LEN = 2000
 
@@ -198,7 +199,7 @@ class _Interpreter:
         name = self.ph.get(n.id, n.id)
         env = self.env
         if n.id in self.ph or name in ("embed", "final_norm", "logits"):
-            if re.fullmatch(r"blocks\.\d+\.(attn|mlp)\.(W_O|b_O|W_out|b_out|W_in)", name):
+            if weights.layer_weight(name) is not None:
                 return env.weight(name)
             return env.site(name)
         if name in ("x", "value"):

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from ..errors import InvalidArgument
+from ..model.sites import site_kind, site_layer
 
-_LAYER_WEIGHT = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(W_O|b_O|W_out|b_out|W_in)$")
+# per-layer weights by the module they belong to: blocks.L.attn.W_O, blocks.L.mlp.W_out, ...
+LAYER_WEIGHTS = {"attn": ("W_O", "b_O"), "mlp": ("W_out", "b_out", "W_in")}
+
+
+def layer_weight(name: str) -> tuple[int, str] | None:
+    """'blocks.1.attn.W_O' -> (1, 'W_O'); None for a name that is not a per-layer weight."""
+    layer, kind = site_layer(name), site_kind(name)
+    module, _, weight = kind.partition(".")
+    return (layer, weight) if layer is not None and weight in LAYER_WEIGHTS.get(module, ()) else None
 
 
 def device(adapter: Any) -> torch.device:
@@ -29,15 +37,15 @@ def weight(adapter: Any, name: str) -> torch.Tensor:
     b_out [D], W_in [D, N]."""
     if name in ("W_U", "b_U", "W_E"):
         return getattr(adapter, name)
-    m = _LAYER_WEIGHT.match(name)
-    if m is None:
+    found = layer_weight(name)
+    if found is None:
         raise InvalidArgument(f"unknown weight {name!r}: W_U, b_U, W_E, blocks.L.attn.W_O/b_O, "
                               "blocks.L.mlp.W_in/W_out/b_out", reason="UNKNOWN_WEIGHT")
-    layer = int(m.group(1))
+    layer, which = found
     if not 0 <= layer < adapter.info.n_layers:
         raise InvalidArgument(f"layer {layer} out of range (the model has {adapter.info.n_layers})",
                               reason="OUT_OF_RANGE")
-    return getattr(adapter, m.group(3))(layer)
+    return getattr(adapter, which)(layer)
 
 
 def unembed(adapter: Any, x: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,20 @@ without GQA), Dh = d_head, N = d_mlp (neurons), V = vocab.
 | `final_norm`              | [B, T, D]        | after the final normalisation                              |
 | `logits`                  | [B, T, V]        |                                                            |
 
-Units live inside a site:
+Units live inside a site (an intervention edits them there); a breakpoint on one stops at its stop site:
 
-| unit                               | lives in                 | index range |
-|------------------------------------|--------------------------|-------------|
-| `blocks.{L}.attn.head.{H}`         | `blocks.{L}.attn.z`      | 0..H-1      |
-| `blocks.{L}.mlp.neuron.{N}`        | `blocks.{L}.mlp.post`    | 0..N-1      |
-| `blocks.{L}.{site}.sae.latent.{K}` | `blocks.{L}.{site}`      | 0..K-1      |
+| unit                               | lives in                 | stops at / value read     | index range |
+|------------------------------------|--------------------------|---------------------------|-------------|
+| `blocks.{L}.attn.head.{H}`         | `blocks.{L}.attn.z`      | `attn.out`: its write     | 0..H-1      |
+| `blocks.{L}.mlp.neuron.{N}`        | `blocks.{L}.mlp.post`    | `mlp.post[..., N]`        | 0..N-1      |
+| `blocks.{L}.{site}.sae.latent.{K}` | `blocks.{L}.{site}`      | encode(site)[..., K]      | 0..K-1      |
 
-`all_sites` lists the sites in execution order, which is also the order of stepping.
+Layer nodes name a layer's writes into the residual stream (ablations and patches take them):
+`blocks.{L}` (attn.out and mlp.out), `blocks.{L}.attn` (attn.out), `blocks.{L}.mlp` (mlp.out). Any
+of these names may be an fnmatch pattern (`blocks.*.attn.head.*`, `blocks.*.mlp.out`).
+
+`all_sites` lists the sites in execution order, which is also the order of stepping. Nothing else in
+tdb parses these names: every module asks the functions below.
 """
 
 from __future__ import annotations
