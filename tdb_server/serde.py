@@ -17,7 +17,7 @@ from tdb.v1 import common_pb2, debugger_pb2 as pb
 
 from . import shm, wire
 from .analyses import analysis_names
-from .engine import expr, weights
+from .engine import expr
 from .engine.breakpoints import BreakpointSpec
 from .engine.events import (Continued, Event, Invalidated, Output, RunExited, RunStarted, Terminated,
                             TokenGenerated)
@@ -66,7 +66,7 @@ def model_info_to_proto(adapter: Any) -> common_pb2.ModelInfo:
         n_kv_heads=info.n_kv_heads, d_model=info.d_model, d_head=info.d_head, d_mlp=info.d_mlp,
         vocab_size=info.vocab_size, dtype=info.dtype, device=info.device, sites=sites,
         parallel_blocks=info.parallel_blocks, has_tokenizer=info.has_tokenizer,
-        source=str(getattr(adapter, "source", "") or ""), max_positions=weights.max_positions(adapter))
+        source=str(getattr(adapter, "source", "") or ""), max_positions=adapter.max_positions)
 
 
 # -- requests ----------------------------------------------------------------------------------------

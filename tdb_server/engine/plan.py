@@ -15,7 +15,6 @@ from ..errors import InvalidArgument
 from ..limits import Limits
 from ..model.sites import expand_glob, site_kind, site_shape
 from ..model.tokens import Prompt, encode as encode_prompt
-from . import weights
 from .breakpoints import BreakpointSpec
 from .patches import Patch
 from .types import GenOptions, When
@@ -41,7 +40,7 @@ def check_generation(adapter: Any, limits: Limits, gen: GenOptions, seqs: list[l
         raise InvalidArgument(f"max_new_tokens must be in 1..{limits.max_prompt_tokens}", reason="BAD_GENERATE")
     if len({len(x) for x in seqs}) > 1:
         raise InvalidArgument("generation needs sequences of equal length (no padding)", reason="BAD_GENERATE")
-    max_pos = weights.max_positions(adapter)
+    max_pos = adapter.max_positions
     if max_pos and len(seqs[0]) + gen.max_new_tokens > max_pos:
         raise InvalidArgument(f"{len(seqs[0])} prompt tokens + {gen.max_new_tokens} new tokens exceed the model's "
                               f"{max_pos} positions", reason="TOO_LONG")

@@ -34,7 +34,7 @@ def device(adapter: Any) -> torch.device:
 
 def weight(adapter: Any, name: str) -> torch.Tensor:
     """W_U [D, V], b_U [V], W_E [V, D], blocks.L.attn.W_O [H, Dh, D], b_O [D], blocks.L.mlp.W_out [N, D],
-    b_out [D], W_in [D, N]."""
+    b_out [D], W_in [N, D]."""
     if name in ("W_U", "b_U", "W_E"):
         return getattr(adapter, name)
     found = layer_weight(name)
@@ -61,12 +61,3 @@ def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
     dev = weight.device if weight is not None and weight.device.type != "meta" else resid.device
     with torch.no_grad():
         return unembed(adapter, norm(resid.to(dtype=adapter.W_U.dtype, device=dev)))
-
-
-def max_positions(adapter: Any) -> int:
-    cfg = adapter.model.config
-    for key in ("n_positions", "max_position_embeddings"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 0
