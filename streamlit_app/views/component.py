@@ -4,7 +4,8 @@ On the current prompt: its activation per token (a neuron's post-activation; a h
 for heads, its attention pattern; the tokens its write promotes and suppresses when projected on the
 unembedding (a neuron: its output weights; a head: its write at the chosen position). All through
 `Evaluate` expressions on one cached run. Activation records and explanations need the server's
-records analyses and say so until it has them.
+records analyses and say so until it has them. Whether the unit exists is the server's answer (its
+message is shown as written); the name is split only to choose the head or the neuron view.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from tdb_client import TdbError
 from tdb_client.names import split_unit
 
 from .. import charts, state
-from ..connection import Context, attempt, get_client
-from ..runs import Prompt, run, show_token
+from ..connection import Context, attempt, get_client, show_error
+from ..runs import CACHE, Prompt, run, show_token
 from ..widgets import not_available, prompt_input, show_tokens
 from .attention import patterns
 
@@ -24,18 +26,28 @@ TITLE, ICON = "Component", ":material/memory:"
 RECORDS = ("activation_records", "explanations")
 
 
-def parse_component(ctx: Context, name: str) -> tuple[str, int, int]:
-    """("head" | "neuron", layer, index), or ValueError saying what is expected."""
+@st.cache_data(**CACHE)
+def _ask_server(address: str, name: str) -> None:
+    """Raises the server's TdbError when it does not know the unit `name`: a session patch reads the name
+    with the grammar every patch and ablation goes through. With no run started the patch is only
+    recorded, and leaving the short session drops it."""
+    with get_client(address).session(name="dashboard-component") as s:
+        s.patch(name, "zero")
+
+
+def component(ctx: Context, name: str) -> tuple[str, int, int] | None:
+    """("head" | "neuron", layer, index) of a unit the server knows; None after showing why not (the
+    server's message when it refuses the name; the page's when it is a site, layer or pattern)."""
+    try:
+        _ask_server(ctx.address, name.strip())
+    except TdbError as e:
+        show_error(e)
+        return None
     unit = split_unit(name)
     if unit is None:
-        raise ValueError(f"{name!r} is not a component: use blocks.L.attn.head.H or blocks.L.mlp.neuron.N")
-    kind, layer, index = unit
-    # TODO(issue 18): ask the server whether the unit exists (and show its message) instead of checking here.
-    limit = ctx.model.n_heads if kind == "head" else ctx.model.d_mlp
-    if layer >= ctx.model.n_layers or index >= limit:
-        raise ValueError(f"{name} does not exist: {ctx.model.n_layers} layers, "
-                         f"{limit} {'heads' if kind == 'head' else 'neurons'} per layer")
-    return kind, layer, index
+        st.error(f"{name.strip()} is not a head or a neuron: the Component page shows blocks.L.attn.head.H or "
+                 "blocks.L.mlp.neuron.N", icon=":material/warning:")
+    return unit
 
 
 def _token_table(values, tokens) -> pd.DataFrame:
@@ -86,11 +98,10 @@ def render(ctx: Context) -> None:
     default = "blocks.0.attn.head.0"
     name = state.url_text_input("Component", state.COMPONENT, default,
                                 help="blocks.L.attn.head.H or blocks.L.mlp.neuron.N")
-    try:
-        kind, layer, index = parse_component(ctx, name)
-    except ValueError as e:
-        st.error(str(e), icon=":material/warning:")
+    unit = component(ctx, name)
+    if unit is None:
         return
+    kind, layer, index = unit
     prompt = prompt_input(ctx)
     if prompt is None:
         return

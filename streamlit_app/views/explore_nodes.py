@@ -3,22 +3,29 @@
 Everything comes from the server's Analysis service through `tdb_client` (node_table, compare,
 ablate, trace_upstream), cached per (server, prompt, target, options). A row can be ablated (added to
 the page's active ablations, whose effect on the target the Ablate analysis measures, and under which
-the node table itself is computed), traced upstream
-(the table is recomputed against that node instead of the target), or opened on the Component page.
+the node table itself is computed), traced upstream (the table is recomputed against that node instead
+of the target), or opened on the Component page.
+
+Which active ablations the node table runs under is the server's answer, not the page's: it takes units
+and patterns and refuses whole layers (and names it does not know) with a message the page shows as
+written. Names are read here only for display (`tdb_client.names`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
+import grpc
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from tdb_client import Target, Trace
+from tdb_client import Target, TdbError, Trace
+from tdb_client.names import is_head
 
 from .. import charts, state
-from ..connection import Context, get_client, shown_errors
+from ..connection import Context, describe, get_client, show_error, shown_errors
 from ..runs import CACHE, Prompt, show_token
 
 NEEDS = ("node_table",)
@@ -152,12 +159,6 @@ def _actions(ctx: Context, row: pd.Series, add_ablation: Callable[[str], None]) 
                   kwargs={state.COMPONENT: node})
 
 
-def _is_unit(node: str) -> bool:
-    # TODO(issue 18): ask the server whether a name is a unit or a layer node (it decides what the node
-    # table can ablate); this substring test re-derives the grammar.
-    return any(part in node for part in (".head.", ".neuron.", ".latent."))
-
-
 def _current_trace() -> tuple | None:
     node = state.url_get(TRACE)
     if not node:
@@ -165,38 +166,81 @@ def _current_trace() -> tuple | None:
     part = state.url_get(PART) or "output"
     pos = int(state.url_get(state.POS) or -1)
     keypos = int(state.url_get(KEYPOS) or pos)
-    return (node, part if ".attn.head." in node else "output", pos, keypos if part in ("q", "k", "qk") else None)
+    return (node, part if is_head(node) else "output", pos, keypos if part in ("q", "k", "qk") else None)
 
 
-def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: Prompt | None, mode: str,
-           ablations: list[str], add_ablation: Callable[[str], None]) -> None:
-    if t is None or d is None:
-        return
-    trace = _current_trace()
-    ids = prompt.ids if (prompt2 is None or mode != "right") else prompt2.ids
-    tokens = prompt.tokens if ids == prompt.ids else prompt2.tokens
+# -- the page's active ablations: their effect, and which of them the node table runs under --------------
 
-    if ablations:
-        with shown_errors("ablations"):
-            joint, each = ablation_effects(ctx.address, prompt.ids, t, d, tuple(ablations))
-            st.markdown(f"**Ablations** — {joint.target.description}: {joint.before:.4f} → "
-                        f"{joint.after:.4f} (**{joint.after - joint.before:+.4f}**)")
-            if each is not None:
-                st.dataframe(each.to_pandas(), hide_index=True, width="content")
+def _ablation_effects(ctx: Context, ids: tuple[int, ...], t: int, d: int, ablations: list[str]) -> None:
+    """The Ablate analysis: the target before and after every active ablation (and each one's own effect)."""
+    with shown_errors("ablations"):
+        joint, each = ablation_effects(ctx.address, ids, t, d, tuple(ablations))
+        st.markdown(f"**Ablations** — {joint.target.description}: {joint.before:.4f} → "
+                    f"{joint.after:.4f} (**{joint.after - joint.before:+.4f}**)")
+        if each is not None:
+            st.dataframe(each.to_pandas(), hide_index=True, width="content")
 
-    # the node table explains the forward with the ablated units (heads, neurons, latents); a whole layer
-    # would leave its rows no longer adding up to what it wrote, so those ablate only the candidates above
-    ablated = tuple(a for a in ablations if _is_unit(a))
-    if len(ablated) < len(ablations):
-        st.caption("Whole-layer ablations are applied to the candidates and the target above, not to the node table "
-                   "(it explains the forward through its units: ablate blocks.L.attn.head.* instead).")
-    _trace_banner(trace)
+
+def _refusal(address: str, ids: tuple[int, ...], t: int, d: int, nodes: tuple[str, ...]) -> TdbError | None:
+    """None when the server computes the node table under `nodes`; its refusal (INVALID_ARGUMENT) otherwise.
+    The probe is the per-token effects call (the cheapest node table), cached, so it is paid once."""
+    try:
+        token_effects(address, ids, t, d, None, nodes)
+        return None
+    except TdbError as e:
+        if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        return e
+
+
+def _accepted(address: str, ids: tuple[int, ...], t: int, d: int,
+              nodes: tuple[str, ...]) -> tuple[tuple[str, ...], list[TdbError]]:
+    """The ablations the node table runs under, as the server decides: all of them when it accepts them;
+    else each one it accepts on its own (it refuses whole layers, whose rows would no longer add up to
+    what the layer wrote, and names it does not know), with its refusals of the others."""
+    refusal = _refusal(address, ids, t, d, nodes)
+    if refusal is None:
+        return nodes, []
+    if len(nodes) == 1:
+        return (), [refusal]
+    answers = [(node, _refusal(address, ids, t, d, (node,))) for node in nodes]
+    return tuple(n for n, e in answers if e is None), [e for _, e in answers if e is not None]
+
+
+def _markdown_text(text: str) -> str:
+    """`text` shown as written (a glob's `*` is not emphasis)."""
+    return re.sub(r"([\\`*_\[\]<>$~|])", r"\\\1", text)
+
+
+def _node_table_ablations(ctx: Context, ids: tuple[int, ...], t: int, d: int, ablations: list[str]) -> tuple[str, ...]:
+    """The active ablations the server computes the node table under; its refusals of the others, verbatim."""
+    if not ablations:
+        return ()
+    try:
+        kept, refused = _accepted(ctx.address, ids, t, d, tuple(ablations))
+    except TdbError as e:
+        show_error(e, "node table ablations")
+        return ()
+    if refused:
+        said = "\n".join(f"- {_markdown_text(describe(e, ctx.address))}" for e in refused)
+        st.warning(f"Not applied to the node table (the candidates and the target above still have them); "
+                   f"the server says:\n\n{said}", icon=":material/info:")
+    return kept
+
+
+# -- the table's inputs and heading ---------------------------------------------------------------------
+
+def _token_effects(ctx: Context, ids: tuple[int, ...], tokens: tuple[str, ...], t: int, d: int,
+                   trace: tuple | None, ablated: tuple[str, ...]) -> None:
     with shown_errors("per-token effects"):
         eff = token_effects(ctx.address, ids, t, d, trace, ablated)
         st.markdown("**Estimated total effect of each input token** (embedding · gradient)")
         st.altair_chart(charts.token_strip([show_token(x) for x in tokens], eff, value_title="total effect"),
                         width="content")
 
+
+def _table_options(trace: tuple | None) -> tuple[str, list[str], int]:
+    """Rank by, node types and rows, from the URL."""
     a, b, c = st.columns([2, 3, 1])
     with a:
         rank_by = state.url_selectbox("Rank by", RANK, METRICS, METRICS[0] if not trace else "total_effect")
@@ -204,31 +248,63 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
         types = state.url_multiselect("Node types", TYPES, NODE_TYPES, DEFAULT_TYPES)
     with c:
         k = state.url_number_input("Rows (top and bottom)", state.TOPK, 10, min_value=1, max_value=MAX_K)
+    return rank_by, types, k
+
+
+def _objective(result, desc: str, mode: str, trace: tuple | None) -> str:
+    """The objective's description with its value (and, when exact, the direct effects' sum); its notes shown."""
+    if mode == "diff":
+        return desc
+    for note in result.target.notes:
+        st.caption(note)
+    if not trace and result.target.exact:
+        return desc + f" = {result.target.value:.4f} (direct effects sum to {result.direct_effect_sum:.4f})"
+    return desc + f" = {result.target.value:.4f}"
+
+
+def _heading(desc: str, two_prompts: bool, mode: str, ablated: tuple[str, ...]) -> None:
+    side = {"left": " — left prompt", "right": " — right prompt", "diff": " — left − right"}.get(mode, "") \
+        if two_prompts else ""
+    with_ablations = f" — with {len(ablated)} ablated" if ablated else ""
+    st.markdown(f"**Node table**{side}{with_ablations}: {desc}")
+
+
+def _table(ctx: Context, df: pd.DataFrame, add_ablation: Callable[[str], None]) -> None:
+    """The rows (a click selects one) and the selected row's actions."""
+    labels = [_label(r) for _, r in df.iterrows()]
+    df_key = "explore.table"
+    st.dataframe(df, hide_index=True, width="stretch", key=df_key, height=min(640, 35 * (len(df) + 1) + 3),
+                 on_select=lambda: _on_row_select(df_key, labels), selection_mode="single-row",
+                 column_config={m: st.column_config.NumberColumn(format="%.4f") for m in df.columns
+                                if df[m].dtype.kind == "f"})
+    if not labels:
+        return
+    if st.session_state.get("explore.node") not in labels:
+        st.session_state["explore.node"] = labels[0]
+    label = st.selectbox("Selected node (or click a row)", labels, key="explore.node")
+    _actions(ctx, df.iloc[labels.index(label)], add_ablation)
+
+
+# -- the page's lower half ----------------------------------------------------------------------------
+
+def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: Prompt | None, mode: str,
+           ablations: list[str], add_ablation: Callable[[str], None]) -> None:
+    if t is None or d is None:
+        return
+    trace = _current_trace()
+    shown = prompt if (prompt2 is None or mode != "right") else prompt2
+    diff = prompt2 is not None and mode == "diff"
+    if ablations:
+        _ablation_effects(ctx, prompt.ids, t, d, ablations)
+    ablated = _node_table_ablations(ctx, shown.ids, t, d, ablations)
+    _trace_banner(trace)
+    _token_effects(ctx, shown.ids, shown.tokens, t, d, trace, ablated)
+    rank_by, types, k = _table_options(trace)
     with st.spinner("computing the node table…"), shown_errors("node table"):
-        if prompt2 is not None and mode == "diff":
+        if diff:
             result = compare(ctx.address, prompt.ids, prompt2.ids, t, d, trace, k, rank_by, tuple(types), ablated)
         else:
-            result = node_table(ctx.address, ids, t, d, trace, k, rank_by, tuple(types), ablated)
-        df, desc = _frame(result, "diff" if prompt2 is not None and mode == "diff" else "single")
-        if mode != "diff" and not trace and result.target.exact:
-            desc += f" = {result.target.value:.4f} (direct effects sum to {result.direct_effect_sum:.4f})"
-        elif mode != "diff":
-            desc += f" = {result.target.value:.4f}"
-        for note in (result.target.notes if mode != "diff" else ()):
-            st.caption(note)
-        side = {"left": " — left prompt", "right": " — right prompt", "diff": " — left − right"}.get(mode, "") \
-            if prompt2 is not None else ""
-        with_ablations = f" — with {len(ablated)} ablated" if ablated else ""
-        st.markdown(f"**Node table**{side}{with_ablations}: {desc}")
-        labels = [_label(r) for _, r in df.iterrows()]
-        df_key = "explore.table"
-        st.dataframe(df, hide_index=True, width="stretch", key=df_key, height=min(640, 35 * (len(df) + 1) + 3), on_select=lambda: _on_row_select(df_key, labels),
-                     selection_mode="single-row",
-                     column_config={m: st.column_config.NumberColumn(format="%.4f") for m in df.columns
-                                    if df[m].dtype.kind == "f"})
-        if not labels:
-            return
-        if st.session_state.get("explore.node") not in labels:
-            st.session_state["explore.node"] = labels[0]
-        label = st.selectbox("Selected node (or click a row)", labels, key="explore.node")
-        _actions(ctx, df.iloc[labels.index(label)], add_ablation)
+            result = node_table(ctx.address, shown.ids, t, d, trace, k, rank_by, tuple(types), ablated)
+        df, desc = _frame(result, "diff" if diff else "single")
+        _heading(_objective(result, desc, mode, trace), prompt2 is not None, mode, ablated)
+        _table(ctx, df, add_ablation)

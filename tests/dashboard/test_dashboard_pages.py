@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from dash_helpers import RANDOM_IDS, button, charts, frame, open_page, run_page
 
-from tdb_client import Target, TdbClient
+from tdb_client import Target, TdbClient, TdbError
 
 
 def _ids(client: TdbClient, text: str) -> list[int]:
@@ -125,19 +125,25 @@ def test_explore_swap_ablate_trace_and_open_component(dash, page):
     assert at.query_params["page"] == "component" and at.query_params["component"] == node
 
 
-def test_explore_whole_layer_ablations_are_left_out_of_the_node_table_with_a_note(dash, page):
+def test_explore_whole_layer_ablations_are_left_out_of_the_node_table_with_the_servers_reason(dash, page):
     """A layer ablation changes the candidates and the target, not the node table (whose rows would no
-    longer add up); the page says so, and the table is the one of the forward with the units ablated."""
+    longer add up): the server refuses it there, the page shows the server's message as written, and
+    the table is the one of the forward with the units the server accepts ablated."""
     at = page("explore", prompt=dash.prompt, target=dash.target, distractor=dash.distractor,
               ablate="blocks.0.attn,blocks.1.attn.head.1,blocks.*.attn.head.2")
-    assert any("Whole-layer ablations are applied to the candidates" in c.value for c in at.caption)
     with TdbClient(dash.address) as c:
         ids = _ids(c, dash.prompt)
         t, d = _tid(c, dash.target), _tid(c, dash.distractor)
+        with pytest.raises(TdbError) as refused:
+            c.node_table(ids, Target([t], distractors=[d]), top_k=10, ablations=["blocks.0.attn"])
         table = c.node_table(ids, Target([t], distractors=[d]), top_k=10, node_types=["head", "neuron"],
                              ablations=["blocks.1.attn.head.1", "blocks.*.attn.head.2"])
         joint = c.ablate(ids, Target([t], distractors=[d]), ["blocks.0.attn", "blocks.1.attn.head.1",
                                                              "blocks.*.attn.head.2"])
+    assert refused.value.reason == "BAD_ABLATION"
+    [warning] = at.warning
+    assert refused.value.message in warning.value.replace("\\", ""), warning.value   # shown as written
+    assert "with 2 ablated" in " ".join(m.value for m in at.markdown)
     [metric] = [m for m in at.metric if m.label.startswith("logit(target)")]
     assert float(metric.value) == pytest.approx(joint.results[0].after, abs=1e-3)   # the page's run: both ablated
     nodes = frame(at, -1)                           # the node table (the per-ablation effects come first)
@@ -189,10 +195,22 @@ def test_component_page_for_a_head_and_a_neuron(dash, page):
     np.testing.assert_allclose(strip["value"].to_numpy(), acts, rtol=1e-5, atol=1e-6)
 
 
-def test_component_page_rejects_a_bad_name(dash):
-    at = run_page(dash.address, "component", component="blocks.99.attn.head.0")
+@pytest.mark.parametrize("name", ["blocks.99.attn.head.0", "blocks.1.attn.hed.1", "blocks.0.mlp.neuron.100000"])
+def test_component_page_shows_the_servers_message_for_a_unit_it_does_not_know(dash, name):
+    at = run_page(dash.address, "component", component=name)
+    with TdbClient(dash.address) as c, c.session() as s, pytest.raises(TdbError) as refused:
+        s.patch(name, "zero")
     assert not at.exception
-    assert any("does not exist" in e.value for e in at.error)
+    [error] = at.error
+    assert refused.value.message in error.value, error.value
+    assert not at.dataframe and not charts(at)          # the page stops there, with one message
+
+
+def test_component_page_names_what_it_shows_for_a_site_or_a_layer(dash):
+    at = run_page(dash.address, "component", component="blocks.1.attn")
+    assert not at.exception
+    [error] = at.error
+    assert "not a head or a neuron" in error.value
 
 
 # -- Attention and logit lens -------------------------------------------------------------------------
