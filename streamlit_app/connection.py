@@ -45,7 +45,7 @@ def describe(e: TdbError, address: str = "") -> str:
         where = f" at {address}" if address else ""
         return f"Lost the connection to the tdb server{where}: {e.message or e.code.name}. Is it still running?"
     text = f"{e.message} ({e.reason})"
-    if e.suggestions:
+    if e.suggestions and "did you mean" not in e.message:   # the server's message may name them already
         text += " — did you mean: " + ", ".join(e.suggestions[:5]) + "?"
     return text
 

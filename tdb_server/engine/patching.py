@@ -39,7 +39,10 @@ def targets(adapter: Any, name: str) -> list[Unit | str]:
     layer = sites.parse_layer_node(name, info.n_layers)
     if layer is not None:
         return list(layer.sites)
-    return [sites.parse_site(name, info.n_layers).name]
+    try:
+        return [sites.parse_site(name, info.n_layers).name]
+    except SiteError:   # say what it may have meant among everything a patch can name, not sites only
+        raise sites.unknown_name(name, info, latent_sizes(adapter)) from None
 
 
 def _check_request(op: str, selector: Selector, value: torch.Tensor | None, mean_over: str,

@@ -304,6 +304,11 @@ def expand_nodes(pattern: str, info: ModelInfo, latents: dict[str, int]) -> list
     return matched
 
 
+def unknown_name(name: str, info: ModelInfo, latents: dict[str, int]) -> SiteError:
+    """The error for a name that is no site, unit or layer node, with the nearest of all of them."""
+    return _error("site, unit or layer", name, all_sites(info.n_layers) + node_names(info, latents, neurons=False))
+
+
 def expand_glob(pattern: str, sites: list[str]) -> list[str]:
     """Sites matching an fnmatch pattern (e.g. `blocks.*.mlp.out`), in the order of `sites`.
     A pattern without wildcards must name a site exactly. Raises SiteError when nothing matches."""
