@@ -208,10 +208,7 @@ class Session:
         seqs = plan.encode(self.adapter, self.limits, prompts, token_ids, prepend_bos)
         if gen is not None:
             plan.check_generation(self.adapter, self.limits, gen, seqs)
-        with self.cv:
-            if self._live() is not None:
-                raise FailedPrecondition(f"run {self.current.run_id} is still {self.current.state.value}: "
-                                         "continue or terminate it first", reason="RUN_ACTIVE")
+        self._check_can_launch()     # early, before planning; decided again under the lock that admits the run
         verified = self.adapter.verified_order
         captured = plan.capture_set(capture, verified, lambda c: env.parse_site(self.adapter, c))
         asked = captured | {x for bp in self.breakpoints for x in bp.sites} | {x for p in self.patches for x in p.sites}
@@ -226,14 +223,25 @@ class Session:
         run.start()
         return run
 
+    def _check_can_launch(self) -> None:
+        """FAILED_PRECONDITION unless a new run may start: the session is open and has no live run."""
+        if self.closed:
+            raise FailedPrecondition(f"session {self.id} is closed", reason="SESSION_CLOSED")
+        live = self._live()
+        if live is not None:
+            raise FailedPrecondition(f"run {live.run_id} is still {live.state.value}: continue or terminate it first",
+                                     reason="RUN_ACTIVE")
+
     def _make_current(self, run: DebugRun) -> None:
-        """The new run becomes current (pending forced stops go with it); keep the last KEEP_RUNS runs."""
-        run.forced_stops, self._forced = self._forced, []
-        for bp in self.breakpoints:
-            bp.hits = 0
-        for p in self.patches:
-            p.applied = False
+        """The new run becomes current (pending forced stops go with it); keep the last KEEP_RUNS runs.
+        One run at a time: of concurrent launches, the lock admits one; the others get RUN_ACTIVE."""
         with self.cv:
+            self._check_can_launch()
+            run.forced_stops, self._forced = self._forced, []
+            for bp in self.breakpoints:
+                bp.hits = 0
+            for p in self.patches:
+                p.applied = False
             self.current = run
             self.runs[run.run_id] = run
             while len(self.runs) > KEEP_RUNS:
