@@ -26,6 +26,7 @@ from .engine.manager import SessionManager
 from .engine.session import DEFAULT_WAIT_S, Session
 from .engine.types import RunStatus
 from .errors import InvalidArgument, ResourceExhausted, TdbServerError
+from .model.tokens import tokenize
 
 log = logging.getLogger("tdb.server")
 
@@ -105,10 +106,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        ids = tokenize(self.adapter, request.text, "text", self.sessions.limits.max_prompt_tokens)
         tok = self.adapter.tokenizer
-        if tok is None:
-            raise InvalidArgument("this model has no tokenizer", reason="NO_TOKENIZER")
-        ids = list(tok(request.text, add_special_tokens=False)["input_ids"])
         if request.prepend_bos and tok.bos_token_id is not None:
             ids = [tok.bos_token_id] + ids
         return pb.TokenizeResponse(ids=ids, tokens=self.adapter.token_texts(ids))

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tdb_server.errors import FailedPrecondition, InvalidArgument
-from tdb_server.model.tokens import Prompt, check_ids, decode, encode, position
+from tdb_server.model.tokens import Prompt, check_ids, decode, encode, position, tokenize
 
 __all__ = ["KINDS", "Prompt", "Target", "TargetSpec", "decode", "encode", "position", "resolve_target"]
 
 KINDS = ("logit_diff", "logit", "logprob", "direction")
+MAX_TARGET_TOKENS = 1024   # a target or distractor string (only its first tokens count)
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,8 @@ def _token_lists(adapter, strings: tuple[str, ...], ids: tuple[int, ...], what: 
     seqs = [[int(i)] for i in ids]
     if strings:
         tok = adapter.tokenizer
-        if tok is None:
-            raise FailedPrecondition(f"{what}: this model has no tokenizer: give token ids", reason="NO_TOKENIZER")
         for s in strings:
-            t = list(tok(s, add_special_tokens=False)["input_ids"])
+            t = tokenize(adapter, s, what, max_tokens=MAX_TARGET_TOKENS)
             if not t:
                 raise InvalidArgument(f"{what}: {s!r} tokenizes to nothing", reason="BAD_TARGET")
             unk = getattr(tok, "unk_token_id", None)

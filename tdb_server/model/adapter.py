@@ -136,6 +136,7 @@ class ModelAdapter:
         self.verified_order: tuple[str, ...] = ()
         self.unverified: dict[str, str] = {}  # site -> why it is not verified
         self._token_text: dict[int, str] = {}
+        self._max_token_chars: int | None = None
         if self_check:
             self._self_check(*reference)
 
@@ -162,6 +163,15 @@ class ModelAdapter:
             if isinstance(v, int) and v > 0:
                 return v
         return 0
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token of the tokenizer covers (its longest vocabulary entry): bounds
+        how many tokens a text has before tokenizing it (model/tokens.py)."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+            self._max_token_chars = max((len(t) for t in vocab), default=1)
+        return self._max_token_chars
 
     @property
     def model_dir(self) -> Path | None:

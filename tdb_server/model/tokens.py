@@ -21,6 +21,27 @@ def decode(adapter, ids: list[int]) -> list[str]:
     return adapter.token_texts(ids)
 
 
+SLACK = 2   # tokenizers may normalise text (NFKC, byte fallback): allow twice the characters a bound says
+
+
+def _too_long(what: str, size: str, max_tokens: int) -> InvalidArgument:
+    return InvalidArgument(f"{what}: {size}; this server takes at most {max_tokens} tokens per prompt "
+                           "(tdb serve --max-prompt-tokens)", reason="TOO_LONG")
+
+
+def tokenize(adapter, text: str, what: str = "input", max_tokens: int = 0) -> list[int]:
+    """Token ids of `text` (no special tokens). With `max_tokens`, a text too long to fit is refused before
+    the tokenizer sees it (tokenizing costs ~100 bytes of memory per byte of text): no token covers more
+    than `adapter.max_token_chars` characters, so a longer text than max_tokens times that cannot fit."""
+    tok = adapter.tokenizer
+    if tok is None:
+        raise FailedPrecondition(f"{what}: this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
+    if max_tokens and len(text) > max_tokens * adapter.max_token_chars * SLACK:
+        raise _too_long(what, f"{len(text)} characters, more than {max_tokens} tokens of at most "
+                              f"{adapter.max_token_chars} characters each", max_tokens)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) -> list[int]:
     """Token ids of a prompt, validated (vocabulary, length, non-empty; at most `max_tokens`, the
     server's limit, when given)."""
@@ -28,10 +49,10 @@ def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) ->
     if prompt.text and prompt.token_ids:
         raise InvalidArgument(f"{what}: give a prompt or token_ids, not both", reason="BAD_INPUT")
     if prompt.text:
-        if tok is None:
-            raise FailedPrecondition(f"{what}: this model has no tokenizer: send token_ids", reason="NO_TOKENIZER")
-        ids = list(tok(prompt.text, add_special_tokens=False)["input_ids"])
+        ids = tokenize(adapter, prompt.text, what, max_tokens)
     else:
+        if max_tokens and len(prompt.token_ids) > max_tokens:
+            raise _too_long(what, f"{len(prompt.token_ids)} tokens", max_tokens)
         ids = [int(i) for i in prompt.token_ids]
     if prompt.prepend_bos:
         bos = getattr(tok, "bos_token_id", None) if tok is not None else None
@@ -42,8 +63,7 @@ def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) ->
         raise InvalidArgument(f"{what}: nothing to run: give a prompt or token ids", reason="BAD_INPUT")
     check_ids(adapter, ids, what)
     if max_tokens and len(ids) > max_tokens:
-        raise InvalidArgument(f"{what}: {len(ids)} tokens; this server takes at most {max_tokens} per prompt "
-                              "(tdb serve --max-prompt-tokens)", reason="TOO_LONG")
+        raise _too_long(what, f"{len(ids)} tokens", max_tokens)
     return ids
 
 
