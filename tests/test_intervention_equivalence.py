@@ -1,8 +1,10 @@
 """One intervention model: every path that can express an intervention gives the same numbers.
 
 Hypothesis draws random interventions (heads, neurons, SAE latents, whole attention / MLP layers;
-zero, mean, resample; positions, negative ones included) and checks that a session patch, the Ablate analysis, a
-node table under ablation and a patching-sweep cell agree on the target logit difference. Selectors
+zero, mean, resample; positions, negative ones included) and checks that a session patch, the Ablate
+analysis, a node table under ablation and a patching-sweep cell agree on the target logit difference.
+A mean ablation sets a node to its mean over the prompt's positions in the unablated forward: as a
+session patch, op set with that mean read from an unablated run. Selectors
 mean the same per batch item: in a batch of prompts of different lengths, position -1 is each prompt's
 own last token, never the padding of the shorter one.
 """
@@ -58,13 +60,31 @@ def interventions(info, methods=("zero", "mean", "resample")) -> st.SearchStrate
     return st.lists(one, min_size=1, max_size=3, unique_by=lambda a: a.node)
 
 
+def _clean_means(s, run_id: str, node: str) -> list[tuple[str, np.ndarray]]:
+    """A mean ablation as session patches: (name, the node's mean over the prompt's positions in the
+    unablated run `run_id`), read from that run; each is patched with op set."""
+    parts = node.split(".")
+    if node.endswith(".attn") or node.endswith(".mlp") or len(parts) == 2:
+        sites = [f"{node}.out"] if len(parts) == 3 else [f"{node}.attn.out", f"{node}.mlp.out"]
+        return [(site, s.read(site, run_id=run_id)[0].mean(0)) for site in sites]
+    if ".attn.head." in node:
+        return [(node, s.read(f"blocks.{parts[1]}.attn.z", run_id=run_id)[0, :, int(parts[4])].mean(0))]
+    if ".mlp.neuron." in node:
+        return [(node, s.read(f"blocks.{parts[1]}.mlp.post", run_id=run_id)[0, :, int(parts[4])].mean())]
+    return [(node, s.read(node, run_id=run_id)[0].mean())]                        # an SAE latent
+
+
 def session_patch_target(client, ablations: list[Ablation]) -> float:
-    """The target with every intervention as a session patch (registered before the launch)."""
+    """The target with every intervention as a session patch (registered before the launch): zero as
+    zero, resample as copy_from_run from a run of SOURCE, mean as set to the unablated run's mean."""
     with client.session() as s:
-        source_run = ""
-        if any(a.method == "resample" for a in ablations):
-            source_run = s.launch(token_ids=[SOURCE]).run_id
+        clean = s.launch(token_ids=[IDS]).run_id
+        source_run = s.launch(token_ids=[SOURCE]).run_id
         for a in ablations:
+            if a.method == "mean":
+                for name, value in _clean_means(s, clean, a.node):
+                    s.patch(name, "set", np.asarray(value, dtype=np.float32), positions=list(a.positions))
+                continue
             site = a.node + ".out" if a.node.endswith((".attn", ".mlp")) else a.node
             s.patch(site, OPS[a.method], positions=list(a.positions),
                     source_run_id=source_run if a.method == "resample" else "")

@@ -13,9 +13,11 @@ patch is); a node names a unit, or a whole layer whose writes are replaced:
 | `blocks.L`              | both of the above                                  |
 | `blocks.L.<site>.sae.latent.K` | latent K of the SAE attached at the site (error kept) |
 
-Methods: `zero` (op zero); `mean` (op mean over the prompt's positions, or op set to the mean over
-every token of a reference dataset); `resample` (op copy_from_run: the value the same node had at the
-same position on a source prompt of the same token length). Node names may be fnmatch patterns (`blocks.*.attn.head.*`). Applied together (one forward)
+Methods: `zero` (op zero); `mean` (op set to the node's mean activation over the prompt's positions
+in the unablated forward, or over every token of a reference dataset: a fixed value, whatever else is
+ablated with it); `resample` (op copy_from_run: the value the same node had at the same position on a
+source prompt of the same token length). A session patch's op `mean` is another thing: the mean of
+the value as it is at that point of that run. Node names may be fnmatch patterns (`blocks.*.attn.head.*`). Applied together (one forward)
 or each separately (batched forwards: one batch element per ablation).
 """
 
@@ -39,7 +41,7 @@ from .registry import register
 METHODS = ("zero", "mean", "resample")
 MAX_NODES = 100_000
 BATCH = 16  # ablations per batched forward
-_OP = {"zero": "zero", "mean": "mean", "resample": "copy_from_run"}
+_OP = {"zero": "zero", "mean": "set", "resample": "copy_from_run"}
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,9 @@ def interventions(adapter, ablation: _Ablation, batch_item: int | None = None,
                   source: Callable[[], torch.Tensor] | None = None,
                   reference: dict[str, torch.Tensor] | None = None) -> list[Intervention]:
     """The interventions of one ablation (in batch item `batch_item`, or every item). `source` gives a
-    resample prompt's values (site -> [B, T, ...]); `reference` a mean ablation's reference values
-    (site -> [1, N tokens, ...]): the node is then set to its mean over those tokens."""
+    resample prompt's values (site -> [B, T, ...]); `reference` a mean ablation's values (site -> [1, N
+    tokens, ...]: the prompt's unablated forward, or a reference dataset): the node is set to its mean
+    over those tokens."""
     out = []
     for t in ablation.targets:
         unit = t if isinstance(t, Unit) else None
@@ -136,16 +139,15 @@ def interventions(adapter, ablation: _Ablation, batch_item: int | None = None,
                           unit=unit, sae=sae_at(adapter, site) if unit and unit.kind == "latent" else None)
         if iv.op == "copy_from_run":
             iv.source = (lambda s=site: source(s)) if source is not None else None
-        elif iv.op == "mean" and reference is not None:
-            part = iv.part_of(reference[site]).float()                                        # [1, N, ...]
-            iv.op, iv.value = "set", part.mean(dim=(0, 1))
+        elif ablation.method == "mean":
+            iv.value = iv.part_of(reference[site]).float().mean(dim=(0, 1))                # [1, N, ...] -> [...]
         out.append(iv)
     return out
 
 
 def unit_ablations(adapter, token_ids: list[int], specs: list[AblationSpec]) -> list[Intervention]:
     """The interventions that ablate heads, neurons or SAE latents in another analysis's forward, e.g.
-    the node table's: zero, or mean over this prompt's positions. Whole layers are refused there: their
+    the node table's: zero, or mean over this prompt's positions (unablated). Whole layers are refused there: their
     rows (heads, neurons) would no longer add up to what the layer wrote."""
     ablations = expand(adapter, specs, len(token_ids))
     whole = [a.node for a in ablations if any(not isinstance(t, Unit) for t in a.targets)]
@@ -156,7 +158,11 @@ def unit_ablations(adapter, token_ids: list[int], specs: list[AblationSpec]) -> 
     if any(a.method == "resample" for a in ablations):
         raise InvalidArgument("resample ablations need a source prompt: use the Ablate analysis for those",
                               reason="BAD_ABLATION")
-    return [iv for a in ablations for iv in interventions(adapter, a)]
+    clean = None
+    if any(a.method == "mean" for a in ablations):
+        with torch.no_grad():
+            clean = adapter.run_with_cache(torch.tensor([token_ids]), _target_sites(ablations))[1].values
+    return [iv for a in ablations for iv in interventions(adapter, a, reference=clean)]
 
 
 def _reference_values(adapter, reference: list[list[int]], sites: set[str]) -> dict[str, torch.Tensor]:
@@ -180,9 +186,9 @@ def ablate(adapter, token_ids: list[int], target: Target, specs: list[AblationSp
     last = f"blocks.{adapter.info.n_layers - 1}.resid_post"
     sites = _target_sites(ablations)
     with torch.no_grad():
-        logits, clean = adapter.run_with_cache(torch.tensor([token_ids]), {last})
+        logits, clean = adapter.run_with_cache(torch.tensor([token_ids]), sites | {last})
         before = float(target.read(logits, clean[last])[0])
-        ref = _reference_values(adapter, reference, sites) if reference else None
+        ref = _reference_values(adapter, reference, sites) if reference else clean.values
         src = adapter.run_with_cache(torch.tensor([source]), sites)[1] if source is not None else None
         groups = [[a] for a in ablations] if separately else [ablations]
         chunk = 1 if not separately else BATCH
