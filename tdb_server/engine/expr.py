@@ -415,8 +415,17 @@ def render(value: Any, max_elements: int = 64) -> str:
     return str(value)
 
 
+MAX_OUTPUT_CHARS = 16_384   # one log-point line (the event ring keeps thousands of them)
+
+
+def check_template(template: str) -> None:
+    """A log-point message must be short enough to keep per hit (INVALID_ARGUMENT otherwise)."""
+    if len(template) > MAX_EXPR_LEN:
+        raise InvalidArgument(f"log message longer than {MAX_EXPR_LEN} characters", reason="BAD_LOG_MESSAGE")
+
+
 def format_template(template: str, env: Env) -> str:
-    """Substitute {expr} in a log-point message by evaluating each expression."""
+    """Substitute {expr} in a log-point message by evaluating each expression; at most MAX_OUTPUT_CHARS."""
     def sub(m: re.Match[str]) -> str:
         inner = m.group(1).strip()
         if inner in env.extra and isinstance(env.extra[inner], str):
@@ -425,4 +434,5 @@ def format_template(template: str, env: Env) -> str:
             return render(evaluate(inner, env), max_elements=16)
         except InvalidArgument as e:
             return f"<{e.message}>"
-    return re.sub(r"\{([^{}]+)\}", sub, template)
+    text = re.sub(r"\{([^{}]+)\}", sub, template)
+    return text if len(text) <= MAX_OUTPUT_CHARS else text[:MAX_OUTPUT_CHARS] + f"… ({len(text)} characters)"

@@ -160,6 +160,8 @@ class Session:
                 raise InvalidArgument(f"breakpoint {i}: token range {first}..{last} is empty or negative",
                                       reason="BAD_BREAKPOINT")
             spec.tokens = (first, last)
+        if bp.log_message:
+            expr.check_template(bp.log_message)
         if bp.condition:
             if bp.when is When.BEFORE:
                 raise InvalidArgument(f"breakpoint {i} ({name}): a condition needs the value, which does not "

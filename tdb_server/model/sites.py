@@ -166,11 +166,21 @@ def pos_axis(kind: str) -> int:
     return POS_AXIS.get(kind, 1)
 
 
+MAX_NAME_LEN = 256   # no site, unit or pattern is longer; suggestions cost |name| x |candidates|
+
+
+def _check_length(name: str) -> None:
+    if len(name) > MAX_NAME_LEN:
+        raise SiteError(f"a name of {len(name)} characters: site, unit and layer names and their patterns are at "
+                        f"most {MAX_NAME_LEN}")
+
+
 def _nearest(name: str, candidates: list[str], n: int = 5) -> list[str]:
     return difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
 
 
 def _error(what: str, name: str, candidates: list[str]) -> SiteError:
+    _check_length(name)
     near = _nearest(name, candidates)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
     return SiteError(f"unknown {what} {name!r}{hint}", suggestions=near)
@@ -178,6 +188,7 @@ def _error(what: str, name: str, candidates: list[str]) -> SiteError:
 
 def parse_site(name: str, n_layers: int) -> Site:
     """Parse a canonical site name of an `n_layers` model. Raises SiteError (with suggestions)."""
+    _check_length(name)
     if name in MODEL_KINDS_BEFORE or name in MODEL_KINDS_AFTER:
         return Site(name, None, name)
     m = _BLOCK_RE.match(name)
@@ -198,6 +209,7 @@ def parse_site(name: str, n_layers: int) -> Site:
 def parse_unit(name: str, n_layers: int | None = None, n_heads: int | None = None,
                d_mlp: int | None = None) -> Unit:
     """Parse a unit name (head, neuron or SAE latent). Bounds are checked where given."""
+    _check_length(name)
     def check_layer(layer: int) -> None:
         if n_layers is not None and layer >= n_layers:
             raise SiteError(f"unit {name!r}: layer {layer} out of range (model has {n_layers} blocks)")
@@ -236,6 +248,7 @@ def is_glob(name: str) -> bool:
 def parse_layer_node(name: str, n_layers: int) -> LayerNode | None:
     """`blocks.L`, `blocks.L.attn` or `blocks.L.mlp` -> LayerNode; None for other shapes of name.
     Raises SiteError for a layer the model does not have."""
+    _check_length(name)
     m = _LAYER_RE.match(name)
     if m is None:
         return None
@@ -296,6 +309,7 @@ def parse_node(name: str, info: ModelInfo, latents: dict[str, int]) -> LayerNode
 def expand_nodes(pattern: str, info: ModelInfo, latents: dict[str, int]) -> list[str]:
     """The nodes an fnmatch pattern names (`blocks.*.attn.head.*`), in model order; SiteError if none.
     Neurons are candidates only when the pattern says `neuron` (there may be many)."""
+    _check_length(pattern)
     names = node_names(info, latents if "latent" in pattern else {}, neurons="neuron" in pattern)
     matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     if not matched:
@@ -312,6 +326,7 @@ def unknown_name(name: str, info: ModelInfo, latents: dict[str, int]) -> SiteErr
 def expand_glob(pattern: str, sites: list[str]) -> list[str]:
     """Sites matching an fnmatch pattern (e.g. `blocks.*.mlp.out`), in the order of `sites`.
     A pattern without wildcards must name a site exactly. Raises SiteError when nothing matches."""
+    _check_length(pattern)
     if not any(c in pattern for c in "*?["):
         if pattern in sites:
             return [pattern]

@@ -38,6 +38,9 @@ from tdb_server.model.corpus import Corpus, cache_dir, load_corpus, windows
 DEFAULT_WINDOW = 64
 DEFAULT_BATCH = 32
 MAX_RECORDS = 200
+MAX_WINDOW = 4096          # tokens per window, for a model that states no context length
+MAX_BATCH = 256            # windows per forward
+FORWARD_BYTES = 1 << 30    # what one batched forward's logits may take (batch x window x vocab floats)
 Progress = Callable[[int, int, str], None]   # (done, total, stage)
 
 
@@ -178,17 +181,27 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def _check_sizes(adapter: Any, window: int, batch: int) -> None:
+    """OUT_OF_RANGE for a window or batch that no forward should be asked to take."""
+    limit = adapter.max_positions or MAX_WINDOW
+    if not 1 <= window <= limit:
+        raise InvalidArgument(f"window {window} must be in 1..{limit} (the model's positions)", reason="OUT_OF_RANGE")
+    if not 1 <= batch <= MAX_BATCH:
+        raise InvalidArgument(f"batch {batch} must be in 1..{MAX_BATCH}", reason="OUT_OF_RANGE")
+    per_window = window * adapter.info.vocab_size * 4
+    if batch * per_window > FORWARD_BYTES:
+        raise InvalidArgument(f"batch {batch} x window {window} would make {batch * per_window / 2**20:.0f} MiB of "
+                              f"logits per forward; use batch <= {max(1, FORWARD_BYTES // per_window)}",
+                              reason="OUT_OF_RANGE")
+
+
 def activation_records(adapter: Any, unit: str, corpus: Corpus | str | None = None, *, n_top: int = 20,
                        n_random: int = 20, window: int = DEFAULT_WINDOW, batch: int = DEFAULT_BATCH,
                        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Records:
     """Top-activating and random windows of `corpus` (default: the bundled held-out slice) for a unit."""
     if not 0 <= n_top <= MAX_RECORDS or not 0 <= n_random <= MAX_RECORDS:
         raise InvalidArgument(f"n_top and n_random must be in 0..{MAX_RECORDS}", reason="OUT_OF_RANGE")
-    limit = adapter.max_positions
-    if limit and window > limit:
-        raise InvalidArgument(f"window {window} is longer than the model's {limit} positions", reason="OUT_OF_RANGE")
-    if batch < 1:
-        raise InvalidArgument("batch must be >= 1", reason="OUT_OF_RANGE")
+    _check_sizes(adapter, window, batch)
     ref = unit_ref(adapter, unit)
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus)
