@@ -558,13 +558,13 @@ def test_nan_is_reported_once_as_an_event_and_a_watch_stops_on_it(client):
 
 def test_out_of_memory_in_a_run_is_resource_exhausted_and_the_session_survives(client, monkeypatch):
     with client.session() as s:
-        s.set_breakpoints([Breakpoint("blocks.0.attn.out", condition="oom_probe > 0")])
         import tdb_server.engine.expr as expr_mod
 
         def boom(x):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
         monkeypatch.setitem(expr_mod._VALUE_STATS, "oom_probe", boom)
+        s.set_breakpoints([Breakpoint("blocks.0.attn.out", condition="oom_probe > 0")])
         with pytest.raises(TdbError) as e:
             s.launch(token_ids=IDS)
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.reason == "OUT_OF_MEMORY"
@@ -641,3 +641,29 @@ def test_a_streamed_read_with_a_wrong_checksum_is_data_loss(client, monkeypatch)
         with pytest.raises(TdbError) as e:
             s.read("logits", shared_memory=False)
         assert e.value.code == grpc.StatusCode.DATA_LOSS and e.value.reason == "CHECKSUM"
+
+
+def test_a_condition_that_could_never_evaluate_is_unverified_with_the_nearest_names(client):
+    with client.session() as s:
+        bps = s.set_breakpoints([Breakpoint("blocks.1.attn.out", condition="nrom > 3"),
+                                 Breakpoint("blocks.1.attn.out", condition="norm >> 3"),
+                                 Breakpoint("blocks.1.attn.out", condition="blocks.1.atn.out.norm() > 0"),
+                                 Breakpoint("blocks.1.attn.out", condition="x.nrom() > 0"),
+                                 Breakpoint("blocks.1.attn.out", condition="norm >= 0 and blocks.0.mlp.out.max() > -1e9")])
+        assert [b.verified for b in bps] == [False, False, False, False, True]
+        assert "did you mean norm" in bps[0].message
+        assert "operator not allowed" in bps[1].message
+        assert "blocks.1.attn.out" in bps[2].message
+        assert "norm" in bps[3].message
+        st = s.launch(token_ids=IDS)                        # only the valid one stops
+        assert st.stop.reason == "breakpoint" and list(st.stop.hit_breakpoint_ids) == [5]
+
+
+def test_a_condition_that_fails_at_run_time_stops_as_a_condition_error_never_as_a_hit(client):
+    with client.session() as s:
+        [bp] = s.set_breakpoints([Breakpoint("blocks.1.attn.out", condition="x[0, 99].norm() > 0")])
+        assert bp.verified                                  # it could evaluate, on a longer prompt
+        st = s.launch(token_ids=IDS)
+        assert st.state == "paused" and st.stop.reason == "condition error" and not st.stop.hit_breakpoint_ids
+        assert "could not be evaluated" in st.stop.description and "99" in st.stop.description
+        assert s.continue_().state == "exited"

@@ -12,6 +12,7 @@ converts at the edge.
     manager.py    all sessions of a server; idle timeouts
     patching.py   a Patch call's name and op -> checked Interventions (model/interventions.py); where
                   a patch on the live run lands
+    expr_check.py the static check of a breakpoint condition (unknown names, operators) at SetBreakpoints
     summary.py    tensor summaries; patches.py, breakpoints.py, expr.py, scheduler.py, weights.py: the
                   session's patch records, breakpoint parts, expression language, device turns and
                   named weights

@@ -37,6 +37,15 @@ def check_unit(adapter: Any, unit: Unit) -> Unit:
     return sites.check_unit(unit, adapter.info, latent_sizes(adapter))
 
 
+def check_name(adapter: Any, name: str) -> None:
+    """A dotted name an expression may read: a per-layer weight, an SAE latent or a site (SiteError if not)."""
+    if weights.layer_weight(name) is not None:
+        return
+    unit = parse_unit(adapter, name)
+    if unit is None or unit.kind != "latent":
+        parse_site(adapter, name)
+
+
 def make_env(adapter: Any, run: Any, value: torch.Tensor | None, site: str = "") -> expr.Env:
     """The environment of an expression evaluated in `run` (a DebugRun), `value` being `x`."""
 

@@ -367,10 +367,13 @@ class DebugRun:
         if s.breakpoints is not self._indexed:
             self._index_breakpoints()
         if site in self._after:
-            hit, stop_value = self._breakpoint_hits(site, value)
+            hit, stop_value, errors = self._breakpoint_hits(site, value)
             if hit:
                 return StopState(0, site, When.AFTER, "breakpoint", hit, f"breakpoint {hit} at {site}",
                                  value=stop_value)
+            if errors:   # the user must see it, but never as if the condition held
+                return StopState(0, site, When.AFTER, "condition error", [], errors[0], value=value,
+                                 exception=errors[0])
         with s.cv:
             step, pause = self.step, self.pause_requested
             forced = (site, self.token) in self.forced_stops
@@ -388,10 +391,12 @@ class DebugRun:
         self._indexed = bps
         self._after, self._before = stops.by_site(bps, When.AFTER), stops.by_site(bps, When.BEFORE)
 
-    def _breakpoint_hits(self, site: str, value: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """The AFTER breakpoints that stop at `site` (log points log instead), and the value to show."""
+    def _breakpoint_hits(self, site: str, value: torch.Tensor) -> tuple[list[int], torch.Tensor, list[str]]:
+        """The AFTER breakpoints that stop at `site` (log points log instead), the value to show, and the
+        errors of conditions that could not be evaluated here."""
         adapter = self.session.adapter
         hit: list[int] = []
+        errors: list[str] = []
         stop_value = value
         for bp in stops.armed(self._after, site, self.token):
             v = self._unit_value(bp.unit, site, value)
@@ -399,24 +404,29 @@ class DebugRun:
             if latent and bp.condition_ast is None and not bool((v > 0).any()):
                 continue   # a latent breakpoint without a condition stops where the latent fires
             env = make_env(adapter, self, value=v, site=site)
-            if bp.condition_ast is not None and not self._condition_holds(bp, env, site):
-                continue
+            if bp.condition_ast is not None:
+                holds = self._condition_holds(bp, env, site)
+                if isinstance(holds, str):
+                    errors.append(holds)
+                if holds is not True:
+                    continue
             if not stops.count_hit(bp) or self._logged(bp, env, site):
                 continue
             hit.append(bp.id)
             if bp.unit is not None:
                 stop_value = v
-        return hit, stop_value
+        return hit, stop_value, errors
 
-    def _condition_holds(self, bp: BreakpointSpec, env: expr.Env, site: str) -> bool:
+    def _condition_holds(self, bp: BreakpointSpec, env: expr.Env, site: str) -> bool | str:
+        """Whether the condition holds here, or the message of why it could not be evaluated."""
         try:
             return expr._truth(expr.evaluate(bp.condition_ast, env))
         except ResourceExhausted:
             raise                 # out of memory: the run fails (and the request says so)
         except TdbServerError as e:
-            self.session.events.emit(self.run_id, Output(category="stderr", site=site,
-                                                         text=f"breakpoint {bp.id} condition error: {e.message}"))
-            return True  # stop so the user sees the problem
+            message = f"breakpoint {bp.id} condition {bp.condition!r} could not be evaluated at {site}: {e.message}"
+            self.session.events.emit(self.run_id, Output(category="stderr", site=site, text=message))
+            return message
 
     def _logged(self, bp: BreakpointSpec, env: expr.Env, site: str) -> bool:
         """A log point logs its message (an Output event) instead of stopping."""

@@ -23,7 +23,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExha
 from ..limits import Limits
 from ..model.interventions import Intervention, Selector
 from ..model.sites import SiteError, Unit, expand_glob
-from . import env, expr, inspect, patching, plan, stops, weights
+from . import env, expr, expr_check, inspect, patching, plan, stops, weights
 from .breakpoints import BreakpointSpec, parse_hit_condition
 from .events import Continued, EventLog, Terminated
 from .patches import Patch
@@ -167,6 +167,11 @@ class Session:
                 raise InvalidArgument(f"breakpoint {i} ({name}): a condition needs the value, which does not "
                                       "exist before the site runs; use when=AFTER", reason="BAD_CONDITION")
             spec.condition_ast = expr.parse(bp.condition)
+            try:
+                expr_check.check(spec.condition_ast, lambda n: env.check_name(self.adapter, n))
+            except InvalidArgument as e:   # it could never evaluate: say so now, never stop as if it held
+                spec.verified, spec.message = False, f"condition {bp.condition!r}: {e.message}"
+                return spec
         try:
             spec.unit, spec.sites = self._breakpoint_sites(name)
         except SiteError as e:
