@@ -318,8 +318,3 @@ class Edits:
         if site_kind(site) == "attn.z":
             self.z[site_layer(site)] = value if new is None else new
         return new
-
-
-def describe_all(interventions: Sequence[Intervention]) -> list[str]:
-    return [iv.describe() for iv in interventions]
-

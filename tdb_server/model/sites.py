@@ -298,14 +298,6 @@ def check_unit(unit: Unit, info: ModelInfo, latents: dict[str, int]) -> Unit:
     return unit
 
 
-def parse_node(name: str, info: ModelInfo, latents: dict[str, int]) -> LayerNode | Unit:
-    """A node an ablation or a patch can name: a layer node or a unit of this model. SiteError otherwise."""
-    layer = parse_layer_node(name, info.n_layers)
-    if layer is not None:
-        return layer
-    return check_unit(parse_unit(name, info.n_layers, info.n_heads, info.d_mlp), info, latents)
-
-
 def expand_nodes(pattern: str, info: ModelInfo, latents: dict[str, int]) -> list[str]:
     """The nodes an fnmatch pattern names (`blocks.*.attn.head.*`), in model order; SiteError if none.
     Neurons are candidates only when the pattern says `neuron` (there may be many)."""
