@@ -320,7 +320,8 @@ def test_patching_a_site_that_already_ran_is_failed_precondition(client):
 
 def test_exception_inside_the_model_fails_the_run_not_the_rpc(client):
     with client.session() as s:
-        s.patch("blocks.0.resid_pre", "set", np.ones(7, dtype=np.float32))   # wrong width: fails in the forward
+        d = client.model_info().d_model                                      # 99 positions, the run has 10:
+        s.patch("blocks.0.resid_pre", "set", np.ones((1, 99, d), dtype=np.float32))   # fails in the forward
         st = s.launch(token_ids=IDS)
         assert st.state == "failed" and st.stop.reason == "exception"
         assert "does not broadcast" in st.stop.exception
@@ -667,3 +668,17 @@ def test_a_condition_that_fails_at_run_time_stops_as_a_condition_error_never_as_
         assert st.state == "paused" and st.stop.reason == "condition error" and not st.stop.hit_breakpoint_ids
         assert "could not be evaluated" in st.stop.description and "99" in st.stop.description
         assert s.continue_().state == "exited"
+
+
+def test_a_patch_value_that_cannot_broadcast_is_refused_at_patch(client):
+    d = client.model_info().d_model
+    with client.session() as s:
+        for site, value in [("blocks.0.attn.out", np.zeros(d + 1, np.float32)),
+                            ("blocks.0.attn.out", np.zeros((2, 3, 4, d), np.float32)),
+                            ("blocks.1.attn.head.2", np.zeros(d, np.float32))]:      # a head's value is [.., d_head]
+            with pytest.raises(TdbError) as e:
+                s.patch(site, "set", value)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "BAD_PATCH_VALUE"
+        s.patch("blocks.0.attn.out", "add", np.ones(d, np.float32))
+        s.patch("blocks.1.attn.head.2", "set", np.zeros(client.model_info().d_head, np.float32))
+        assert s.launch(token_ids=IDS).state == "exited"

@@ -71,6 +71,27 @@ def _check_selector(target: Unit | str, selector: Selector) -> None:
             raise InvalidArgument(f"{kind} has no {what[:-1]} dimension{hint}", reason="BAD_SELECTOR")
 
 
+def _value_template(target: Unit | str, info: Any) -> list[int | None]:
+    """The shape a patch value must broadcast to, None where it depends on the run (batch, positions)."""
+    if isinstance(target, Unit):
+        return [None, None, info.d_head] if target.kind == "head" else [None, None]
+    sizes = {"head": info.n_heads, "kv_head": info.n_kv_heads, "d_head": info.d_head, "neuron": info.d_mlp,
+             "d_model": info.d_model, "vocab": info.vocab_size}
+    return [sizes.get(d) for d in sites.site_dims(sites.site_kind(target))]
+
+
+def _check_value(target: Unit | str, value: torch.Tensor, info: Any) -> None:
+    """INVALID_ARGUMENT now, not when a run reaches the site, for a value that cannot broadcast to the target."""
+    want = _value_template(target, info)
+    fits = value.dim() <= len(want) and all(
+        got == 1 or size is None or got == size for got, size in zip(reversed(value.shape), reversed(want)))
+    if not fits:
+        name = target.name if isinstance(target, Unit) else target
+        shown = ["*" if size is None else size for size in want]
+        raise InvalidArgument(f"a patch value of shape {list(value.shape)} does not broadcast to {name}, shape "
+                              f"{shown} (* = depends on the run)", reason="BAD_PATCH_VALUE")
+
+
 def interventions(adapter: Any, name: str, op: str, selector: Selector, value: torch.Tensor | None, scalar: float,
                   mean_over: str, tokens: tuple[int, ...] = ()) -> list[Intervention]:
     """The checked interventions of a Patch call on this model (not yet registered)."""
@@ -82,6 +103,8 @@ def interventions(adapter: Any, name: str, op: str, selector: Selector, value: t
         if site not in adapter.verified_sites:
             raise FailedPrecondition(f"{site} is never reached by this model's forward pass", reason="UNVERIFIED_SITE")
         _check_selector(target, selector)
+        if value is not None:
+            _check_value(target, value, adapter.info)
         sae = check_latent(adapter, unit.site, unit.index) if unit is not None and unit.kind == "latent" else None
         out.append(Intervention(unit.name if unit else site, site, op, dataclasses.replace(selector), unit=unit,
                                 value=value, scalar=scalar, mean_over=mean_over or "positions", sae=sae))
