@@ -11,6 +11,7 @@ as a summary, never a tensor), so a retained event keeps no activation alive.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -70,9 +71,28 @@ class Event:
     body: EventBody
 
 
+def _approx_bytes(body: EventBody) -> int:
+    """Roughly what an event holds: its strings and lists (log lines and generated text dominate)."""
+    total = 64
+    for f in dataclasses.fields(body):
+        v = getattr(body, f.name)
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, (list, tuple)):
+            total += sum(len(x) if isinstance(x, str) else 8 for x in v)
+        elif dataclasses.is_dataclass(v):
+            total += 256
+    return total
+
+
 class EventLog:
-    def __init__(self, capacity: int = 4096):
+    """A session's events: sequence numbers and a bounded replay ring (at most `capacity` events and about
+    `capacity_bytes` of them: a log point that fires at every token must not fill the host's memory)."""
+
+    def __init__(self, capacity: int = 4096, capacity_bytes: int = 8 << 20):
         self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
+        self._sizes: collections.deque[int] = collections.deque(maxlen=capacity)
+        self._bytes, self.capacity_bytes = 0, capacity_bytes
         self._seq = 0
         self._cv = threading.Condition()
         self.closed = False
@@ -85,7 +105,15 @@ class EventLog:
         with self._cv:
             self._seq += 1
             ev = Event(self._seq, time.time(), run_id, body)
+            if len(self._ring) == self._ring.maxlen:
+                self._bytes -= self._sizes[0]
+            size = _approx_bytes(body)
             self._ring.append(ev)
+            self._sizes.append(size)
+            self._bytes += size
+            while self._bytes > self.capacity_bytes and len(self._ring) > 1:   # oldest first; keep the newest
+                self._ring.popleft()
+                self._bytes -= self._sizes.popleft()
             self._cv.notify_all()
             return ev
 
