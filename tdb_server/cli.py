@@ -36,6 +36,8 @@ LIMIT_FLAGS = [
     ("--total-capture-mib", "total_capture_bytes", MiB, "activations all sessions together may keep"),
     ("--max-read-mib", "max_read_bytes", MiB, "one ReadTensor or Evaluate result"),
     ("--max-patch-mib", "max_patch_bytes", MiB, "a tensor sent with Patch (also the largest request accepted)"),
+    ("--max-streams", "max_streams", 1, "open event streams and long polls at once; beyond, RESOURCE_EXHAUSTED at once "
+     "(the server keeps threads for every other call)"),
 ]
 
 

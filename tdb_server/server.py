@@ -33,7 +33,7 @@ from .servicer import DebuggerServicer
 log = logging.getLogger("tdb.server")
 
 MAX_MESSAGE_BYTES = 256 << 20   # a patch value can be large; reads stream in ~1 MiB chunks anyway
-DEFAULT_WORKERS = 32            # paused runs do not hold RPC threads; long polls and streams do
+RESERVED_WORKERS = 16    # threads no stream or long poll may take: Initialize, health, control calls always answer
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _enable_health_and_reflection(server: grpc.Server, service_names: list[str])
     return health
 
 
-def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORKERS, limits: Limits | None = None,
+def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: Limits | None = None,
                   token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                   data_dirs: Sequence[str] = ()) -> tuple[ServerHandle, int]:
     """Build, bind and start a server for `adapter` on `address` ("host:port"; port 0 = any free).
@@ -79,8 +79,11 @@ def create_server(address: str, adapter: Any, *, max_workers: int = DEFAULT_WORK
     token: require `authorization: Bearer <token>` on every RPC but health checks.
     tls_cert/tls_key: PEM files; the port then speaks TLS only.
     data_dirs: folders whose files clients may name (SAE folders, corpora), besides the bundled data and
-    the model's folder."""
+    the model's folder.
+    max_workers: RPC threads (default: limits.max_streams for event streams and long polls, which the
+    servicer admits up to that many, plus RESERVED_WORKERS for everything else)."""
     limits = limits or Limits()
+    max_workers = max_workers or limits.max_streams + RESERVED_WORKERS
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, limits.max_patch_bytes + (1 << 20))),
                ("grpc.so_reuseport", 0)]

@@ -8,8 +8,10 @@ its traceback. No handler can take the server down.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 import zlib
 from typing import Any, Callable, Iterator
 
@@ -87,10 +89,32 @@ def _recorded(session: Session, rpc: str, request: Any, status: RunStatus) -> pb
     return msg
 
 
+class _StreamSlots:
+    """Admission for calls that hold a server thread while they wait (event streams, long polls): at most
+    `limits.max_streams` at once, so that the threads kept for every other call stay free. Beyond it, a
+    prompt RESOURCE_EXHAUSTED, never a hang."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._free = threading.BoundedSemaphore(n)
+
+    @contextlib.contextmanager
+    def held(self, what: str) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise ResourceExhausted(f"the server holds {self.n} event streams and long polls already; close one, or "
+                                    f"poll without waiting (tdb serve --max-streams raises the ceiling): {what}",
+                                    reason="TOO_MANY_STREAMS")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
 class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def __init__(self, adapter: Any, sessions: SessionManager):
         self.adapter = adapter
         self.sessions = sessions
+        self.stream_slots = _StreamSlots(sessions.limits.max_streams)
 
     # -- handshake -------------------------------------------------------------------------------
 
@@ -190,10 +214,13 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc_stream
     def Events(self, request: pb.EventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         s = self.sessions.get(request.session_id)
+        with self.stream_slots.held("Events"):
+            yield from self._events(s, request.after_seq, context)
+
+    def _events(self, s: Session, after: int, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         with s.cv:
             s.streams += 1          # an open stream keeps the session alive
         try:
-            after = request.after_seq
             events, truncated = s.events.since(after)
             if truncated:
                 dropped = Invalidated(what="events dropped from the replay ring")
@@ -215,7 +242,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def PollEvents(self, request: pb.PollEventsRequest, context: grpc.ServicerContext) -> pb.PollEventsResponse:
         s = self.sessions.get(request.session_id)
         if request.timeout_ms > 0:
-            s.events.wait(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
+            with self.stream_slots.held("PollEvents with a timeout"):
+                s.events.wait(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
         events, truncated = s.events.since(request.after_seq, request.max_events)
         return pb.PollEventsResponse(events=[serde.event_to_proto(ev) for ev in events], last_seq=s.events.last_seq,
                                      truncated=truncated)
