@@ -10,13 +10,15 @@
     run_exited    -> output (the result's next tokens), thread (exited), exited, terminated
     terminated    -> terminated, when the server closed the session (idle timeout, shutdown)
 
-Each event is translated under the transport's ordering lock, after any response being sent.
+Each event is translated under the transport's ordering lock, after any response being sent. A server
+at its ceiling of event streams (RESOURCE_EXHAUSTED TOO_MANY_STREAMS) is polled instead, without waiting.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 from .. import Event
 from ..client import EventStream
@@ -27,6 +29,7 @@ from .state import DebugState
 _STOP_REASONS = {"breakpoint": "breakpoint", "step": "step", "pause": "pause", "entry": "entry",
                  "exception": "exception"}
 _EXIT_CODES = {"exited": 0, "failed": 1, "terminated": 2}
+POLL_S = 0.1   # between polls, when the server admits no more event streams
 
 
 class EventTranslator:
@@ -48,19 +51,48 @@ class EventTranslator:
         self.state.pump.start()
 
     def _pump(self, stream: EventStream) -> None:
-        order = self.state.transport.order
         try:
-            for ev in stream:
-                with order:
-                    if self.state.closing:
-                        return
-                    self.on_event(ev)
+            self._deliver(stream)
         except TdbError as e:
+            if e.reason != "TOO_MANY_STREAMS":
+                self._lost(e)
+                return
+            self._note("tdb: the server holds as many event streams as it admits; polling for events instead\n")
+            try:   # a poll that does not wait is always served
+                self._deliver(self._polled())
+            except TdbError as again:
+                self._lost(again)
+
+    def _deliver(self, events: Iterable[Event]) -> None:
+        order = self.state.transport.order
+        for ev in events:
             with order:
-                if not self.state.closing:
-                    self.out.event("output", {"category": "stderr",
-                                              "output": f"tdb: lost the server's event stream: {tdb_message(e)}\n"})
-                    self.state.send_terminated()
+                if self.state.closing:
+                    return
+                self.on_event(ev)
+
+    def _polled(self) -> Iterator[Event]:
+        """The session's events by polling without waiting (every POLL_S), for when no stream is admitted."""
+        after = 0
+        while not self.state.closing:
+            events, _, _ = self.state.session.poll_events(after)
+            for ev in events:
+                yield ev
+                after = ev.seq
+            if not events:
+                time.sleep(POLL_S)
+
+    def _note(self, text: str) -> None:
+        with self.state.transport.order:
+            if not self.state.closing:
+                self.out.event("output", {"category": "console", "output": text})
+
+    def _lost(self, e: TdbError) -> None:
+        with self.state.transport.order:
+            if not self.state.closing:
+                self.out.event("output", {"category": "stderr",
+                                          "output": f"tdb: lost the server's event stream: {tdb_message(e)}\n"})
+                self.state.send_terminated()
 
     def on_event(self, ev: Event) -> None:
         handler = self._by_kind.get(ev.kind)

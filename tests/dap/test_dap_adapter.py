@@ -370,3 +370,23 @@ def test_stop_on_entry_launch_breakpoints_then_terminate(stdio_dap, gpt2_server)
     dap.event("terminated")
     dap.request("disconnect", {})
     assert not dap.errors, dap.errors
+
+
+def test_without_an_event_stream_the_bridge_polls(stdio_dap, gpt2_adapter, make_server):
+    """A server at its ceiling of event streams refuses the bridge's stream: the IDE is told, and the
+    session goes on by polling (stops, output and exit still arrive)."""
+    from tdb_server.limits import Limits
+
+    _, address = make_server(gpt2_adapter, limits=Limits(max_streams=0))
+    proc, dap = stdio_dap
+    dap.body("initialize", {"clientID": "pytest", "adapterID": "tdb"})
+    dap.request("launch", {"server": address, "tokens": IDS, "breakpoints": ["blocks.0.mlp.out"]})
+    dap.event("initialized")
+    dap.request("configurationDone")
+    stop = dap.event("stopped")["body"]
+    assert stop["reason"] == "function breakpoint"
+    assert any("polling for events" in e["body"]["output"] for e in dap.seen("output"))
+    dap.request("continue", {"threadId": stop["threadId"]})
+    assert dap.event("exited")["body"]["exitCode"] == 0
+    dap.request("disconnect", {})
+    assert not dap.errors, dap.errors
