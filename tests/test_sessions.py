@@ -682,3 +682,15 @@ def test_a_patch_value_that_cannot_broadcast_is_refused_at_patch(client):
         s.patch("blocks.0.attn.out", "add", np.ones(d, np.float32))
         s.patch("blocks.1.attn.head.2", "set", np.zeros(client.model_info().d_head, np.float32))
         assert s.launch(token_ids=IDS).state == "exited"
+
+
+def test_a_patch_pattern_names_at_most_so_many_targets(client, monkeypatch):
+    import tdb_server.engine.patching as patching
+
+    monkeypatch.setattr(patching, "MAX_TARGETS", 8)
+    with client.session() as s:
+        p = s.patch("blocks.*.attn.head.*", "zero")           # 2 layers x 4 heads: within the limit
+        assert p.patch_id > 0 and p.scope == "session"
+        with pytest.raises(TdbError) as e:
+            s.patch("blocks.*.mlp.neuron.*", "zero")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "TOO_MANY_TARGETS"

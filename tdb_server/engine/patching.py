@@ -92,12 +92,19 @@ def _check_value(target: Unit | str, value: torch.Tensor, info: Any) -> None:
                               f"{shown} (* = depends on the run)", reason="BAD_PATCH_VALUE")
 
 
+MAX_TARGETS = 4096   # units and sites one Patch may name (each is its own edit of the forward)
+
+
 def interventions(adapter: Any, name: str, op: str, selector: Selector, value: torch.Tensor | None, scalar: float,
                   mean_over: str, tokens: tuple[int, ...] = ()) -> list[Intervention]:
     """The checked interventions of a Patch call on this model (not yet registered)."""
     _check_request(op, selector, value, mean_over, tokens)
+    named = targets(adapter, name)
+    if len(named) > MAX_TARGETS:
+        raise InvalidArgument(f"{name!r} names {len(named)} units or sites; a patch takes at most {MAX_TARGETS}: patch "
+                              "their whole site with a heads or neurons selector instead", reason="TOO_MANY_TARGETS")
     out = []
-    for target in targets(adapter, name):
+    for target in named:
         unit = target if isinstance(target, Unit) else None
         site = unit.site if unit is not None else target
         if site not in adapter.verified_sites:
