@@ -135,11 +135,16 @@ class AnalysisMixin:
 
     def input_attribution(self, prompt: Any, target: Any, *, methods: Sequence[str] = ("grad_x_input",
                           "integrated_gradients"), steps: int = 32, baseline_token_id: int | None = None,
+                          tolerance: float = 0.01, max_steps: int = 1024,
                           prepend_bos: bool = False) -> InputAttributionResult:
         """Per-token gradient x input and integrated gradients (baseline: zero at `embed`, or the
-        embedding of `baseline_token_id` at every position; sum(ig) ~= target.value - baseline_value)."""
+        embedding of `baseline_token_id` at every position; sum(ig) ~= target.value - baseline_value).
+        Integrated gradients start at `steps` and triple them until the completeness gap is within
+        `tolerance` of target.value - baseline_value or `max_steps` is reached; the result says which
+        (`completeness_gap`, `converged`, `steps`)."""
         req = apb.InputAttributionRequest(input=serde.input_to_proto(prompt, prepend_bos),
                                           target=serde.target_to_proto(target), steps=steps,
+                                          tolerance=tolerance, max_steps=max_steps,
                                           methods=[serde.choice(m, enums.INPUT_ATTRIBUTION, "method") for m in methods])
         if baseline_token_id is not None:
             req.baseline_token_id = int(baseline_token_id)

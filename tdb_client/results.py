@@ -233,7 +233,16 @@ class InputAttributionResult:
     grad_x_input: np.ndarray | None          # [positions]
     integrated_gradients: np.ndarray | None  # [positions]
     baseline_value: float                    # the target at the baseline
-    steps: int
+    steps: int                               # integrated gradients: the steps used, after refinement
+    completeness_gap: float = float("nan")   # sum(integrated_gradients) - (target.value - baseline_value)
+    tolerance: float = 0.0                   # the relative tolerance the steps were refined towards
+    converged: bool = False                  # |completeness_gap| <= tolerance * |target.value - baseline_value|
+
+    @property
+    def completeness(self) -> float:
+        """sum(integrated_gradients) / (target.value - baseline_value): 1.0 when they add up exactly."""
+        change = self.target.value - self.baseline_value
+        return float("nan") if change == 0 else (change + self.completeness_gap) / change
 
     def to_pandas(self) -> Any:
         pd = _pandas()

@@ -22,7 +22,7 @@ from .results import (AblationEffect, AblationResult, AttentionResult, Compariso
                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, PatchSweepResult, ResolvedTarget,
                       SweepAxis, SweepChunk, SweepProgress, SweepSummary)
 from .sae import ActivationRecords, ActivationWindow, Explanation, SaeInfo, SaeQuality, TokenShare
-from .types import (Ablation, Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo,
+from .types import (Ablation, Breakpoint, BreakpointStatus, Demo, EvalResult, Event, Frame, Generate, ModelInfo,
                     PatchInfo, PatchResult, ReplayReport, RunResult, RunStatus, Scope, ServerInfo, SiteInfo, StopInfo,
                     Target, TensorSummary, TokenProb, Trace, Variable)
 
@@ -127,7 +127,8 @@ def model_info_from_proto(m: common_pb2.ModelInfo) -> ModelInfo:
                   for s in m.sites)
     return ModelInfo(m.name, m.architecture, m.n_layers, m.n_heads, m.n_kv_heads, m.d_model, m.d_head, m.d_mlp,
                      m.vocab_size, m.dtype, m.device, sites, m.parallel_blocks, m.has_tokenizer, m.source,
-                     m.max_positions)
+                     m.max_positions, m.unk_token_id if m.HasField("unk_token_id") else None,
+                     Demo(m.demo.prompt, m.demo.answer, m.demo.distractor) if m.demo.prompt else None)
 
 
 def server_info_from_proto(r: pb.InitializeResponse) -> ServerInfo:
@@ -274,7 +275,8 @@ def attention_from_proto(r: apb.AttentionPatternResponse) -> AttentionResult:
 def input_attribution_from_proto(m: apb.InputAttributionResponse) -> InputAttributionResult:
     return InputAttributionResult(tuple(m.tokens), resolved_target_from_proto(m.target),
                                   _optional(m, "grad_x_input", _wire.from_wire),
-                                  _optional(m, "integrated_gradients", _wire.from_wire), m.baseline_value, m.steps)
+                                  _optional(m, "integrated_gradients", _wire.from_wire), m.baseline_value, m.steps,
+                                  m.completeness_gap, m.tolerance, m.converged)
 
 
 def _sweep_header_from_proto(h: apb.PatchSweepHeader) -> PatchSweepResult:

@@ -21,6 +21,14 @@ class SiteInfo:
 
 
 @dataclass(frozen=True)
+class Demo:
+    """A prompt that shows the model's behaviour (from its ground truth) and the token it should predict."""
+    prompt: str
+    answer: str
+    distractor: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     architecture: str
@@ -38,6 +46,8 @@ class ModelInfo:
     has_tokenizer: bool
     source: str
     max_positions: int
+    unk_token_id: int | None = None   # the id of text the tokenizer cannot represent (None: it has none)
+    demo: Demo | None = None          # the model's demo prompt, when its ground truth has one
 
     @property
     def site_names(self) -> list[str]:

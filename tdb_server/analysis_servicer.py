@@ -278,15 +278,19 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         target, run_ids = _target(a, request.target, ids)
         methods = {_enum(m, {pb.INPUT_ATTRIBUTION_GRAD_X_INPUT: "gxi", pb.INPUT_ATTRIBUTION_INTEGRATED_GRADIENTS: "ig"},
                          "input attribution method") for m in request.methods} or {"gxi", "ig"}
-        if request.steps < 0:
-            raise InvalidArgument("steps must be >= 0 (0 = 32)", reason="OUT_OF_RANGE")
+        if request.steps < 0 or request.max_steps < 0:
+            raise InvalidArgument("steps and max_steps must be >= 0 (0 = 32 and 1024)", reason="OUT_OF_RANGE")
         r = input_attribution.input_attribution(a, run_ids, target, grad_x_input="gxi" in methods,
                                                 integrated_gradients="ig" in methods, steps=request.steps or 32,
                                                 baseline_token_id=request.baseline_token_id
-                                                if request.HasField("baseline_token_id") else None)
+                                                if request.HasField("baseline_token_id") else None,
+                                                tolerance=request.tolerance or input_attribution.TOLERANCE,
+                                                max_steps=request.max_steps or input_attribution.MAX_STEPS)
         target.value = r.value
         resp = pb.InputAttributionResponse(tokens=decode(a, run_ids), target=_resolved(target),
-                                           baseline_value=r.baseline_value, steps=r.steps)
+                                           baseline_value=r.baseline_value, steps=r.steps,
+                                           completeness_gap=r.completeness_gap, tolerance=r.tolerance,
+                                           converged=r.converged)
         if r.grad_x_input is not None:
             resp.grad_x_input.CopyFrom(wire.to_wire(r.grad_x_input))
         if r.integrated_gradients is not None:

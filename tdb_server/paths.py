@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def ground_truth(path: Path) -> dict:
     """A bundled model's ground_truth.json ({} when it has none)."""
     f = Path(path) / "ground_truth.json"
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+@functools.lru_cache(maxsize=8)
+def demo(path: str) -> tuple[str, str, str] | None:
+    """(prompt, answer, distractor) of the model folder's ground truth demo; None without one (or no folder)."""
+    try:
+        d = ground_truth(Path(path)).get("demo") if path and Path(path).is_dir() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("prompt", "answer", "distractor")):
+        return None
+    return d["prompt"], d["answer"], d["distractor"]
 
 
 def circuit_model_path() -> Path:

@@ -15,7 +15,7 @@ import torch
 
 from tdb.v1 import common_pb2, debugger_pb2 as pb
 
-from . import shm, wire
+from . import paths, shm, wire
 from .analyses import analysis_names
 from .engine import expr
 from .engine.breakpoints import BreakpointSpec
@@ -66,7 +66,19 @@ def model_info_to_proto(adapter: Any) -> common_pb2.ModelInfo:
         n_kv_heads=info.n_kv_heads, d_model=info.d_model, d_head=info.d_head, d_mlp=info.d_mlp,
         vocab_size=info.vocab_size, dtype=info.dtype, device=info.device, sites=sites,
         parallel_blocks=info.parallel_blocks, has_tokenizer=info.has_tokenizer,
-        source=str(getattr(adapter, "source", "") or ""), max_positions=adapter.max_positions)
+        source=str(getattr(adapter, "source", "") or ""), max_positions=adapter.max_positions,
+        unk_token_id=_unk_token_id(adapter), demo=_demo(adapter))
+
+
+def _unk_token_id(adapter: Any) -> int | None:
+    unk = getattr(adapter.tokenizer, "unk_token_id", None) if adapter.tokenizer is not None else None
+    return int(unk) if isinstance(unk, int) else None
+
+
+def _demo(adapter: Any) -> common_pb2.Demo | None:
+    folder = getattr(adapter, "model_dir", None)
+    found = paths.demo(str(folder)) if folder is not None else None
+    return common_pb2.Demo(prompt=found[0], answer=found[1], distractor=found[2]) if found else None
 
 
 # -- requests ----------------------------------------------------------------------------------------

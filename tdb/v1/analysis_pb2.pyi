@@ -414,34 +414,44 @@ class AttentionPatternResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., heads: _Optional[_Iterable[int]] = ..., pattern: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class InputAttributionRequest(_message.Message):
-    __slots__ = ("input", "target", "methods", "steps", "baseline_token_id")
+    __slots__ = ("input", "target", "methods", "steps", "baseline_token_id", "tolerance", "max_steps")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     input: Input
     target: Target
     methods: _containers.RepeatedScalarFieldContainer[InputAttributionMethod]
     steps: int
     baseline_token_id: int
-    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[InputAttributionMethod, str]]] = ..., steps: _Optional[int] = ..., baseline_token_id: _Optional[int] = ...) -> None: ...
+    tolerance: float
+    max_steps: int
+    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[InputAttributionMethod, str]]] = ..., steps: _Optional[int] = ..., baseline_token_id: _Optional[int] = ..., tolerance: _Optional[float] = ..., max_steps: _Optional[int] = ...) -> None: ...
 
 class InputAttributionResponse(_message.Message):
-    __slots__ = ("tokens", "target", "grad_x_input", "integrated_gradients", "baseline_value", "steps")
+    __slots__ = ("tokens", "target", "grad_x_input", "integrated_gradients", "baseline_value", "steps", "completeness_gap", "tolerance", "converged")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     GRAD_X_INPUT_FIELD_NUMBER: _ClassVar[int]
     INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_VALUE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETENESS_GAP_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[str]
     target: ResolvedTarget
     grad_x_input: _common_pb2.Tensor
     integrated_gradients: _common_pb2.Tensor
     baseline_value: float
     steps: int
-    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., grad_x_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., integrated_gradients: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., baseline_value: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+    completeness_gap: float
+    tolerance: float
+    converged: bool
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., grad_x_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., integrated_gradients: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., baseline_value: _Optional[float] = ..., steps: _Optional[int] = ..., completeness_gap: _Optional[float] = ..., tolerance: _Optional[float] = ..., converged: _Optional[bool] = ...) -> None: ...
 
 class PatchSweepRequest(_message.Message):
     __slots__ = ("clean", "corrupted", "target", "kind", "direction", "per_position", "layers", "positions", "method", "verify_top_k", "max_batch")

@@ -84,7 +84,7 @@ class SiteInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dims: _Optional[_Iterable[str]] = ..., verified: _Optional[bool] = ..., kind: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_mlp", "vocab_size", "dtype", "device", "sites", "parallel_blocks", "has_tokenizer", "source", "max_positions")
+    __slots__ = ("name", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_mlp", "vocab_size", "dtype", "device", "sites", "parallel_blocks", "has_tokenizer", "source", "max_positions", "unk_token_id", "demo")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class ModelInfo(_message.Message):
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    UNK_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    DEMO_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     n_layers: int
@@ -117,7 +119,19 @@ class ModelInfo(_message.Message):
     has_tokenizer: bool
     source: str
     max_positions: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., d_model: _Optional[int] = ..., d_head: _Optional[int] = ..., d_mlp: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., parallel_blocks: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., source: _Optional[str] = ..., max_positions: _Optional[int] = ...) -> None: ...
+    unk_token_id: int
+    demo: Demo
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., d_model: _Optional[int] = ..., d_head: _Optional[int] = ..., d_mlp: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., parallel_blocks: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., source: _Optional[str] = ..., max_positions: _Optional[int] = ..., unk_token_id: _Optional[int] = ..., demo: _Optional[_Union[Demo, _Mapping]] = ...) -> None: ...
+
+class Demo(_message.Message):
+    __slots__ = ("prompt", "answer", "distractor")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    DISTRACTOR_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    answer: str
+    distractor: str
+    def __init__(self, prompt: _Optional[str] = ..., answer: _Optional[str] = ..., distractor: _Optional[str] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("flags", "analyses", "expression_functions", "patch_ops", "limits")
