@@ -96,7 +96,8 @@ class TdbClient(AnalysisMixin):
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise TdbError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
-                           f"no tdb server answered at {self.address} within {timeout:g} s") from None
+                           f"no tdb server answered at {self.address} within {timeout:g} s. Is one running "
+                           "there? Start one with `tdb serve` (or `tdb serve --port PORT`).") from None
 
     # -- handshake -------------------------------------------------------------------------------
 

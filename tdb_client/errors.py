@@ -26,4 +26,12 @@ class TdbError(Exception):
         reason = md.get("tdb-reason") or (code.name if code else "UNKNOWN")
         sugg = [s for s in (md.get("tdb-suggestions") or "").split(",") if s]
         details = e.details() if hasattr(e, "details") else str(e)
+        if code == grpc.StatusCode.UNAVAILABLE and "tdb-reason" not in md:
+            details = no_server(details or "")
         return cls(code, reason, details or "", sugg)
+
+
+def no_server(details: str) -> str:
+    """The message of a call that reached no server (gRPC's own words kept: they name the address)."""
+    return (f"no tdb server is answering there ({details}). Is one running at that address? "
+            "Start one with `tdb serve` (or `tdb serve --port PORT`).")
