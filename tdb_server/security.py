@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 
@@ -17,31 +17,34 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def _deny(kind_factory: Callable[..., grpc.RpcMethodHandler], message: str) -> grpc.RpcMethodHandler:
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.set_trailing_metadata([("tdb-reason", "UNAUTHENTICATED")])
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message, (("tdb-reason", "UNAUTHENTICATED"),))
 
     return kind_factory(abort)
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Rejects any call without the right bearer token with UNAUTHENTICATED."""
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects any call without the right bearer token with UNAUTHENTICATED (on the asyncio server, before
+    the method runs or takes a thread)."""
 
     def __init__(self, token: str):
         if not token:
             raise ValueError("empty token")
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation: Callable[[Any], grpc.RpcMethodHandler],
-                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method or ""
         if method.startswith(OPEN_PREFIXES):
-            return continuation(handler_call_details)
-        md = dict(handler_call_details.invocation_metadata or ())
-        got = md.get("authorization", "")
-        if hmac.compare_digest(got.encode(), self._expected):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+            return await continuation(handler_call_details)
+        got = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                got = value if isinstance(value, str) else ""   # a binary value is no token
+                break
+        if hmac.compare_digest(got.encode("utf-8", "surrogateescape"), self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         message = "missing bearer token" if not got else "invalid bearer token"

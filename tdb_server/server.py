@@ -5,22 +5,33 @@ bind "127.0.0.1:0". `serve()` is the blocking entry point behind `tdb serve`: it
 prints `tdb: listening on HOST:PORT` once the port is bound, and shuts down gracefully on
 SIGINT/SIGTERM. Standard gRPC health checking and server reflection are enabled when their packages
 (grpcio-health-checking, grpcio-reflection) are installed; the server runs without them.
+
+The server is gRPC's asyncio server (`grpc.aio`) on one event loop in a daemon thread ("tdb-aio"),
+shared by every server of the process: grpc binds its completion poller to the first loop that uses
+it, so a second loop would stop hearing from the network once the first one ended. Event streams and
+long polls (servicer.py: Events, PollEvents), the health service and the token check are coroutines
+on that loop: an open stream costs a waiter, not a thread, so a thousand of them leave Initialize and
+health answering. Every other RPC is a plain method run in a thread pool (aio_bridge.SyncHandlers).
+Past `Limits.max_streams` open streams and long polls, the next one is refused at once
+(RESOURCE_EXHAUSTED, TOO_MANY_STREAMS).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Coroutine, Sequence
 
 import grpc
 
 from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_grpc
 
+from .aio_bridge import SyncHandlers
 from .analysis_servicer import AnalysisServicer
 from .engine.manager import SessionManager
 from .files import FileAccess
@@ -33,32 +44,67 @@ from .servicer import DebuggerServicer
 log = logging.getLogger("tdb.server")
 
 MAX_MESSAGE_BYTES = 256 << 20   # a patch value can be large; reads stream in ~1 MiB chunks anyway
-RESERVED_WORKERS = 16    # threads no stream or long poll may take: Initialize, health, control calls always answer
+RPC_THREADS = 128    # threads for the plain (blocking) RPCs: model work, and calls that wait for a run to stop
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _server_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for gRPC servers, started on first use in a daemon thread."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            running = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(running.set)
+                loop.run_forever()
+
+            threading.Thread(target=run, name="tdb-aio", daemon=True).start()
+            running.wait()
+            _loop = loop
+        return _loop
+
+
+def _on_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run `coro` on the server loop from any other thread and return its result."""
+    return asyncio.run_coroutine_threadsafe(coro, _server_loop()).result()
 
 
 @dataclass
 class ServerHandle:
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     sessions: SessionManager
+    pool: futures.ThreadPoolExecutor
     health: Any = None
+    _stopped: bool = field(default=False, repr=False)
 
     def stop(self, grace: float | None = 2.0) -> None:
+        """Stop taking calls, end the sessions (their event streams end, waits return), give running calls
+        `grace` seconds, cancel the rest. Calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.health is not None:
-            self.health.enter_graceful_shutdown()
+            _on_loop(self.health.enter_graceful_shutdown())
         self.sessions.shutdown()
-        self.server.stop(grace).wait()
+        _on_loop(self.server.stop(grace))
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _enable_health_and_reflection(server: grpc.Server, service_names: list[str]) -> Any:
+async def _enable_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> Any:
     health = None
     try:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health as health_module, health_pb2, health_pb2_grpc
 
-        health = health.HealthServicer()
+        health = health_module.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         for name in ("", *service_names):
-            health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         service_names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     except ImportError:
         log.warning("grpcio-health-checking is not installed: no gRPC health service")
@@ -80,38 +126,44 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
     tls_cert/tls_key: PEM files; the port then speaks TLS only.
     data_dirs: folders whose files clients may name (SAE folders, corpora), besides the bundled data and
     the model's folder.
-    max_workers: RPC threads (default: limits.max_streams for event streams and long polls, which the
-    servicer admits up to that many, plus RESERVED_WORKERS for everything else)."""
+    max_workers: threads for the plain RPCs (default RPC_THREADS); event streams and long polls hold none
+    (at most limits.max_streams of them at once)."""
     limits = limits or Limits()
-    max_workers = max_workers or limits.max_streams + RESERVED_WORKERS
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("TLS needs both a certificate and a key")
+    credentials = server_credentials(tls_cert, tls_key) if tls_cert else None
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, limits.max_patch_bytes + (1 << 20))),
                ("grpc.so_reuseport", 0)]
-    interceptors = [TokenAuthInterceptor(token)] if token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tdb-rpc"),
-                         options=options, interceptors=interceptors)
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers or RPC_THREADS, thread_name_prefix="tdb-rpc")
     sessions = SessionManager(adapter, limits=limits)
-    debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
-    analysis_pb2_grpc.add_AnalysisServicer_to_server(AnalysisServicer(adapter, limits, FileAccess.for_model(adapter, data_dirs)), server)
-    names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name,
-             analysis_pb2.DESCRIPTOR.services_by_name["Analysis"].full_name]
-    health = _enable_health_and_reflection(server, names)
-    if bool(tls_cert) != bool(tls_key):
-        sessions.shutdown()
-        raise ValueError("TLS needs both a certificate and a key")
+
+    async def build() -> tuple[grpc.aio.Server, Any, int]:
+        interceptors = ([TokenAuthInterceptor(token)] if token else []) + [SyncHandlers(pool)]
+        server = grpc.aio.server(migration_thread_pool=pool, options=options, interceptors=interceptors)
+        debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
+        analysis_pb2_grpc.add_AnalysisServicer_to_server(
+            AnalysisServicer(adapter, limits, FileAccess.for_model(adapter, data_dirs)), server)
+        names = [debugger_pb2.DESCRIPTOR.services_by_name["Debugger"].full_name,
+                 analysis_pb2.DESCRIPTOR.services_by_name["Analysis"].full_name]
+        health = await _enable_health_and_reflection(server, names)
+        try:
+            port = (server.add_secure_port(address, credentials) if credentials is not None
+                    else server.add_insecure_port(address))
+        except RuntimeError as e:
+            raise OSError(f"cannot bind {address}: {e}") from None
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+        await server.start()
+        return server, health, port
+
     try:
-        if tls_cert:
-            port = server.add_secure_port(address, server_credentials(tls_cert, tls_key))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as e:
+        server, health, port = _on_loop(build())
+    except BaseException:
         sessions.shutdown()
-        raise OSError(f"cannot bind {address}: {e}") from None
-    if port == 0:
-        sessions.shutdown()
-        raise OSError(f"cannot bind {address}")
-    server.start()
-    return ServerHandle(server, port, sessions, health), port
+        pool.shutdown(wait=False)
+        raise
+    return ServerHandle(server, port, sessions, pool, health), port
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",

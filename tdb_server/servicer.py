@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import torch
@@ -23,6 +23,7 @@ from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 from google.protobuf import json_format
 
 from . import PROTOCOL_VERSION, __version__, recording, serde, shm, wire
+from .aio_bridge import abort_async
 from .engine.events import Event, Invalidated
 from .engine.manager import SessionManager
 from .engine.session import DEFAULT_WAIT_S, Session
@@ -74,6 +75,28 @@ def _rpc_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]
     return stream
 
 
+def _rpc_async(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`_rpc` for a coroutine method (it runs on the server's event loop, holding no thread)."""
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as e:  # noqa: BLE001
+            await abort_async(context, e, _convert)
+    return unary
+
+
+def _rpc_async_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    @functools.wraps(fn)
+    async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as e:  # noqa: BLE001
+            await abort_async(context, e, _convert)
+    return stream
+
+
 def _wait_s(ms: int, context: Any) -> float:
     """How long to wait for a run or an event: as asked (or the default), but answered before the
     client's deadline, with whatever state there is (a RUNNING status, no events) rather than a
@@ -90,9 +113,9 @@ def _recorded(session: Session, rpc: str, request: Any, status: RunStatus) -> pb
 
 
 class _StreamSlots:
-    """Admission for calls that hold a server thread while they wait (event streams, long polls): at most
-    `limits.max_streams` at once, so that the threads kept for every other call stay free. Beyond it, a
-    prompt RESOURCE_EXHAUSTED, never a hang."""
+    """Admission for calls that wait (event streams, long polls): at most `limits.max_streams` at once.
+    They wait on the event loop and hold no thread, but each costs memory and a connection's stream; past
+    the ceiling, a prompt RESOURCE_EXHAUSTED, never a hang."""
 
     def __init__(self, n: int):
         self.n = n
@@ -211,13 +234,15 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     # -- events ----------------------------------------------------------------------------------
 
-    @_rpc_stream
-    def Events(self, request: pb.EventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+    @_rpc_async_stream
+    async def Events(self, request: pb.EventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
+        """Waits on the event loop (no thread held); a client that leaves cancels the wait."""
         s = self.sessions.get(request.session_id)
         with self.stream_slots.held("Events"):
-            yield from self._events(s, request.after_seq, context)
+            async for ev in self._events(s, request.after_seq):
+                yield ev
 
-    def _events(self, s: Session, after: int, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+    async def _events(self, s: Session, after: int) -> AsyncIterator[pb.Event]:
         with s.cv:
             s.streams += 1          # an open stream keeps the session alive
         try:
@@ -225,25 +250,25 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             if truncated:
                 dropped = Invalidated(what="events dropped from the replay ring")
                 yield serde.event_to_proto(Event(seq=after, time=0.0, run_id="", body=dropped))
-            while context.is_active():
+            while True:
                 events, _ = s.events.since(after)
                 for ev in events:
                     yield serde.event_to_proto(ev)
                     after = ev.seq
                 if s.events.closed and not s.events.since(after)[0]:
                     return
-                s.events.wait(after, timeout=0.5)
+                await s.events.wait_async(after)
         finally:
             with s.cv:
                 s.streams -= 1
             s.touch()
 
-    @_rpc
-    def PollEvents(self, request: pb.PollEventsRequest, context: grpc.ServicerContext) -> pb.PollEventsResponse:
+    @_rpc_async
+    async def PollEvents(self, request: pb.PollEventsRequest, context: grpc.aio.ServicerContext) -> pb.PollEventsResponse:
         s = self.sessions.get(request.session_id)
         if request.timeout_ms > 0:
             with self.stream_slots.held("PollEvents with a timeout"):
-                s.events.wait(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
+                await s.events.wait_async(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
         events, truncated = s.events.since(request.after_seq, request.max_events)
         return pb.PollEventsResponse(events=[serde.event_to_proto(ev) for ev in events], last_seq=s.events.last_seq,
                                      truncated=truncated)

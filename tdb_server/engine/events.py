@@ -6,10 +6,14 @@ types below); the servicer converts them to the protocol's Event on the way out 
 the last `capacity`, so a client that reconnects with `after_seq` loses nothing that is still
 retained, and learns when something was dropped. Bodies hold numbers and text only (a stop's value
 as a summary, never a tensor), so a retained event keeps no activation alive.
+
+Waiting comes in two forms: `wait` blocks a thread (the engine, tests), `wait_async` awaits on an asyncio
+loop and holds no thread, so the server can keep a thousand event streams open on one loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import threading
@@ -95,6 +99,7 @@ class EventLog:
         self._bytes, self.capacity_bytes = 0, capacity_bytes
         self._seq = 0
         self._cv = threading.Condition()
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self.closed = False
 
     @property
@@ -114,8 +119,18 @@ class EventLog:
             while self._bytes > self.capacity_bytes and len(self._ring) > 1:   # oldest first; keep the newest
                 self._ring.popleft()
                 self._bytes -= self._sizes.popleft()
-            self._cv.notify_all()
+            self._wake()
             return ev
+
+    def _wake(self) -> None:
+        """Wake every waiter (called with the lock held): threads through the condition, coroutines through
+        their loop."""
+        self._cv.notify_all()
+        for loop, woke in self._async_waiters:
+            try:
+                loop.call_soon_threadsafe(woke.set)
+            except RuntimeError:     # that loop is closed: nobody waits there any more
+                pass
 
     def since(self, after_seq: int, max_events: int = 0) -> tuple[list[Event], bool]:
         """Events with seq > after_seq still retained, and whether some were dropped from the ring."""
@@ -139,7 +154,24 @@ class EventLog:
                 self._cv.wait(left)
             return self._seq > after_seq
 
+    async def wait_async(self, after_seq: int, timeout: float | None = None) -> bool:
+        """Like `wait`, on the running asyncio loop and without holding a thread; cancelling the awaiting
+        task (a client that leaves) ends the wait."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._cv:
+            if self._seq > after_seq or self.closed:
+                return self._seq > after_seq
+            self._async_waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter[1].wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._cv:
+                self._async_waiters.discard(waiter)
+        return self._seq > after_seq
+
     def close(self) -> None:
         with self._cv:
             self.closed = True
-            self._cv.notify_all()
+            self._wake()
