@@ -13,6 +13,7 @@ class Limits:
     max_prompt_tokens: int = 8192          # per sequence (the model's own context length also applies)
     max_batch: int = 256
     max_read_bytes: int = 4 * GiB          # one ReadTensor / Evaluate result
+    max_expr_bytes: int = 1 * GiB          # one operation of an expression (Evaluate, reads, conditions, log points)
     session_capture_bytes: int = 4 * GiB   # activations a session may keep (current + retained runs)
     total_capture_bytes: int = 16 * GiB    # across all sessions
     idle_timeout_s: float = 600.0          # sessions with no request (and no open event stream)

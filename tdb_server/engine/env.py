@@ -72,7 +72,7 @@ def make_env(adapter: Any, run: Any, value: torch.Tensor | None, site: str = "")
 
     return expr.Env(site=get_site, weight=lambda n: weights.weight(adapter, n), value=value,
                     logit_lens=lambda x: weights.logit_lens(adapter, x), unembed=lambda x: weights.unembed(adapter, x),
-                    decode=adapter.token_texts, extra={"site": site})
+                    decode=adapter.token_texts, extra={"site": site}, budget_bytes=run.session.limits.max_expr_bytes)
 
 
 def evaluate(adapter: Any, expression: str, run: Any, value: Any = None) -> Any:

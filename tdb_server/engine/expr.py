@@ -17,6 +17,11 @@ Methods on tensors: the same names plus .T, .shape, .flatten(), .reshape(...), .
 Names over the current value: norm, max, min, mean, std, abs_max, numel, any_nan, any_inf,
 nan_count, argmax. Weights: W_U, b_U, W_E, blocks.{L}.attn.W_O / b_O, blocks.{L}.mlp.W_out /
 b_out.
+
+Every operation is sized before it runs (`Budget`: by the broadcast of its operands' shapes, or by applying
+it to shape-only "meta" copies of them), and one whose output would exceed the budget (`Env.budget_bytes`, the server's
+--max-expr-mib) is refused with RESOURCE_EXHAUSTED (EXPR_TOO_LARGE) and the estimate, before any memory
+is taken; so are evaluations whose operations together would allocate more than four budgets.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
 from . import weights
 
 MAX_EXPR_LEN = 2000
+DEFAULT_BUDGET_BYTES = 1 << 30      # one operation's output (Limits.max_expr_bytes on a server)
+MAX_DECODED_TOKENS = 65_536         # tokens(...) decodes at most this many ids
 
 # Dotted names that are not valid Python (blocks.1...) are swapped for placeholders before parsing.
 _DOTTED = re.compile(
@@ -48,15 +55,96 @@ class TopK:
 
 
 class Env:
-    """What names resolve to. `site` looks up a captured site; `weight` a named weight."""
+    """What names resolve to. `site` looks up a captured site; `weight` a named weight; `budget_bytes` is the
+    largest output one operation may allocate."""
 
     def __init__(self, *, site: Callable[[str], torch.Tensor], weight: Callable[[str], torch.Tensor],
                  value: torch.Tensor | None = None, logit_lens: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  unembed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 decode: Callable[[list[int]], list[str]] | None = None, extra: dict[str, Any] | None = None):
+                 decode: Callable[[list[int]], list[str]] | None = None, extra: dict[str, Any] | None = None,
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES):
         self.site, self.weight, self.value = site, weight, value
         self.logit_lens_fn, self.unembed_fn, self.decode = logit_lens, unembed, decode
         self.extra = extra or {}
+        self.budget_bytes = budget_bytes
+
+
+def _meta(v: Any) -> Any:
+    """A shape-only copy of an operand: tensors become meta tensors (no storage), containers are copied."""
+    if isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(v, TopK):
+        return TopK(_meta(v.values), _meta(v.indices))
+    if isinstance(v, (list, tuple)):
+        return type(v)(_meta(x) for x in v)
+    return v
+
+
+def _nbytes(v: Any, inputs: set[int]) -> tuple[int, list[int]]:
+    """The bytes a result allocates (views and operands returned as they are take none), and its shape."""
+    if isinstance(v, torch.Tensor):
+        fresh = not v._is_view() and id(v) not in inputs
+        return (v.numel() * v.element_size() if fresh else 0), list(v.shape)
+    if isinstance(v, TopK):
+        (a, shape), (b, _) = _nbytes(v.values, inputs), _nbytes(v.indices, inputs)
+        return a + b, shape
+    if isinstance(v, (list, tuple)):
+        sized = [_nbytes(x, inputs) for x in v]
+        return sum(n for n, _ in sized), max(sized, default=(0, []))[1]
+    return 0, []
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+class Budget:
+    """Sizes each operation before it runs — elementwise ones and reductions by the broadcast of their
+    operands' shapes, the others by applying them first to meta copies of their operands (shapes and dtypes,
+    no storage) — and refuses it with RESOURCE_EXHAUSTED when its output would exceed `limit` bytes, or when
+    the evaluation's outputs together would exceed four times that. An operation whose size depends on the data
+    (a boolean mask) cannot be sized on shapes; its output is never larger than its input."""
+
+    def __init__(self, limit: int):
+        self.limit, self.spent = limit, 0
+
+    def charge(self, what: str, n: int, shape: list[int]) -> None:
+        if n > self.limit:
+            raise ResourceExhausted(
+                f"{what} would allocate up to {_mib(n)} (a result of shape {shape}); one operation of an expression may "
+                f"allocate at most {_mib(self.limit)} (tdb serve --max-expr-mib): reduce or slice first",
+                reason="EXPR_TOO_LARGE")
+        self.spent += n
+        if self.spent > 4 * self.limit:
+            raise ResourceExhausted(
+                f"{what} brings the expression's allocations to {_mib(self.spent)}; an expression may allocate at "
+                f"most {_mib(4 * self.limit)} in all (tdb serve --max-expr-mib): split it", reason="EXPR_TOO_LARGE")
+
+    def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` for an elementwise operation, a reduction or a broadcast, once its output is
+        known to fit: at most the broadcast of its operands' shapes, in 4-byte (or wider) elements."""
+        tensors = [_as_tensor(a) for a in (*args, *kwargs.values()) if isinstance(a, (torch.Tensor, TopK))]
+        if tensors:
+            try:
+                shape = list(torch.broadcast_shapes(*(t.shape for t in tensors)))
+            except RuntimeError:
+                shape = None     # operands that do not broadcast: the real call says so
+            if shape is not None:
+                self.charge(what, math.prod(shape) * max(4, *(t.element_size() for t in tensors)), shape)
+        return fn(*args, **kwargs)
+
+    def run_sized(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` for any operation (a matrix product, indexing, a reshape, top-k), once its
+        output, found by running it on meta copies of the operands, is known to fit."""
+        if any(isinstance(a, (torch.Tensor, TopK)) for a in (*args, *kwargs.values())):
+            margs, mkwargs = [_meta(a) for a in args], {k: _meta(v) for k, v in kwargs.items()}
+            try:
+                out = fn(*margs, **mkwargs)
+            except (TdbServerError, RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+                out = None   # not sizeable on shapes alone: the real call reports its own error, or is data-sized
+            if out is not None:
+                self.charge(what, *_nbytes(out, {id(m) for m in (*margs, *mkwargs.values())}))
+        return fn(*args, **kwargs)
 
 
 _VALUE_STATS: dict[str, Callable[[torch.Tensor], Any]] = {
@@ -149,6 +237,8 @@ _BINOPS = {
     ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b, ast.Mod: lambda a, b: a % b,
     ast.MatMult: lambda a, b: _matmul(a, b), ast.FloorDiv: lambda a, b: a // b,
 }
+_OP_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.Mod: "%",
+               ast.MatMult: "@", ast.FloorDiv: "//"}
 _CMPOPS = {
     ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b, ast.Lt: lambda a, b: a < b,
     ast.LtE: lambda a, b: a <= b, ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
@@ -179,6 +269,7 @@ def _truth(x: Any) -> bool:
 class _Interpreter:
     def __init__(self, env: Env, placeholders: dict[str, str]):
         self.env, self.ph = env, placeholders
+        self.budget = Budget(env.budget_bytes)
 
     def run(self, node: ast.AST) -> Any:
         method = getattr(self, "_" + type(node).__name__, None)
@@ -232,7 +323,7 @@ class _Interpreter:
     def _UnaryOp(self, n: ast.UnaryOp) -> Any:
         v = self.run(n.operand)
         if isinstance(n.op, ast.USub):
-            return -v
+            return self.budget.run("-", lambda t: -t, v)
         if isinstance(n.op, ast.UAdd):
             return v
         if isinstance(n.op, ast.Not):
@@ -246,10 +337,14 @@ class _Interpreter:
         a, b = self.run(n.left), self.run(n.right)
         a = a.values if isinstance(a, TopK) else a
         b = b.values if isinstance(b, TopK) else b
+        if not all(isinstance(v, (torch.Tensor, int, float, bool)) for v in (a, b)):
+            raise InvalidArgument(f"'{_OP_SYMBOLS[type(n.op)]}' combines tensors and numbers, not "
+                                  f"{type(a).__name__} and {type(b).__name__}", reason="BAD_EXPRESSION")
         if isinstance(a, int) and isinstance(b, int) and not isinstance(n.op, (ast.Add, ast.Sub)):
             a = float(a)   # no unbounded Python integers (9**9**9 would never finish)
+        run = self.budget.run_sized if isinstance(n.op, ast.MatMult) else self.budget.run
         try:
-            return op(a, b)
+            return run(f"'{_OP_SYMBOLS[type(n.op)]}'", op, a, b)
         except RuntimeError as e:
             raise InvalidArgument(f"cannot combine these values: {e}", reason="BAD_EXPRESSION") from None
 
@@ -266,8 +361,8 @@ class _Interpreter:
             if fn is None:
                 raise InvalidArgument("comparison not allowed", reason="BAD_EXPRESSION")
             right = self.run(comp)
-            r = fn(left, right)
-            result = r if result is True else (result & r)
+            r = self.budget.run("a comparison", fn, left, right)
+            result = r if result is True else self.budget.run("a comparison", lambda p, q: p & q, result, r)
             left = right
         return result
 
@@ -275,10 +370,11 @@ class _Interpreter:
         base = self.run(n.value)
         idx = self.run(n.slice)
         if isinstance(base, TopK):
-            return TopK(_index(base.values, idx), _index(base.indices, idx))
+            return TopK(self.budget.run_sized("indexing", _index, base.values, idx),
+                        self.budget.run_sized("indexing", _index, base.indices, idx))
         if isinstance(base, (tuple, list)):
             return base[int(idx)]
-        return _index(_as_tensor(base), idx)
+        return self.budget.run_sized("indexing", _index, _as_tensor(base), idx)
 
     def _Attribute(self, n: ast.Attribute) -> Any:
         base = self.run(n.value)
@@ -306,37 +402,51 @@ class _Interpreter:
                                   reason="BAD_EXPRESSION")
         base = self.run(func.value)
         if name in _SIMPLE_FUNCS:
-            return _SIMPLE_FUNCS[name](base, *args, **kwargs)
-        t = _as_tensor(base)
-        try:
-            if name == "flatten":
-                return t.flatten()
-            if name == "reshape":
-                shape = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-                return t.reshape(*[int(a) for a in shape])
-            if name == "transpose":
-                return t.transpose(int(args[0]), int(args[1]))
-            if name == "squeeze":
-                return t.squeeze(*[int(a) for a in args])
-            return t.unsqueeze(int(args[0]))
-        except (RuntimeError, IndexError, ValueError) as e:
-            raise InvalidArgument(f".{name}(): {e}", reason="BAD_EXPRESSION") from None
+            run = self.budget.run_sized if name == "topk" else self.budget.run
+            return run(f".{name}()", _SIMPLE_FUNCS[name], base, *args, **kwargs)
+        return self.budget.run_sized(f".{name}()", _shape_method, name, _as_tensor(base), args)
 
     def _call_function(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        if name == "logit_lens" and self.env.logit_lens_fn:
-            return self.env.logit_lens_fn(_as_tensor(args[0]))
-        if name == "unembed" and self.env.unembed_fn:
-            return self.env.unembed_fn(_as_tensor(args[0]))
+        if name in ("logit_lens", "unembed") and args:
+            x = _as_tensor(args[0])
+            fn = self.env.logit_lens_fn if name == "logit_lens" else self.env.unembed_fn
+            if fn:
+                vocab = self.env.weight("W_U")   # [D, V]
+                out = x.numel() // max(1, x.shape[-1] if x.dim() else 1) * vocab.shape[-1]
+                self.budget.charge(f"{name}()", out * max(4, vocab.element_size()), [*x.shape[:-1], vocab.shape[-1]])
+                return fn(x)
         if name == "tokens" and self.env.decode:
             x = args[0].indices if isinstance(args[0], TopK) else _as_tensor(args[0])
+            if x.numel() > MAX_DECODED_TOKENS:
+                raise ResourceExhausted(f"tokens() of {x.numel():,} ids; it decodes at most {MAX_DECODED_TOKENS:,}",
+                                        reason="EXPR_TOO_LARGE")
             return self.env.decode([int(i) for i in x.flatten().tolist()])
         fn = _SIMPLE_FUNCS.get(name)
         if fn is None:
             raise InvalidArgument(f"unknown function '{name}'; functions: {FUNCTION_NAMES}", reason="BAD_EXPRESSION")
         try:
-            return fn(*args, **kwargs)
+            run = self.budget.run_sized if name == "topk" else self.budget.run
+            return run(f"{name}()", fn, *args, **kwargs)
         except TypeError as e:
             raise InvalidArgument(f"{name}(): {e}", reason="BAD_EXPRESSION") from None
+
+
+def _shape_method(name: str, t: torch.Tensor, args: list[Any]) -> torch.Tensor:
+    """.flatten(), .reshape(...), .transpose(a, b), .squeeze(...), .unsqueeze(d)."""
+    try:
+        if name == "flatten":
+            return t.flatten()
+        if name == "reshape":
+            shape = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            return t.reshape(*[int(a) for a in shape])
+        if name == "transpose":
+            return t.transpose(int(args[0]), int(args[1]))
+        if name == "squeeze":
+            return t.squeeze(*[int(a) for a in args])
+        return t.unsqueeze(int(args[0]))
+    except (RuntimeError, IndexError, ValueError) as e:
+        raise InvalidArgument(f".{name}(): {e}", reason="BAD_EXPRESSION") from None
+
 
 def _index(t: torch.Tensor, idx: Any) -> torch.Tensor:
     items = idx if isinstance(idx, tuple) else (idx,)

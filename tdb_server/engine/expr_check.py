@@ -1,7 +1,9 @@
 """Static checks of expressions (breakpoint conditions): refuse, before a run, what could never evaluate —
 an unknown name, function, method or attribute, a literal or an operator the language does not have —
 with the nearest valid names. The interpreter (expr.py) stays the one definition of what each allowed
-construct means; this module reads its tables."""
+construct means; this module reads its tables. `check_size` dry-runs a condition on shape-only copies of the
+model's weights, so that one whose operations on weights alone exceed the expression budget is refused
+before a run too."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import ast
 import difflib
 from typing import Callable
 
-from ..errors import InvalidArgument
-from .expr import _BINOPS, _CMPOPS, _METHODS, _VALUE_STATS, _WEIGHT_NAMES, FUNCTION_NAMES, _Interpreter
+import torch
+
+from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
+from .expr import _BINOPS, _CMPOPS, _METHODS, _VALUE_STATS, _WEIGHT_NAMES, FUNCTION_NAMES, Env, _Interpreter, _meta, evaluate
 
 _ATTRIBUTES = {"shape", "T", "values", "indices"}
 _UNARY = (ast.USub, ast.UAdd, ast.Not)
@@ -69,3 +73,22 @@ def check(parsed: tuple[ast.Expression, dict[str, str]], check_name: Callable[[s
             raise _refuse(f"attribute '.{node.attr}' is not allowed", node.attr, _ATTRIBUTES)
         elif isinstance(node, ast.Name) and id(node) not in called:
             _check_name(node, ph, check_name)
+
+
+def _unsized(name: str) -> torch.Tensor:
+    raise InvalidArgument(f"{name} has no value before a run", reason="NO_VALUE")
+
+
+def check_size(parsed: tuple[ast.Expression, dict[str, str]], weight: Callable[[str], torch.Tensor],
+               budget_bytes: int) -> None:
+    """Refuse (ResourceExhausted, EXPR_TOO_LARGE, with the estimate) an expression whose operations over the
+    model's weights exceed the budget, found by evaluating it on meta copies of the weights (no storage). The
+    dry run stops quietly at the first site or stop value it meets: those are sized when the run evaluates."""
+    env = Env(site=_unsized, weight=lambda n: _meta(weight(n)), value=None, budget_bytes=budget_bytes)
+    try:
+        evaluate(parsed, env)
+    except ResourceExhausted as e:
+        if e.reason == "EXPR_TOO_LARGE":
+            raise
+    except TdbServerError:
+        pass

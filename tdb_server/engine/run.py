@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ResourceExhausted, TdbServerError
+from ..limits import Limits
 from ..model.interventions import Context, Intervention, apply_all
 from ..model.sites import Unit, site_dims, site_kind, site_layer
 from ..sae.units import latent_value
@@ -52,6 +53,7 @@ class RunHost(Protocol):
     device: torch.device
     breakpoints: list[BreakpointSpec]
     patches: list[Patch]
+    limits: Limits
 
     def next_stop_id(self) -> int: ...
 
@@ -421,9 +423,10 @@ class DebugRun:
         """Whether the condition holds here, or the message of why it could not be evaluated."""
         try:
             return expr._truth(expr.evaluate(bp.condition_ast, env))
-        except ResourceExhausted:
-            raise                 # out of memory: the run fails (and the request says so)
         except TdbServerError as e:
+            if isinstance(e, ResourceExhausted) and e.reason != "EXPR_TOO_LARGE":
+                raise             # out of memory: the run fails (and the request says so)
+            # a condition over the expression budget was refused before allocating: a condition error
             message = f"breakpoint {bp.id} condition {bp.condition!r} could not be evaluated at {site}: {e.message}"
             self.session.events.emit(self.run_id, Output(category="stderr", site=site, text=message))
             return message

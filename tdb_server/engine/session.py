@@ -169,7 +169,9 @@ class Session:
             spec.condition_ast = expr.parse(bp.condition)
             try:
                 expr_check.check(spec.condition_ast, lambda n: env.check_name(self.adapter, n))
-            except InvalidArgument as e:   # it could never evaluate: say so now, never stop as if it held
+                expr_check.check_size(spec.condition_ast, lambda n: weights.weight(self.adapter, n),
+                                      self.limits.max_expr_bytes)
+            except (InvalidArgument, ResourceExhausted) as e:   # it could never evaluate: say so now, never stop as if it held
                 spec.verified, spec.message = False, f"condition {bp.condition!r}: {e.message}"
                 return spec
         try:
