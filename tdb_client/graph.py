@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -112,6 +111,12 @@ class Graph:
 
 def _xml(v: Any) -> str:
     return str(v).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def quoteattr(v: str) -> str:
+    """An XML attribute value in double quotes (as xml.sax.saxutils.quoteattr, whose import pulls in
+    urllib and email: a tenth of the client's import time)."""
+    return '"' + _xml(v).replace('"', "&quot;").replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;") + '"'
 
 
 @dataclass(frozen=True)

@@ -12,5 +12,19 @@ Layers (imports point one way; tests/test_layering.py checks it):
     server.py cli.py   create_server(addr) -> (server, port); the `tdb` command
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version as _installed_version
+from pathlib import Path as _Path
+
+
+def _version() -> str:
+    """The installed distribution's version (written once, in the repository's file VERSION, which
+    both pyproject.toml files read); a source tree used without installing reads that file itself."""
+    try:
+        return _installed_version("tdb-debugger")
+    except PackageNotFoundError:
+        source = _Path(__file__).resolve().parent.parent / "VERSION"
+        return source.read_text().strip() if source.is_file() else "0+unknown"
+
+
+__version__ = _version()
 PROTOCOL_VERSION = "1.0"
