@@ -2,7 +2,7 @@
 # Idempotent set-up: a virtual environment in .venv with tdb installed (editable: the client
 # distribution packages/tdb-client and the server, the repository root) and its dev tools, and
 # .venv/wheelhouse: wheels of every runtime dependency, from which the packaging tests
-# (tests/packaging) fill fresh virtual environments without the network.
+# (tests/distributions) fill fresh virtual environments without the network.
 # torch comes from the pin in constraints.txt (the CPU build that lies on our machines' disk); users
 # with GPUs can edit constraints.txt. Re-runs only when the pyproject.toml files, constraints.txt or
 # VERSION change.

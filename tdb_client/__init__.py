@@ -18,6 +18,7 @@ __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "
            "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace",
            "PatchSweepResult", "SweepAxis", "SweepStream", "Graph", "ActivationRecords", "Explanation", "SaeInfo"]
 
-from . import _repr  # noqa: E402
+from . import _repr, notebook  # noqa: E402
 
 _repr.install([globals()[name] for name in __all__])   # results print compactly (arrays as dtype + shape)
+notebook.install()                                     # and render as tables and heatmaps in Jupyter
