@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from . import __version__
 from .limits import Limits
 
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (also read by scripts/gen_docs.py for docs/reference/cli.md)."""
     parser = argparse.ArgumentParser(prog="tdb", description="tdb: a debugger for transformer language models")
+    parser.add_argument("--version", action="version", version=f"tdb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve a model over gRPC")
