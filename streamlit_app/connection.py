@@ -1,13 +1,19 @@
 """The dashboard's connection to a tdb server: a cached client, per-user sessions, error display.
 
-One `TdbClient` per server address is shared by every browser tab (`st.cache_resource`); debugging
-sessions are per user (`st.session_state`), because a paused run belongs to the person who paused
-it. Errors from the server (`TdbError`) are shown as messages, never tracebacks; a lost server is a
-message too.
+The dashboard talks to one server, the one it was configured for ($TDB_SERVER, set by `tdb
+dashboard`), and sends its token ($TDB_TOKEN) there only: a `?server=` in a URL that names another
+address is ignored with a warning, so a link cannot make the dashboard hand its credential to a host
+of someone else's choosing. A dashboard started with a password ($TDB_DASHBOARD_PASSWORD, required by
+`tdb dashboard` when it listens beyond loopback) asks each browser session for it before anything else.
+
+One `TdbClient` is shared by every browser tab (`st.cache_resource`); debugging sessions are per user
+(`st.session_state`), because a paused run belongs to the person who paused it. Errors from the server
+(`TdbError`) are shown as messages, never tracebacks; a lost server is a message too.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import traceback
 from contextlib import contextmanager
@@ -23,14 +29,42 @@ from . import state
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ENV_SERVER = "TDB_SERVER"          # set by `tdb dashboard` for the Streamlit process
+ENV_PASSWORD = "TDB_DASHBOARD_PASSWORD"   # set by `tdb dashboard --dashboard-password` (or by hand)
 SESSION_IDLE_S = 1800.0            # a tab left open keeps its paused run for half an hour
 
 T = TypeVar("T")
 
 
 def server_address() -> str:
-    """The server to talk to: `?server=HOST:PORT`, else $TDB_SERVER, else the default port."""
-    return state.url_get(state.SERVER) or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
+    """The server this dashboard was configured for: $TDB_SERVER, else the default port. Never the URL's."""
+    return os.environ.get(ENV_SERVER) or DEFAULT_SERVER
+
+
+def ignore_foreign_server() -> None:
+    """A `?server=` naming another address than the configured one is dropped from the URL, with a warning:
+    the dashboard's token goes only to its own server."""
+    asked = state.url_get(state.SERVER)
+    if asked and asked != server_address():
+        st.warning(f"This dashboard talks only to the tdb server it was started with ({server_address()}): "
+                   f"`?server={asked}` in the link was ignored, and nothing was sent there.",
+                   icon=":material/shield:")
+        state.url_set(**{state.SERVER: None})
+
+
+def signed_in() -> bool:
+    """True when the dashboard has no password, or this browser session gave it; else draws the sign-in box."""
+    password = os.environ.get(ENV_PASSWORD, "")
+    if not password or st.session_state.get("tdb.signed_in"):
+        return True
+    st.title(":material/lock: tdb dashboard")
+    typed = st.text_input("Dashboard password", type="password", key="tdb.password")
+    if typed:
+        if hmac.compare_digest(typed.encode(), password.encode()):
+            st.session_state["tdb.signed_in"] = True
+            del st.session_state["tdb.password"]
+            st.rerun()
+        st.error("wrong password", icon=":material/lock:")
+    return False
 
 
 @st.cache_resource(show_spinner=False)
@@ -127,7 +161,8 @@ def connect(address: str | None = None) -> Context | None:
         info = client.initialize()
     except TdbError as e:
         st.error(describe(e, address) if e.code != grpc.StatusCode.UNAVAILABLE
-                 else f"No tdb server is answering at {address}. Start one with `tdb serve`, or open "
-                      f"this page with `?server=HOST:PORT`.", icon=":material/power_off:")
+                 else f"No tdb server is answering at {address}. Start one with `tdb serve` (then "
+                      f"`tdb dashboard --server HOST:PORT`), or let `tdb dashboard` start its own.",
+                 icon=":material/power_off:")
         return None
     return Context(address, client, info)

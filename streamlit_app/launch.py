@@ -8,10 +8,15 @@ it answers its health check this prints one line,
     tdb: dashboard at http://127.0.0.1:8501/?server=127.0.0.1:PORT
 
 and waits. Ctrl-C / SIGTERM (or either child dying) stops the dashboard, then the embedded server.
+
+The dashboard uses the server with its token ($TDB_TOKEN), so whoever reaches the dashboard's port
+uses the server: bound beyond loopback it needs a password of its own (--dashboard-password or
+$TDB_DASHBOARD_PASSWORD), which it asks of every browser session, and is refused without one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import queue
 import re
@@ -30,6 +35,7 @@ LISTENING = re.compile(r"^tdb: listening on (\S+)\s*$")
 SERVER_START_TIMEOUT_S = 600.0     # loading a big model from disk can take minutes
 DASHBOARD_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+ENV_PASSWORD = "TDB_DASHBOARD_PASSWORD"
 
 
 def _say(text: str) -> None:
@@ -81,12 +87,24 @@ def _repo_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
-def start_streamlit(server: str, host: str, port: int) -> subprocess.Popen:
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def start_streamlit(server: str, host: str, port: int, password: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP),
            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
            "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "viewer", "--theme.base", "light"]
     env = {**os.environ, "TDB_SERVER": server}
+    if password:
+        env[ENV_PASSWORD] = password
     root = _repo_root()
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # Streamlit's own banner (several URLs) would bury our one line: drop its stdout, keep its stderr
@@ -121,8 +139,14 @@ def _url_host(host: str) -> str:
 
 
 def run_dashboard(server: str | None = None, port: int = 8501, model: str | None = None,
-                  host: str = "127.0.0.1") -> int:
+                  host: str = "127.0.0.1", password: str | None = None) -> int:
     """The `tdb dashboard` command. Returns the exit code."""
+    password = password if password is not None else os.environ.get(ENV_PASSWORD, "")
+    if not is_loopback(host) and not password:
+        _say(f"refusing to listen on {host} without a password: anyone who reaches the dashboard would use the "
+             "tdb server with its token. Give --dashboard-password (or set TDB_DASHBOARD_PASSWORD), or keep "
+             "--host 127.0.0.1")
+        return 2
     stop = threading.Event()
     previous: dict[int, Any] = {}
 
@@ -143,7 +167,7 @@ def run_dashboard(server: str | None = None, port: int = 8501, model: str | None
         elif model:
             _say("--model is ignored with --server (the server already has its model)")
         port = port or free_port(host if host not in ("", "0.0.0.0") else "127.0.0.1")
-        dashboard = start_streamlit(server, host, port)
+        dashboard = start_streamlit(server, host, port, password)
         base = f"http://{_url_host(host)}:{port}"
         deadline = time.monotonic() + DASHBOARD_START_TIMEOUT_S
         while not _healthy(f"{base}/_stcore/health"):

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import streamlit as st
 
-from tdb_client import TdbError
+from tdb_client import Target, TdbError
 
 from .connection import Context, get_client
 
@@ -25,11 +25,14 @@ CACHE = dict(show_spinner=False, ttl=3600, max_entries=128)
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt as the model sees it: token ids and their text, one per position."""
+    """A prompt as the model sees it: token ids and their text, one per position; `unknown`: the
+    positions where the tokenizer wrote its unknown token (the server names that id) for text it cannot
+    represent."""
 
     text: str
     ids: tuple[int, ...]
     tokens: tuple[str, ...]
+    unknown: tuple[int, ...] = ()
 
     @property
     def labels(self) -> list[str]:
@@ -81,24 +84,59 @@ def make_prompt(ctx: Context, text: str) -> Prompt | None:
         raise ValueError("the prompt has no tokens")
     if ctx.model.max_positions and len(ids) > ctx.model.max_positions:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {ctx.model.max_positions}")
-    return Prompt(text, tuple(ids), tuple(tokens))
+    unk = ctx.model.unk_token_id
+    unknown = tuple(i for i, t in enumerate(ids) if unk is not None and t == unk and ctx.model.has_tokenizer)
+    return Prompt(text, tuple(ids), tuple(tokens), unknown)
 
 
-def token_id(ctx: Context, text: str) -> tuple[int, str]:
-    """The id of a target token typed by a person (" Darcy", or "42" without a tokenizer), and a note
-    when the text is several tokens (the first one is used)."""
-    if not text:
-        raise ValueError("no token given")
-    if not ctx.model.has_tokenizer or (_IDS.match(text) and " " not in text.strip()):
-        if _IDS.match(text):
-            return parse_ids(text, ctx.model.vocab_size)[0], ""
+# -- targets: read by the server, never by the page -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    """A target as the server read it: the token ids it explains, its description and its notes (a
+    multi-token text reduced to its first token, "did you mean ' Darcy'?"), shown as written."""
+
+    token: int
+    distractor: int | None
+    description: str
+    notes: tuple[str, ...]
+
+
+def _token(ctx: Context, text: str) -> str | int:
+    """What a typed token is on the wire: the text itself, or an id for a model without a tokenizer."""
+    if ctx.model.has_tokenizer:
+        return text
+    if not _IDS.match(text) or len(text.split()) != 1:
         raise ValueError(f"{text!r} is not a token id (this model has no tokenizer)")
-    ids, tokens = _tokenize(ctx.address, text)
-    if not ids:
-        raise ValueError(f"{text!r} has no tokens")
-    note = (f"{text!r} is {len(ids)} tokens ({' | '.join(tokens)}): using the first, {tokens[0]!r}"
-            if len(ids) > 1 else "")
-    return ids[0], note
+    return int(text)
+
+
+@st.cache_data(**CACHE)
+def _resolve(address: str, ids: tuple[int, ...], target: str | int, distractor: str | int | None) -> Resolved:
+    """The server's reading of the target (a one-site logit lens: the cheapest analysis that resolves one)."""
+    r = get_client(address).logit_lens(list(ids), ["embed"], positions=[len(ids) - 1], top_k=1,
+                                       target=Target(target, distractors=() if distractor is None else distractor))
+    t = r.target
+    return Resolved(int(t.token_ids[0]), int(t.distractor_ids[0]) if len(t.distractor_ids) else None,
+                    t.description, tuple(t.notes))
+
+
+def resolve_target(ctx: Context, prompt: Prompt, target: str, distractor: str | None = None) -> Resolved:
+    """The target (and distractor) as the server reads them for this prompt; raises the server's TdbError
+    (e.g. BAD_TARGET for a word the vocabulary lacks) or ValueError for an empty box."""
+    if not target or (distractor is not None and not distractor):
+        raise ValueError("give a target" + (" and a distractor" if distractor is not None else "") + " token")
+    return _resolve(ctx.address, prompt.ids, _token(ctx, target),
+                    None if distractor is None else _token(ctx, distractor))
+
+
+@st.cache_data(**CACHE)
+def check_patch_name(address: str, name: str) -> None:
+    """Raises the server's TdbError when it cannot patch `name` (a unit, site, layer node or pattern): a
+    session patch reads it with the grammar every patch and ablation goes through. With no run started
+    the patch is only recorded, and leaving the short session drops it."""
+    with get_client(address).session(name="dashboard-check") as s:
+        s.patch(name, "zero")
 
 
 @dataclass(frozen=True)

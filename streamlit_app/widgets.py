@@ -1,4 +1,6 @@
-"""Pieces shared by several pages: the prompt box, the tensor viewer, "not available yet" notes."""
+"""Pieces shared by several pages: the prompt box (its demo from the model's own ground truth, its unknown
+tokens marked), targets read by the server (its notes shown as written), the tensor viewer, "not
+available yet" notes."""
 
 from __future__ import annotations
 
@@ -8,21 +10,65 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from tdb_client import TensorSummary
+import re
+
+from tdb_client import TdbError, TensorSummary
 
 from . import charts, state
-from .connection import Context
-from .runs import Prompt, make_prompt, show_token
+from .connection import Context, show_error
+from .runs import Prompt, Resolved, make_prompt, resolve_target, show_token
 
 MAX_ROWS, MAX_COLS = 256, 512     # a heatmap bigger than this is cut (and says so)
-# the bundled model's demo (scripts/train_bundled.py): it should continue with " Darcy", by induction
+# for a model whose server names no demo: an English prompt that should continue with " Darcy", by induction
 EXAMPLE_PROMPT = ("When Mr. Darcy entered the room, Elizabeth coloured, and Mrs. Bennet was all civility. "
                   "Nobody spoke for some minutes, till at last Mr.")
 EXAMPLE_IDS = "5 17 42 8 99 23 61 5 17 42 8 99 23"
 
 
 def example_prompt(ctx: Context) -> str:
+    """The model's own demo (its ground truth, as the server reports it), else a generic example."""
+    if ctx.model.demo is not None:
+        return ctx.model.demo.prompt
     return EXAMPLE_PROMPT if ctx.model.has_tokenizer else EXAMPLE_IDS
+
+
+def default_tokens(ctx: Context) -> tuple[str, str]:
+    """The target and distractor the pages open on: the demo's answer and distractor."""
+    if ctx.model.demo is not None:
+        return ctx.model.demo.answer, ctx.model.demo.distractor
+    return (" Darcy", " Bingley") if ctx.model.has_tokenizer else ("17", "42")
+
+
+def corrupted_example(ctx: Context) -> str:
+    """A corrupted prompt to suggest: the demo with its answer swapped for the distractor."""
+    demo = ctx.model.demo
+    if demo is None:
+        return EXAMPLE_PROMPT.replace("Darcy", "Bingley") if ctx.model.has_tokenizer else "5 42 17 8 99 23 61 5 42"
+    return demo.prompt.replace(demo.answer.strip(), demo.distractor.strip())
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown as written (a glob's `*` is not emphasis)."""
+    return re.sub(r"([\\`*_\[\]<>$~|])", r"\\\1", text)
+
+
+def show_notes(notes) -> None:
+    """The server's notes on what it did with an input, as written."""
+    for note in notes:
+        st.caption(markdown_text(note))
+
+
+def resolved_target(ctx: Context, prompt: Prompt, target: str, distractor: str | None = None,
+                    what: str = "target") -> Resolved | None:
+    """The target as the server reads it (its notes shown as written); None after showing its refusal,
+    so nothing is computed for a target the model cannot have."""
+    try:
+        r = resolve_target(ctx, prompt, target, distractor)
+    except (TdbError, ValueError) as e:
+        show_error(e, what)
+        return None
+    show_notes(r.notes)
+    return r
 
 
 def prompt_input(ctx: Context, key: str = state.PROMPT, label: str = "Prompt", **kw) -> Prompt | None:
@@ -37,7 +83,17 @@ def prompt_input(ctx: Context, key: str = state.PROMPT, label: str = "Prompt", *
 
 
 def show_tokens(prompt: Prompt) -> None:
-    st.caption(f"{len(prompt)} tokens: " + " ".join(f"`{show_token(t)}`" for t in prompt.tokens))
+    """The token strip; a token the tokenizer wrote for text it cannot represent is marked, and a warning
+    says how many there are."""
+    unknown = set(prompt.unknown)
+    st.caption(f"{len(prompt)} tokens: " + " ".join(
+        f":red-background[`{show_token(t)}`]" if i in unknown else f"`{show_token(t)}`"
+        for i, t in enumerate(prompt.tokens)))
+    if unknown:
+        tok = prompt.tokens[min(unknown)]
+        st.warning(f"{len(unknown)} of {len(prompt)} tokens are not in the model's vocabulary: the tokenizer wrote "
+                   f"its unknown token `{tok}` for them (marked in red), so the model does not see those words.",
+                   icon=":material/warning:")
 
 
 def not_available(ctx: Context, what: str, needs: Sequence[str], issue: str) -> bool:

@@ -19,8 +19,9 @@ from tdb_client.names import is_head
 
 from .. import state
 from ..connection import Context, get_client
-from ..runs import CACHE, make_prompt, show_token, token_id
-from ..widgets import example_prompt, not_available, show_tokens
+from ..runs import CACHE, make_prompt, show_token
+from ..widgets import (corrupted_example, default_tokens, example_prompt, markdown_text, not_available,
+                       resolved_target, show_tokens)
 
 TITLE, ICON = "Circuit", ":material/account_tree:"
 MODES = ("information flow", "circuit")
@@ -136,13 +137,14 @@ def render(ctx: Context) -> None:
                                                       height=80), "clean")
         with b:
             corrupted = _prompt(ctx, state.url_text_input("Corrupted prompt (same length)", state.PROMPT2, "",
-                                                          area=True, height=80), "corrupted")
+                                                          area=True, height=80, placeholder=corrupted_example(ctx)),
+                                "corrupted")
+        t_default, d_default = default_tokens(ctx)
         c1, c2, c3 = st.columns(3)
         with c1:
-            answer = state.url_text_input("Target token", state.TARGET, " Darcy" if ctx.model.has_tokenizer else "42")
+            answer = state.url_text_input("Target token", state.TARGET, t_default)
         with c2:
-            distractor = state.url_text_input("Distractor token", state.DISTRACTOR,
-                                              " Bingley" if ctx.model.has_tokenizer else "17")
+            distractor = state.url_text_input("Distractor token", state.DISTRACTOR, d_default)
         fraction = c3.slider("Faithfulness to reach", 0.5, 1.0, 0.8, 0.05, key="circuit.fraction")
         if clean is None or corrupted is None:
             st.info("Give a clean and a corrupted prompt of the same token length.", icon=":material/info:")
@@ -150,11 +152,11 @@ def render(ctx: Context) -> None:
         if len(clean) != len(corrupted):
             st.warning(f"The prompts have {len(clean)} and {len(corrupted)} tokens: they must have the same length.")
             return
-        (answer_id, n1), (distractor_id, n2) = token_id(ctx, answer), token_id(ctx, distractor)
-        for note in (n1, n2):
-            if note:
-                st.caption(note)
-        r = _circuit(ctx.address, clean.ids, corrupted.ids, answer_id, distractor_id, float(fraction))
+        resolved = resolved_target(ctx, clean, answer, distractor)
+        if resolved is None:
+            return                        # no circuit for a target the server refused
+        st.caption(f"target: {markdown_text(resolved.description)}")
+        r = _circuit(ctx.address, clean.ids, corrupted.ids, resolved.token, resolved.distractor, float(fraction))
         g = Graph.from_json(r["graph"])
         st.caption(f"{r['edges']} of {r['all_edges']} edges · faithfulness {r['faithfulness']:.3f} · target clean "
                    f"{r['clean']:.3f}, corrupted {r['ablated']:.3f} · EAP vs exact on the top edges: Spearman "

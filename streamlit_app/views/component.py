@@ -1,11 +1,13 @@
-"""Component: one head (`blocks.L.attn.head.H`) or neuron (`blocks.L.mlp.neuron.N`) up close.
+"""Component: one head (`blocks.L.attn.head.H`), neuron (`blocks.L.mlp.neuron.N`) or SAE latent
+(`blocks.L.<site>.sae.latent.K`) up close.
 
-On the current prompt: its activation per token (a neuron's post-activation; a head's write norm) and,
-for heads, its attention pattern; the tokens its write promotes and suppresses when projected on the
-unembedding (a neuron: its output weights; a head: its write at the chosen position). All through
+On the current prompt: its activation per token (a neuron's post-activation; a head's write norm; a
+latent's SAE activation) and, for heads, its attention pattern; the tokens its write promotes and
+suppresses when projected on the unembedding (a neuron: its output weights; a head: its write at the
+chosen position; a latent: its decoder direction, from the server's explanation). All through
 `Evaluate` expressions on one cached run. Activation records and explanations need the server's
 records analyses and say so until it has them. Whether the unit exists is the server's answer (its
-message is shown as written); the name is split only to choose the head or the neuron view.
+message is shown as written); the name is split only to choose the view.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tdb_client.names import split_unit
 
 from .. import charts, state
 from ..connection import Context, attempt, get_client, show_error
-from ..runs import CACHE, Prompt, run, show_token
+from ..runs import Prompt, check_patch_name, run, show_token
 from ..widgets import not_available, prompt_input, show_tokens
 from .attention import patterns
 
@@ -26,27 +28,26 @@ TITLE, ICON = "Component", ":material/memory:"
 RECORDS = ("activation_records", "explanations")
 
 
-@st.cache_data(**CACHE)
-def _ask_server(address: str, name: str) -> None:
-    """Raises the server's TdbError when it does not know the unit `name`: a session patch reads the name
-    with the grammar every patch and ablation goes through. With no run started the patch is only
-    recorded, and leaving the short session drops it."""
-    with get_client(address).session(name="dashboard-component") as s:
-        s.patch(name, "zero")
+LATENT = ".sae.latent."
 
 
 def component(ctx: Context, name: str) -> tuple[str, int, int] | None:
-    """("head" | "neuron", layer, index) of a unit the server knows; None after showing why not (the
-    server's message when it refuses the name; the page's when it is a site, layer or pattern)."""
+    """("head" | "neuron" | "latent", layer, index) of a unit the server knows; None after showing why not
+    (the server's message when it refuses the name; the page's when it is a site, layer or pattern)."""
     try:
-        _ask_server(ctx.address, name.strip())
+        check_patch_name(ctx.address, name.strip())
     except TdbError as e:
         show_error(e)
         return None
+    name = name.strip()
+    site, _, index = name.rpartition(LATENT)
+    if site and index.isdigit() and "*" not in site:
+        return "latent", -1, int(index)
     unit = split_unit(name)
     if unit is None:
-        st.error(f"{name.strip()} is not a head or a neuron: the Component page shows blocks.L.attn.head.H or "
-                 "blocks.L.mlp.neuron.N", icon=":material/warning:")
+        st.error(f"{name} is not a head, a neuron or an SAE latent: the Component page shows "
+                 "blocks.L.attn.head.H, blocks.L.mlp.neuron.N or blocks.L.<site>.sae.latent.K",
+                 icon=":material/warning:")
     return unit
 
 
@@ -83,6 +84,29 @@ def _neuron(ctx: Context, prompt: Prompt, layer: int, neuron: int, k: int) -> No
     _promoted(up, down, "its output weights")
 
 
+def _latent(ctx: Context, prompt: Prompt, name: str, k: int) -> None:
+    """A latent's SAE activation per token on this prompt, and its decoder direction through the
+    unembedding (the server's explanation computes it: W_dec[k] mapped to the residual, then W_U)."""
+    site = name.rpartition(LATENT)[0]
+    out = run(ctx.address, prompt.ids, capture=(site,), evals=(name,))
+    acts = out.evals[name].value                                          # [batch, pos]
+    st.markdown("**Activation on this prompt** — the latent's SAE activation, per token")
+    st.altair_chart(charts.token_strip([show_token(t) for t in prompt.tokens], acts[0], signed=False,
+                                       value_title="activation"), width="content")
+    ex = attempt(lambda: _explain(ctx.address, name), "explaining the latent")
+    if ex is None:
+        return
+    st.markdown("**Decoder direction through the unembedding** — tokens the latent's decoder row promotes and "
+                "suppresses (final norm weight, then W_U)")
+    a, b = st.columns(2)
+    a.caption("promotes")
+    a.dataframe(pd.DataFrame([{"token": show_token(t), "logit": v} for t, v in ex.promoted[:k]]),
+                hide_index=True, width="stretch")
+    b.caption("suppresses")
+    b.dataframe(pd.DataFrame([{"token": show_token(t), "logit": v} for t, v in ex.suppressed[:k]]),
+                hide_index=True, width="stretch")
+
+
 def _promoted(up, down, what: str) -> None:
     st.markdown(f"**Logit lens** — tokens that {what} promotes and suppresses (through the unembedding, "
                 "without the final norm)")
@@ -97,7 +121,7 @@ def render(ctx: Context) -> None:
     st.header(f"{ICON} Component")
     default = "blocks.0.attn.head.0"
     name = state.url_text_input("Component", state.COMPONENT, default,
-                                help="blocks.L.attn.head.H or blocks.L.mlp.neuron.N")
+                                help="blocks.L.attn.head.H, blocks.L.mlp.neuron.N or blocks.L.<site>.sae.latent.K")
     unit = component(ctx, name)
     if unit is None:
         return
@@ -116,12 +140,14 @@ def render(ctx: Context) -> None:
     with st.spinner("running the prompt…"):
         if kind == "head":
             _head(ctx, prompt, layer, index, pos, k)
+        elif kind == "latent":
+            _latent(ctx, prompt, name.strip(), k)
         else:
             _neuron(ctx, prompt, layer, index, k)
     st.markdown("**Activation records and explanation**")
     if not not_available(ctx, "Top-activating dataset examples and explanations", RECORDS,
                          "the SAE / activation-records issue"):
-        _records(ctx, name)
+        _records(ctx, name.strip())
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -155,4 +181,4 @@ def _records(ctx: Context, unit: str) -> None:
         hi = min(len(w.tokens), w.max_pos + 4)
         st.altair_chart(charts.token_strip(list(w.tokens[lo:hi]), w.acts[lo:hi].tolist(),
                                            title=f"#{rank + 1}: max {w.max_act:.3g} at “{w.tokens[w.max_pos]}”"),
-                        use_container_width=True)
+                        width="stretch")

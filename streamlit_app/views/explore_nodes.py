@@ -13,7 +13,6 @@ written. Names are read here only for display (`tdb_client.names`).
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import grpc
@@ -22,11 +21,14 @@ import pandas as pd
 import streamlit as st
 
 from tdb_client import Target, TdbError, Trace
-from tdb_client.names import is_head
+from tdb_client.names import is_head, split_unit
 
-from .. import charts, state
+from .. import state
 from ..connection import Context, describe, get_client, show_error, shown_errors
 from ..runs import CACHE, Prompt, show_token
+from ..widgets import markdown_text, show_notes
+from . import explore_tokens
+from .explore_tokens import token_effects
 
 NEEDS = ("node_table",)
 METRICS = ("direct_effect", "total_effect", "activation", "write_norm")
@@ -35,6 +37,14 @@ DEFAULT_TYPES = ("head", "neuron")
 PARTS = ("output", "q", "k", "qk", "v")
 TRACE, PART, KEYPOS, RANK, TYPES = "trace", "part", "keypos", "rank", "types"
 MAX_K = 200
+# the columns as what they are: the total effect is a first-order estimate, not an ablation
+COLUMN_LABELS = {"total_effect": "total effect (estimate)", "diff_total_effect": "diff total effect (estimate)"}
+COLUMN_HELP = {"total_effect": "estimate (activation × gradient): first order, can be far off or of the wrong sign; "
+                               "ablate the row to measure its exact effect",
+               "diff_total_effect": "left − right of the estimate (activation × gradient)",
+               "direct_effect": "exact: the node's write through the final norm (frozen) and the unembedding",
+               "activation": "heads: |z|; token pairs: attention probability; neurons: post-activation",
+               "write_norm": "norm of the node's write to the residual stream"}
 
 
 # -- cached analyses (plain arguments, so Streamlit can hash them) ---------------------------------
@@ -63,20 +73,6 @@ def compare(address: str, left: tuple[int, ...], right: tuple[int, ...], t: int,
     tr = _trace(trace)
     return client.compare(list(left), list(right), None if tr else _target(t, d), trace=tr, top_k=k,
                           rank_by=rank_by, node_types=list(types), ablations=list(ablated))
-
-
-@st.cache_data(**CACHE)
-def token_effects(address: str, ids: tuple[int, ...], t: int, d: int, trace: tuple | None,
-                  ablated: tuple[str, ...] = ()) -> np.ndarray:
-    """Estimated total effect per position: the token (+ position) embedding rows, activation x gradient."""
-    client = get_client(address)
-    tr = _trace(trace)
-    r = client.node_table(list(ids), None if tr else _target(t, d), trace=tr, top_k=1, all_rows=True,
-                          rank_by="total_effect", node_types=["embed_token", "embed_pos"], ablations=list(ablated))
-    out = np.zeros(len(ids))
-    table = r.all
-    np.add.at(out, table.ids[:, 3], table.column("total_effect"))
-    return out
 
 
 @st.cache_data(**CACHE)
@@ -136,9 +132,30 @@ def _trace_banner(trace: tuple | None) -> None:
              kwargs={TRACE: None, PART: None, KEYPOS: None, state.POS: None}, key="explore.untrace")
 
 
-def _actions(ctx: Context, row: pd.Series, add_ablation: Callable[[str], None]) -> None:
+@st.cache_data(**CACHE)
+def _attention_row(address: str, ids: tuple[int, ...], layer: int, head: int, pos: int) -> np.ndarray:
+    """[key_pos]: where head `layer`.`head` looks from query position `pos` (the server's pattern)."""
+    return get_client(address).attention_pattern(list(ids), layer, [head]).pattern[0, pos, :pos + 1]
+
+
+def _key_position(ctx: Context, prompt: Prompt, node: str, pos: int, keypos: int) -> int:
+    """The key position to trace a head's score through: the row's own (a token pair), else the one the
+    head attends to most from `pos` — as TDB does — which the person can change."""
+    unit = split_unit(node)
+    if keypos >= 0 or unit is None or pos < 0:
+        return max(keypos, pos)
+    row = _attention_row(ctx.address, prompt.ids, unit[1], unit[2], pos)
+    best = int(np.argmax(row))
+    labels = {i: f"{prompt.labels[i]} (attention {row[i]:.2f})" for i in range(len(row))}
+    return st.selectbox("key position", range(len(row)), index=best, format_func=labels.__getitem__,
+                        key=f"explore.act.keypos.{node}.{pos}",
+                        help="the key position of the attention score; by default the one the head attends to most")
+
+
+def _actions(ctx: Context, prompt: Prompt, row: pd.Series, add_ablation: Callable[[str], None]) -> None:
     node, kind = row["node"], row["node_type"]
-    is_unit = kind in ("head", "head_pair", "neuron")
+    is_unit = kind in ("head", "head_pair", "neuron", "sae_latent")
+    traceable = kind in ("head", "head_pair", "neuron")
     a, b, c = st.columns(3)
     with a:
         st.button("Ablate", icon=":material/block:", disabled=not is_unit, key="explore.act.ablate",
@@ -149,10 +166,12 @@ def _actions(ctx: Context, row: pd.Series, add_ablation: Callable[[str], None]) 
             part = st.selectbox("through", PARTS, key="explore.act.part",
                                 help="output: the head's write; q / k / qk: its attention score; v: its values")
         pos = int(row["query_pos"]) if row["query_pos"] >= 0 else -1
-        keypos = int(row["key_pos"]) if row["key_pos"] >= 0 else pos
-        st.button("Trace upstream", icon=":material/account_tree:", disabled=not is_unit, key="explore.act.trace",
+        keypos = int(row["key_pos"]) if kind == "head_pair" and row["key_pos"] >= 0 else -1
+        if part in ("q", "k", "qk"):
+            keypos = _key_position(ctx, prompt, node, pos, keypos)
+        st.button("Trace upstream", icon=":material/account_tree:", disabled=not traceable, key="explore.act.trace",
                   on_click=state.url_set, kwargs={TRACE: node, PART: part if kind != "neuron" else None,
-                                                  state.POS: pos, KEYPOS: keypos})
+                                                  state.POS: pos, KEYPOS: keypos if part in ("q", "k", "qk") else None})
     with c:
         st.button("Open component page", icon=":material/open_in_new:", disabled=not is_unit,
                   key="explore.act.open", on_click=state.goto, args=("component",),
@@ -207,11 +226,6 @@ def _accepted(address: str, ids: tuple[int, ...], t: int, d: int,
     return tuple(n for n, e in answers if e is None), [e for _, e in answers if e is not None]
 
 
-def _markdown_text(text: str) -> str:
-    """`text` shown as written (a glob's `*` is not emphasis)."""
-    return re.sub(r"([\\`*_\[\]<>$~|])", r"\\\1", text)
-
-
 def _node_table_ablations(ctx: Context, ids: tuple[int, ...], t: int, d: int, ablations: list[str]) -> tuple[str, ...]:
     """The active ablations the server computes the node table under; its refusals of the others, verbatim."""
     if not ablations:
@@ -222,7 +236,7 @@ def _node_table_ablations(ctx: Context, ids: tuple[int, ...], t: int, d: int, ab
         show_error(e, "node table ablations")
         return ()
     if refused:
-        said = "\n".join(f"- {_markdown_text(describe(e, ctx.address))}" for e in refused)
+        said = "\n".join(f"- {markdown_text(describe(e, ctx.address))}" for e in refused)
         st.warning(f"Not applied to the node table (the candidates and the target above still have them); "
                    f"the server says:\n\n{said}", icon=":material/info:")
     return kept
@@ -230,22 +244,25 @@ def _node_table_ablations(ctx: Context, ids: tuple[int, ...], t: int, d: int, ab
 
 # -- the table's inputs and heading ---------------------------------------------------------------------
 
-def _token_effects(ctx: Context, ids: tuple[int, ...], tokens: tuple[str, ...], t: int, d: int,
-                   trace: tuple | None, ablated: tuple[str, ...]) -> None:
-    with shown_errors("per-token effects"):
-        eff = token_effects(ctx.address, ids, t, d, trace, ablated)
-        st.markdown("**Estimated total effect of each input token** (embedding · gradient)")
-        st.altair_chart(charts.token_strip([show_token(x) for x in tokens], eff, value_title="total effect"),
-                        width="content")
+def _node_types(ctx: Context) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The node types to offer and those shown by default: SAE latents too when an SAE is attached."""
+    try:
+        saes = ctx.client.list_saes()
+    except TdbError:
+        saes = []
+    if saes:
+        return NODE_TYPES + ("sae_latent",), DEFAULT_TYPES + ("sae_latent",)
+    return NODE_TYPES, DEFAULT_TYPES
 
 
-def _table_options(trace: tuple | None) -> tuple[str, list[str], int]:
+def _table_options(ctx: Context, trace: tuple | None) -> tuple[str, list[str], int]:
     """Rank by, node types and rows, from the URL."""
     a, b, c = st.columns([2, 3, 1])
     with a:
         rank_by = state.url_selectbox("Rank by", RANK, METRICS, METRICS[0] if not trace else "total_effect")
     with b:
-        types = state.url_multiselect("Node types", TYPES, NODE_TYPES, DEFAULT_TYPES)
+        offered, default = _node_types(ctx)
+        types = state.url_multiselect("Node types", TYPES, offered, default)
     with c:
         k = state.url_number_input("Rows (top and bottom)", state.TOPK, 10, min_value=1, max_value=MAX_K)
     return rank_by, types, k
@@ -255,34 +272,38 @@ def _objective(result, desc: str, mode: str, trace: tuple | None) -> str:
     """The objective's description with its value (and, when exact, the direct effects' sum); its notes shown."""
     if mode == "diff":
         return desc
-    for note in result.target.notes:
-        st.caption(note)
+    show_notes(result.target.notes)
     if not trace and result.target.exact:
         return desc + f" = {result.target.value:.4f} (direct effects sum to {result.direct_effect_sum:.4f})"
     return desc + f" = {result.target.value:.4f}"
 
 
-def _heading(desc: str, two_prompts: bool, mode: str, ablated: tuple[str, ...]) -> None:
+def _heading(desc: str, two_prompts: bool, mode: str, ablated: tuple[str, ...], trace: tuple | None) -> None:
+    """What the table explains (the target, or the traced node), on which prompt, under which ablations —
+    each named, so a traced node is never read as an ablated one."""
     side = {"left": " — left prompt", "right": " — right prompt", "diff": " — left − right"}.get(mode, "") \
         if two_prompts else ""
-    with_ablations = f" — with {len(ablated)} ablated" if ablated else ""
-    st.markdown(f"**Node table**{side}{with_ablations}: {desc}")
+    what = f"tracing upstream from {trace[0]}, explains" if trace else "explains"
+    with_ablations = (f" — computed with {len(ablated)} ablated ({', '.join(ablated)})" if ablated
+                      else " — no ablations")
+    st.markdown(f"**Node table**{side} — {what} {markdown_text(desc)}{markdown_text(with_ablations)}")
 
 
-def _table(ctx: Context, df: pd.DataFrame, add_ablation: Callable[[str], None]) -> None:
+def _table(ctx: Context, prompt: Prompt, df: pd.DataFrame, add_ablation: Callable[[str], None]) -> None:
     """The rows (a click selects one) and the selected row's actions."""
     labels = [_label(r) for _, r in df.iterrows()]
     df_key = "explore.table"
     st.dataframe(df, hide_index=True, width="stretch", key=df_key, height=min(640, 35 * (len(df) + 1) + 3),
                  on_select=lambda: _on_row_select(df_key, labels), selection_mode="single-row",
-                 column_config={m: st.column_config.NumberColumn(format="%.4f") for m in df.columns
-                                if df[m].dtype.kind == "f"})
+                 column_config={m: st.column_config.NumberColumn(COLUMN_LABELS.get(m), format="%.4f",
+                                                                 help=COLUMN_HELP.get(m))
+                                for m in df.columns if df[m].dtype.kind == "f"})
     if not labels:
         return
     if st.session_state.get("explore.node") not in labels:
         st.session_state["explore.node"] = labels[0]
     label = st.selectbox("Selected node (or click a row)", labels, key="explore.node")
-    _actions(ctx, df.iloc[labels.index(label)], add_ablation)
+    _actions(ctx, prompt, df.iloc[labels.index(label)], add_ablation)
 
 
 # -- the page's lower half ----------------------------------------------------------------------------
@@ -298,13 +319,13 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
         _ablation_effects(ctx, prompt.ids, t, d, ablations)
     ablated = _node_table_ablations(ctx, shown.ids, t, d, ablations)
     _trace_banner(trace)
-    _token_effects(ctx, shown.ids, shown.tokens, t, d, trace, ablated)
-    rank_by, types, k = _table_options(trace)
+    explore_tokens.render(ctx, shown.ids, shown.tokens, t, d, trace, ablated)
+    rank_by, types, k = _table_options(ctx, trace)
     with st.spinner("computing the node table…"), shown_errors("node table"):
         if diff:
             result = compare(ctx.address, prompt.ids, prompt2.ids, t, d, trace, k, rank_by, tuple(types), ablated)
         else:
             result = node_table(ctx.address, shown.ids, t, d, trace, k, rank_by, tuple(types), ablated)
         df, desc = _frame(result, "diff" if diff else "single")
-        _heading(_objective(result, desc, mode, trace), prompt2 is not None, mode, ablated)
-        _table(ctx, df, add_ablation)
+        _heading(_objective(result, desc, mode, trace), prompt2 is not None, mode, ablated, trace)
+        _table(ctx, shown, df, add_ablation)

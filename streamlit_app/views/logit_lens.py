@@ -11,9 +11,9 @@ import pandas as pd
 import streamlit as st
 
 from .. import charts, state
-from ..connection import Context, shown_errors
-from ..runs import run, show_token, token_id
-from ..widgets import prompt_input, show_tokens
+from ..connection import Context
+from ..runs import run, show_token
+from ..widgets import markdown_text, prompt_input, resolved_target, show_tokens
 
 TITLE, ICON = "Logit lens", ":material/layers:"
 
@@ -62,15 +62,16 @@ def render(ctx: Context) -> None:
         with_mid = st.checkbox("also after attention (resid_mid)", key="lens.mid")
     target = None
     if target_text:
-        with shown_errors("target token"):
-            target, note = token_id(ctx, target_text)
-            if note:
-                st.caption(note)
+        resolved = resolved_target(ctx, prompt, target_text, what="tracked token")
+        if resolved is None:
+            return                        # nothing computed for a token the server refused
+        target = resolved.token
+        st.caption(f"tracking {markdown_text(resolved.description)}")
     with st.spinner("running the prompt…"):
         df, probs = lens_table(ctx, prompt.ids, pos, k, with_mid, target)
     st.altair_chart(charts.lens_grid(df, title=f"top {k} next tokens at position {prompt.labels[pos]}"),
                     width="content")
     if target is not None and probs:
         sites = list(dict.fromkeys(df["site"]))
-        st.altair_chart(charts.line(sites, probs, title=f"p({target_text!r}) across layers", y_title="probability"),
+        st.altair_chart(charts.line(sites, probs, title="probability of the tracked token across layers", y_title="probability"),
                         width="content")

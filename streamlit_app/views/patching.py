@@ -16,14 +16,11 @@ from tdb_client import Target
 
 from .. import charts, state
 from ..connection import Context, shown_errors
-from ..runs import make_prompt, token_id
-from ..widgets import example_prompt, not_available
-from .explore import _default_tokens
+from ..runs import make_prompt
+from ..widgets import corrupted_example, default_tokens, example_prompt, not_available, resolved_target, show_tokens
 
 TITLE, ICON = "Patching", ":material/healing:"
 SWEEPS = ("patch_sweep", "activation_patching", "attribution_patching")
-CORRUPTED_EXAMPLE = ("When Mr. Bingley entered the room, Elizabeth coloured, and Mrs. Bennet was all civility. "
-                     "Nobody spoke for some minutes, till at last Mr.")
 
 
 KINDS = ("head_out", "resid_pre", "attn_out", "mlp_out", "head_q", "head_k", "head_v", "head_pattern", "neuron")
@@ -73,14 +70,14 @@ def _show(result) -> None:
     z, rows, cols, row_title, col_title = _grid(result)
     st.altair_chart(charts.heatmap(z, rows, cols, title=f"{result.kind} sweep ({result.direction}, {result.method}): "
                                    "0 = corrupted, 1 = clean", row_title=row_title, col_title=col_title,
-                                   signed=True, value_title="normalized"), use_container_width=False)
+                                   signed=True, value_title="normalized"), width="content")
     if result.approx_values is not None:
         done = ~np.isnan(result.values)
         st.markdown("**Attribution vs exact** (the verified cells)")
         df = pd.DataFrame({"estimate": result.approx_values[done], "exact": result.values[done]})
         st.altair_chart(alt.Chart(df).mark_circle(size=60).encode(x="estimate:Q", y="exact:Q",
                                                                   tooltip=["estimate:Q", "exact:Q"]),
-                        use_container_width=True)
+                        width="stretch")
         if s is not None:
             st.caption(f"Pearson {s.pearson:.3f}, Spearman {s.spearman:.3f}, max |error| {s.max_abs_error:.3g} "
                        f"over {s.verified} verified cells")
@@ -97,19 +94,20 @@ def render(ctx: Context) -> None:
         clean = state.url_text_input("Clean prompt", state.PROMPT, example_prompt(ctx), area=True, height=80)
     with b:
         corrupted = state.url_text_input("Corrupted prompt", state.PROMPT2, "", area=True, height=80,
-                                         placeholder=CORRUPTED_EXAMPLE)
+                                         placeholder=corrupted_example(ctx))
     prompts = {}
     for label, text in (("clean", clean), ("corrupted", corrupted)):
         try:
             p = make_prompt(ctx, text)
             if p is not None:
-                st.caption(f"{label}: {len(p)} tokens")
+                st.caption(f"{label} prompt:")
+                show_tokens(p)
                 prompts[label] = p
         except ValueError as e:
             st.error(f"{label} prompt: {e}", icon=":material/warning:")
     if not_available(ctx, "Activation-patching sweeps", SWEEPS, "the patching-at-scale issue"):
         return
-    t_default, d_default = _default_tokens(ctx)
+    t_default, d_default = default_tokens(ctx)
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
         target_text = state.url_text_input("Target token", state.TARGET, t_default)
@@ -132,9 +130,11 @@ def render(ctx: Context) -> None:
         st.warning(f"The prompts have {len(prompts['clean'])} and {len(prompts['corrupted'])} tokens: a patching "
                    "sweep needs the same token length.", icon=":material/warning:")
         return
-    with shown_errors("target"):
-        t, _ = token_id(ctx, target_text)
-        dt, _ = token_id(ctx, distractor_text)
+    resolved = resolved_target(ctx, prompts["clean"], target_text, distractor_text)
+    if resolved is None:
+        return                            # no sweep for a target the server refused
+    t, dt = resolved.token, resolved.distractor
+    st.caption(f"target: {resolved.description}")
     key = ("patching.result", clean, corrupted, target_text, distractor_text, kind, method, direction,
            per_position, int(top_k))
     if st.button("Run sweep", icon=":material/play_arrow:", key="patching.run", type="primary"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -13,11 +14,13 @@ RANDOM_IDS = "5 17 42 8 99 23 61 5 17 42 8 99 23"
 
 
 def run_page(address: str, page: str, timeout: float = 60, **params: str):
-    """Run the app once on `?server=address&page=page&...`."""
+    """Run the app once on `?page=page&...`, configured for the server at `address` ($TDB_SERVER, as
+    `tdb dashboard` sets it: the URL cannot choose the server)."""
     from streamlit.testing.v1 import AppTest
 
+    os.environ["TDB_SERVER"] = address
     at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.query_params.update(server=address, page=page, **params)
+    at.query_params.update(page=page, **params)
     return at.run()
 
 

@@ -210,7 +210,7 @@ def test_component_page_names_what_it_shows_for_a_site_or_a_layer(dash):
     at = run_page(dash.address, "component", component="blocks.1.attn")
     assert not at.exception
     [error] = at.error
-    assert "not a head or a neuron" in error.value
+    assert "not a head, a neuron or an SAE latent" in error.value
 
 
 # -- Attention and logit lens -------------------------------------------------------------------------
