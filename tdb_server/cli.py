@@ -70,7 +70,8 @@ def _dashboard(args: argparse.Namespace) -> int:
         print(f"tdb dashboard: the dashboard is not available ({e}); install the 'dashboard' extra",
               file=sys.stderr)
         return 2
-    return run_dashboard(server=args.server, port=args.port, model=args.model, host=args.host)
+    return run_dashboard(server=args.server, port=args.port, model=args.model, host=args.host,
+                         password=args.dashboard_password)
 
 
 def _dap(args: argparse.Namespace) -> int:
@@ -122,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="the Streamlit dashboard")
     p.add_argument("--server", default=None, help="HOST:PORT of a running tdb server (default: start one)")
     p.add_argument("--model", default=None, help="model for the embedded server")
-    p.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on; beyond loopback it "
+                   "needs --dashboard-password")
     p.add_argument("--port", type=int, default=8501, help="the dashboard's port (0 picks a free one)")
+    p.add_argument("--dashboard-password", default=None, metavar="PASSWORD", help="the password every browser "
+                   "session gives before it sees a page (or set TDB_DASHBOARD_PASSWORD); required when --host is "
+                   "beyond loopback, since the dashboard uses the server with its own token")
     p.set_defaults(fn=_dashboard)
 
     p = sub.add_parser("dap", help="Debug Adapter Protocol bridge for VS Code / nvim-dap",
