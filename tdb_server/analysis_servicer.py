@@ -16,7 +16,7 @@ import torch
 
 from tdb.v1 import analysis_pb2 as pb, analysis_pb2_grpc
 
-from . import wire
+from . import bounds, wire
 from .analyses import ablation, input_attribution, lens, node_table as nt, sweeps
 from .analyses import circuits
 from .analyses.inputs import Prompt, Target, TargetSpec, decode, encode, resolve_target
@@ -325,6 +325,8 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
             sweep = sweeps.PatchSweep(a, clean, corrupted, target, spec)
         target.value = sweep.clean_value
         yield pb.PatchSweepChunk(
+        bounds.in_range("max_batch", request.max_batch, 0, bounds.MAX_SWEEP_BATCH, "0 = from the memory budget")
+        bounds.in_range("verify_top_k", request.verify_top_k, 0, MAX_TOP_K, f"0 = {DEFAULT_TOP_K}")
             header=pb.PatchSweepHeader(
                 tokens=decode(a, clean[:sweep.seq]), corrupted_tokens=decode(a, corrupted[:sweep.seq]),
                 target=_resolved(target), clean_value=sweep.clean_value, corrupted_value=sweep.corrupted_value,
@@ -378,6 +380,9 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         with scheduler_for(a).turn():
             if should_stop():
                 raise Cancelled("the client cancelled the request")
+        bounds.in_range("verify_top_k", request.verify_top_k, -1, MAX_TOP_K, f"0 = {DEFAULT_TOP_K}, -1 = none")
+        bounds.in_range("max_edges", request.max_edges, 0, bounds.MAX_EDGES, "0 = all")
+        bounds.in_range("fraction", request.fraction, 0.0, 1.0, "0 = 0.8")
             clean = self._ids(request.clean, "clean")
             target, run_ids = _target(a, request.target, clean)
             if target.appended_ids:

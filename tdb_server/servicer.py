@@ -22,7 +22,7 @@ from tdb.v1 import common_pb2, debugger_pb2 as pb, debugger_pb2_grpc
 
 from google.protobuf import json_format
 
-from . import PROTOCOL_VERSION, __version__, recording, serde, shm, wire
+from . import PROTOCOL_VERSION, __version__, bounds, recording, serde, shm, wire
 from .aio_bridge import abort_async
 from .engine.events import Event, Invalidated
 from .engine.manager import SessionManager
@@ -229,6 +229,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def GetResult(self, request: pb.GetResultRequest, context: grpc.ServicerContext) -> pb.RunResult:
+        bounds.in_range("top_k", request.top_k, 0, self.adapter.info.vocab_size, "0 = 10")
         run = self.sessions.get(request.session_id).run_for(request.run_id)
         return serde.result_to_proto(run.build_result(top_k=request.top_k or 10, include_logits=request.include_logits))
 
@@ -265,6 +266,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc_async
     async def PollEvents(self, request: pb.PollEventsRequest, context: grpc.aio.ServicerContext) -> pb.PollEventsResponse:
+        bounds.in_range("max_events", request.max_events, 0, bounds.MAX_POLL_EVENTS, "0 = no limit")
         s = self.sessions.get(request.session_id)
         if request.timeout_ms > 0:
             with self.stream_slots.held("PollEvents with a timeout"):
@@ -345,6 +347,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+        bounds.in_range("max_elements", request.max_elements, 0, bounds.MAX_EVAL_ELEMENTS, "0 = 4096")
         s = self.sessions.get(request.session_id)
         run = s.run_for(request.run_id)
         if request.frame_id:

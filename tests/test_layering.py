@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 SERVER_TIERS = {
-    "errors": 0, "limits": 0, "paths": 0, "shm": 0, "bundled": 0,
+    "errors": 0, "limits": 0, "bounds": 0, "paths": 0, "shm": 0, "bundled": 0,
     "model": 1,
     "engine": 2, "analyses": 2, "sae": 2, "records": 2, "explain": 2, "files": 2,
     "serde": 3, "wire": 3, "security": 3, "aio_bridge": 3, "recording": 3, "servicer": 3, "analysis_servicer": 3, "sae_servicer": 3,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgument
+from ..bounds import MAX_TEMPERATURE
 from ..limits import Limits
 from ..model.sites import expand_glob, site_kind, site_shape
 from ..model.tokens import Prompt, encode as encode_prompt
@@ -46,9 +47,13 @@ def check_generation(adapter: Any, limits: Limits, gen: GenOptions, seqs: list[l
                               f"{max_pos} positions", reason="TOO_LONG")
     if gen.sample and not (gen.temperature >= 0 and math.isfinite(gen.temperature)):
         raise InvalidArgument("temperature must be a finite number >= 0", reason="BAD_GENERATE")
-    if gen.top_k < 0:
-        raise InvalidArgument("top_k must be >= 0", reason="BAD_GENERATE")
     vocab = adapter.info.vocab_size
+    if not 0 <= gen.top_k <= vocab:
+        raise InvalidArgument(f"top_k = {gen.top_k} is out of range: it must be in 0..{vocab} (0 = the whole "
+                              "vocabulary)", reason="BAD_GENERATE")
+    if gen.sample and gen.temperature > MAX_TEMPERATURE:
+        raise InvalidArgument(f"temperature = {gen.temperature} is out of range: it must be in 0..{MAX_TEMPERATURE:g}",
+                              reason="BAD_GENERATE")
     if any(not 0 <= t < vocab for t in gen.stop_token_ids):
         raise InvalidArgument(f"stop_token_ids must be in [0, {vocab})", reason="BAD_GENERATE")
 

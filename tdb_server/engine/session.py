@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import bounds
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..limits import Limits
 from ..model.interventions import Intervention, Selector
@@ -156,6 +157,7 @@ class Session:
                               hit_condition=parse_hit_condition(bp.hit_condition), log_message=bp.log_message)
         if bp.tokens is not None:
             first, last = bp.tokens
+            bounds.in_range("tokens.last", last, 0, self.limits.max_prompt_tokens, "generation steps")
             if not 0 <= first <= last:
                 raise InvalidArgument(f"breakpoint {i}: token range {first}..{last} is empty or negative",
                                       reason="BAD_BREAKPOINT")
@@ -383,6 +385,7 @@ class Session:
         """Register a patch: on the session (no live run), on the live run, or applied now at its stop.
         Returns the patch and whether it was applied now."""
         name = name.strip()
+        self._check_selector(selector, tokens)
         ivs = patching.interventions(self.adapter, name, op, selector, value, scalar, mean_over, tuple(tokens))
         if op == "copy_from_run":
             src = self._source_run(source_run_id)
@@ -396,6 +399,17 @@ class Session:
                 self.patches.append(patch)
                 return patch, False
             return self._patch_run(run, patch)
+
+    def _check_selector(self, selector: Selector, tokens: tuple[int, ...]) -> None:
+        """Every index of a patch within what a run of this server can have (INVALID_ARGUMENT otherwise)."""
+        lim, info = self.limits, self.adapter.info
+        positions = 2 * lim.max_prompt_tokens     # a prompt and at most as many generated tokens
+        bounds.all_in_range("selector.batch", selector.batch, -lim.max_batch, lim.max_batch - 1)
+        bounds.all_in_range("selector.positions", selector.positions, -positions, positions - 1,
+                            "negatives count from each batch item's end")
+        bounds.all_in_range("selector.heads", selector.heads, -info.n_heads, info.n_heads - 1)
+        bounds.all_in_range("selector.neurons", selector.neurons, -info.d_mlp, info.d_mlp - 1)
+        bounds.all_in_range("tokens", tokens, 0, lim.max_prompt_tokens, "generation steps")
 
     def _patch_run(self, run: DebugRun, patch: Patch) -> tuple[Patch, bool]:
         """A patch on the live run (under the lock): for sites still to come, or applied now when the run is
