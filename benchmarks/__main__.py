@@ -10,7 +10,8 @@ as JSON (`--json`, default benchmarks/results/latest.json).
     P3  ReadTensor throughput over gRPC for 1, 16 and 256 MiB              (target >= 1 GiB/s)
     P4  exact head sweep and attribution + exact top-k vs TransformerLens  (needs the `bench` extra;
         runs benchmarks/bench_sweeps.py)                                  (targets >= 3x and >= 10x)
-    P5  full node table ÷ one forward                                      (target <= 3x)
+    P5  node table ÷ one forward: full (<= 3x), direct effects at the target position (<= 1.3x),
+        direct + total effects there (<= 2.5x)
     P6  memory a session holds beyond the weights, with and without captures
     P7  node table, logit lens and "cache everything" vs TransformerLens and nnsight, numbers checked
         first (the `bench` extra; missing peers get a row saying so; benchmarks/bench_peers.py)

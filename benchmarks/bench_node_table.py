@@ -5,6 +5,7 @@
     python benchmarks/bench_node_table.py --model random-gpt2 --tokens 128 --device cuda
 
 Rows: plain forward (no hooks, no grad), forward + backward (plain autograd through the model), the
+node table's direct effects at the target position (no backward), the same with total effects, the
 node table without token pairs, and the full node table (token pairs too); each the median of
 `--repeat` runs after a warm-up, and its ratio to the plain forward.
 """
@@ -89,8 +90,14 @@ def main() -> int:
         (logits[0, -1, 1] - logits[0, -1, 2]).backward()
 
     no_pairs = set(NODE_TYPES.values()) - {HEAD_PAIR}
+    objective = TargetObjective(target)
     rows = [("plain forward", timed(forward, args.repeat, args.device)),
             ("plain forward + backward", timed(forward_backward, args.repeat, args.device)),
+            ("direct effects at the target", timed(lambda: compute_node_table(
+                adapter, ids, objective, node_types=no_pairs, target_position_only=True, direct_only=True),
+                args.repeat, args.device)),
+            ("direct + total at the target", timed(lambda: compute_node_table(
+                adapter, ids, objective, node_types=no_pairs, target_position_only=True), args.repeat, args.device)),
             ("node table, no token pairs", timed(lambda: compute_node_table(adapter, ids, TargetObjective(target),
                                                                             node_types=no_pairs),
                                                  args.repeat, args.device)),

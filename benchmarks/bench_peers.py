@@ -9,8 +9,10 @@ Before anything is timed, each peer's numbers are checked against tdb's and the 
 goes in the row's note. A peer that is not installed, or fails to load, gets a row saying why.
 Each task is timed interleaved with a plain HF forward of the same prompt (the ratio column):
 
-* node table, one target: tdb compute_node_table for heads + neurons (direct and total effect, every
-  position), in-process and over gRPC (NodeTable, top/bottom 20 sent back); TransformerLens 4.x
+* node table, one target: tdb compute_node_table for heads + neurons: direct effects at the target
+  position (what the peers compute: one forward, no backward), the same with total effects (one
+  backward), and the full table (every position, direct and total: what the dashboard shows);
+  over gRPC the first (NodeTable, top/bottom 20 sent back); TransformerLens 4.x
   (TransformerBridge) run_with_cache + stack_head_results / stack_neuron_results + logit_attrs (direct
   effect at the target position only); nnsight has no direct-attribution helper, so no row.
 * logit lens of embed + every block's output, every position, top 5: tdb logit_lens (and LogitLens
@@ -178,18 +180,32 @@ def node_table_entries(b: Bench) -> dict[str, Entry]:
     ids, mets = ours.table.ids.numpy(), ours.table.metrics.numpy()
     heads = dense_direct(ids, mets, HEAD, p, (info.n_layers, info.n_heads))
     neurons = dense_direct(ids, mets, NEURON, p, (info.n_layers, info.d_mlp))
-    entries = {"tdb in-process: compute_node_table, heads + neurons (direct + total effect)": Entry(
-        lambda: compute_node_table(b.adapter, b.ids, TargetObjective(b.target), node_types=types),
-        f"{len(ids)} rows, all positions; direct effects sum to the target: "
-        f"|sum - value| {abs(ours.direct_effect_sum - ours.value):.1e}")}
+    at_p = compute_node_table(b.adapter, b.ids, TargetObjective(b.target), node_types=types,
+                              target_position_only=True, direct_only=True)
+    cheap = max(max_diff(dense_direct(at_p.table.ids.numpy(), at_p.table.metrics.numpy(), HEAD, p, heads.shape), heads),
+                max_diff(dense_direct(at_p.table.ids.numpy(), at_p.table.metrics.numpy(), NEURON, p, neurons.shape),
+                         neurons))
+    entries = {
+        "tdb in-process: compute_node_table, heads + neurons, direct effect at the target position": Entry(
+            lambda: compute_node_table(b.adapter, b.ids, TargetObjective(b.target), node_types=types,
+                                       target_position_only=True, direct_only=True),
+            f"{len(at_p.table.ids)} rows (what the peers compute); max |this - full table| {cheap:.1e}"),
+        "tdb in-process: the same + total effects (one backward)": Entry(
+            lambda: compute_node_table(b.adapter, b.ids, TargetObjective(b.target), node_types=types,
+                                       target_position_only=True), "activation x gradient at the target position"),
+        "tdb in-process: the full table, every position, direct + total effect (the dashboard's)": Entry(
+            lambda: compute_node_table(b.adapter, b.ids, TargetObjective(b.target), node_types=types),
+            f"{len(ids)} rows, all positions; direct effects sum to the target: "
+            f"|sum - value| {abs(ours.direct_effect_sum - ours.value):.1e}")}
 
     def wire():
-        return b.client.node_table(b.ids, Target([A], [B]), node_types=["head", "neuron"], top_k=20)
+        return b.client.node_table(b.ids, Target([A], [B]), node_types=["head", "neuron"], top_k=20,
+                                   target_position_only=True, direct_only=True)
     got = wire()
     sent = np.concatenate([got.top.ids, got.bottom.ids]), np.concatenate([got.top.metrics, got.bottom.metrics])
     wire_diff = max(max_diff(dense_direct(*sent, HEAD, p, heads.shape), heads),
                     max_diff(dense_direct(*sent, NEURON, p, neurons.shape), neurons))
-    entries["tdb over gRPC: NodeTable, heads + neurons (top/bottom 20 sent back)"] = Entry(
+    entries["tdb over gRPC: NodeTable, heads + neurons, direct at the target (top/bottom 20 sent back)"] = Entry(
         wire, f"max |wire - in-process| {wire_diff:.1e}")
 
     label = "TransformerLens: run_with_cache + stack_head/neuron_results + logit_attrs (direct effect only)"

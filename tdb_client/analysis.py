@@ -77,14 +77,22 @@ class AnalysisMixin:
 
     def node_table(self, prompt: Any, target: Any = None, *, trace: Trace | None = None, top_k: int = 20,
                    rank_by: str | None = None, all_rows: bool = False, node_types: Sequence[str] | None = None,
-                   ablations: Any = (), prepend_bos: bool = False) -> NodeTableResult:
+                   ablations: Any = (), prepend_bos: bool = False, target_position_only: bool = False,
+                   direct_only: bool = False, verify_top: int = 0) -> NodeTableResult:
         """Every head (per query position and per attended-to token), neuron, embedding row and bias
         with activation, write norm, direct effect and estimated total effect on `target` (or on the
         traced node); top_k / bottom_k by `rank_by` (default direct_effect; total_effect for tracing).
         `ablations` (heads, neurons, SAE latents: names, patterns or Ablation objects, zero or mean):
-        the table of the forward with those ablated."""
+        the table of the forward with those ablated. Cheaper tables: `target_position_only` (rows at
+        the target's position only), `direct_only` (no total effects, NaN: for a target, one forward
+        and no backward). `verify_top=k`: `result.verification` holds the k heads / neurons with the
+        largest |total effect|, that estimate beside the exact zero-ablation effect, and their rank
+        agreement (Spearman)."""
+        if verify_top < 0:
+            raise ValueError("verify_top must be >= 0")
         req = apb.NodeTableRequest(input=serde.input_to_proto(prompt, prepend_bos), all_rows=all_rows,
-                                   ablations=_ablation_list(ablations),
+                                   ablations=_ablation_list(ablations), target_position_only=target_position_only,
+                                   direct_only=direct_only, verify_top=verify_top,
                                    **self._objective(target, trace), **self._table_options(top_k, rank_by, node_types))
         return serde.node_table_result_from_proto(self._analysis("NodeTable", req))
 

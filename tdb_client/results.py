@@ -92,8 +92,36 @@ def _table(result: Any, which: str) -> Any:
     """A result's "top", "bottom" or "all" table (the last only when asked for with all_rows=True)."""
     table = getattr(result, which)
     if table is None:
-        raise ValueError("this result has no `all` table: ask with all_rows=True")
+        how = "verify_top=k" if which == "verification" else "all_rows=True"
+        raise ValueError(f"this result has no `{which}` table: ask with {how}")
     return table
+
+
+@dataclass(frozen=True)
+class Verification:
+    """`node_table(..., verify_top=k)`: the k heads / neurons with the largest |total effect|, the
+    estimate beside the exact effect. Columns: `total_effect_estimate` (activation x gradient, first
+    order) and `exact_zero_ablation` (target - target with that node zeroed at query_pos)."""
+
+    ids: np.ndarray          # [k, 5], as NodeTable.ids; largest |estimate| first
+    estimate: np.ndarray     # [k]
+    exact: np.ndarray        # [k]
+    value: float             # the target the exact column is measured from
+    spearman: float          # rank agreement over the k rows
+    pearson: float
+    max_abs_error: float
+    notes: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_pandas(self) -> Any:
+        df = _id_frame(self.ids, self.tokens)
+        df["total_effect_estimate"] = self.estimate
+        df["exact_zero_ablation"] = self.exact
+        df["error"] = self.estimate - self.exact
+        return df
 
 
 @dataclass(frozen=True)
@@ -106,9 +134,10 @@ class NodeTableResult:
     bottom: NodeTable
     all: NodeTable | None
     rank_by: str
+    verification: Verification | None = None   # when asked with verify_top=k
 
     def to_pandas(self, which: str = "top") -> Any:
-        """which: "top", "bottom" or "all" (needs all_rows=True)."""
+        """which: "top", "bottom", "all" (needs all_rows=True) or "verification" (needs verify_top=k)."""
         return _table(self, which).to_pandas()
 
 

@@ -20,7 +20,7 @@ from . import _wire
 from .graph import CircuitProgress, CircuitResult, Edge, EdgeCheck, FlowResult, Graph, Node
 from .results import (AblationEffect, AblationResult, AttentionResult, Comparison, InputAttributionResult,
                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, PatchSweepResult, ResolvedTarget,
-                      SweepAxis, SweepChunk, SweepProgress, SweepSummary)
+                      SweepAxis, SweepChunk, SweepProgress, SweepSummary, Verification)
 from .sae import ActivationRecords, ActivationWindow, Explanation, SaeInfo, SaeQuality, TokenShare
 from .types import (Ablation, Breakpoint, BreakpointStatus, Demo, EvalResult, Event, Frame, Generate, ModelInfo,
                     PatchInfo, PatchResult, ReplayReport, RunResult, RunStatus, Scope, ServerInfo, SiteInfo, StopInfo,
@@ -233,12 +233,20 @@ def node_table_from_proto(m: apb.NodeTable, tokens: Sequence[str]) -> NodeTable:
     return NodeTable(ids.reshape(-1, 5), metrics.reshape(-1, 4), tuple(tokens), tuple(m.explanations))
 
 
+def verification_from_proto(m: apb.NodeTableVerification, tokens: Sequence[str]) -> Verification:
+    def column(t: common_pb2.Tensor) -> np.ndarray:
+        return _wire.from_wire(t).reshape(-1) if t.shape else np.zeros(0, np.float32)
+    return Verification(_array(m.ids, 5, np.int32), column(m.estimate), column(m.exact), m.value, m.spearman,
+                        m.pearson, m.max_abs_error, tuple(m.notes), tuple(tokens))
+
+
 def node_table_result_from_proto(m: apb.NodeTableResponse) -> NodeTableResult:
     toks = tuple(m.tokens)
     return NodeTableResult(toks, tuple(m.token_ids), resolved_target_from_proto(m.target), m.direct_effect_sum,
                            node_table_from_proto(m.top, toks), node_table_from_proto(m.bottom, toks),
                            node_table_from_proto(m.all, toks) if m.HasField("all") else None,
-                           enums.METRIC_NAMES.get(m.rank_by, ""))
+                           enums.METRIC_NAMES.get(m.rank_by, ""),
+                           verification_from_proto(m.verification, toks) if m.HasField("verification") else None)
 
 
 def paired_node_table_from_proto(m: apb.PairedNodeTable, left_tokens: Sequence[str],

@@ -144,10 +144,18 @@ def _node_names(adapter: Any, ids: torch.Tensor) -> list[str]:
     return names
 
 
+def _verification(v: nt.Verification) -> pb.NodeTableVerification:
+    return pb.NodeTableVerification(ids=wire.to_wire(v.ids.contiguous()), estimate=wire.to_wire(v.estimate.contiguous()),
+                                    exact=wire.to_wire(v.exact.contiguous()), value=v.value, spearman=v.spearman,
+                                    pearson=v.pearson, max_abs_error=v.max_abs_error, notes=v.notes)
+
+
 def _summary(adapter: Any, objective: Any, result: nt.NodeTableResult) -> pb.ResolvedTarget:
     if isinstance(objective, nt.TargetObjective):
         objective.target.value = result.value
-        return _resolved(objective.target)
+        msg = _resolved(objective.target)
+        msg.notes[:] = result.notes    # the target's notes and the table's (e.g. a prompt cut after the target)
+        return msg
     return pb.ResolvedTarget(description=result.description, position=result.position, value=result.value,
                              exact=False, notes=result.notes)
 
@@ -174,8 +182,11 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         types = _node_types(request.node_types)
         objective, run_ids, default = _objective(a, request, ids)
         metric = self._rank(request.rank_by, default)
-        result = nt.compute_node_table(a, run_ids, objective, node_types=types, ablations=_ablations(request.ablations))
+        result = nt.compute_node_table(a, run_ids, objective, node_types=types, ablations=_ablations(request.ablations),
+                                       target_position_only=request.target_position_only,
+                                       direct_only=request.direct_only, verify_top=request.verify_top)
         top, bottom = nt.rank(result.table, metric, k)
+        run_ids = result.token_ids
         resp = pb.NodeTableResponse(tokens=decode(a, run_ids), token_ids=run_ids, target=_summary(a, objective, result),
                                     direct_effect_sum=result.direct_effect_sum, top=_table(top), bottom=_table(bottom),
                                     rank_by={v: k_ for k_, v in _METRICS.items()}[metric])
@@ -183,6 +194,8 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
             msg.explanations.extend(explanations(a, _node_names(a, t.ids)))
         if request.all_rows:
             resp.all.CopyFrom(_table(result.table))
+        if result.verification is not None:
+            resp.verification.CopyFrom(_verification(result.verification))
         return resp
 
     @_rpc

@@ -216,7 +216,7 @@ class TraceNode(_message.Message):
     def __init__(self, node: _Optional[str] = ..., part: _Optional[_Union[HeadPart, str]] = ..., position: _Optional[int] = ..., key_position: _Optional[int] = ...) -> None: ...
 
 class NodeTableRequest(_message.Message):
-    __slots__ = ("input", "target", "trace", "top_k", "rank_by", "all_rows", "node_types", "ablations")
+    __slots__ = ("input", "target", "trace", "top_k", "rank_by", "all_rows", "node_types", "ablations", "target_position_only", "direct_only", "verify_top")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,9 @@ class NodeTableRequest(_message.Message):
     ALL_ROWS_FIELD_NUMBER: _ClassVar[int]
     NODE_TYPES_FIELD_NUMBER: _ClassVar[int]
     ABLATIONS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_POSITION_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOP_FIELD_NUMBER: _ClassVar[int]
     input: Input
     target: Target
     trace: TraceNode
@@ -233,10 +236,33 @@ class NodeTableRequest(_message.Message):
     all_rows: bool
     node_types: _containers.RepeatedScalarFieldContainer[NodeType]
     ablations: _containers.RepeatedCompositeFieldContainer[Ablation]
-    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., trace: _Optional[_Union[TraceNode, _Mapping]] = ..., top_k: _Optional[int] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., all_rows: _Optional[bool] = ..., node_types: _Optional[_Iterable[_Union[NodeType, str]]] = ..., ablations: _Optional[_Iterable[_Union[Ablation, _Mapping]]] = ...) -> None: ...
+    target_position_only: bool
+    direct_only: bool
+    verify_top: int
+    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., trace: _Optional[_Union[TraceNode, _Mapping]] = ..., top_k: _Optional[int] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., all_rows: _Optional[bool] = ..., node_types: _Optional[_Iterable[_Union[NodeType, str]]] = ..., ablations: _Optional[_Iterable[_Union[Ablation, _Mapping]]] = ..., target_position_only: _Optional[bool] = ..., direct_only: _Optional[bool] = ..., verify_top: _Optional[int] = ...) -> None: ...
+
+class NodeTableVerification(_message.Message):
+    __slots__ = ("ids", "estimate", "exact", "value", "spearman", "pearson", "max_abs_error", "notes")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    PEARSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    ids: _common_pb2.Tensor
+    estimate: _common_pb2.Tensor
+    exact: _common_pb2.Tensor
+    value: float
+    spearman: float
+    pearson: float
+    max_abs_error: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., estimate: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., exact: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., value: _Optional[float] = ..., spearman: _Optional[float] = ..., pearson: _Optional[float] = ..., max_abs_error: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeTableResponse(_message.Message):
-    __slots__ = ("tokens", "token_ids", "target", "direct_effect_sum", "top", "bottom", "all", "rank_by")
+    __slots__ = ("tokens", "token_ids", "target", "direct_effect_sum", "top", "bottom", "all", "rank_by", "verification")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +271,7 @@ class NodeTableResponse(_message.Message):
     BOTTOM_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
     RANK_BY_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     target: ResolvedTarget
@@ -253,7 +280,8 @@ class NodeTableResponse(_message.Message):
     bottom: NodeTable
     all: NodeTable
     rank_by: Metric
-    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., direct_effect_sum: _Optional[float] = ..., top: _Optional[_Union[NodeTable, _Mapping]] = ..., bottom: _Optional[_Union[NodeTable, _Mapping]] = ..., all: _Optional[_Union[NodeTable, _Mapping]] = ..., rank_by: _Optional[_Union[Metric, str]] = ...) -> None: ...
+    verification: NodeTableVerification
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[ResolvedTarget, _Mapping]] = ..., direct_effect_sum: _Optional[float] = ..., top: _Optional[_Union[NodeTable, _Mapping]] = ..., bottom: _Optional[_Union[NodeTable, _Mapping]] = ..., all: _Optional[_Union[NodeTable, _Mapping]] = ..., rank_by: _Optional[_Union[Metric, str]] = ..., verification: _Optional[_Union[NodeTableVerification, _Mapping]] = ...) -> None: ...
 
 class CompareNodeTablesRequest(_message.Message):
     __slots__ = ("left", "right", "target", "trace", "top_k", "rank_by", "all_rows", "node_types", "ablations")

@@ -1,5 +1,6 @@
 """The node table: every head, token pair, neuron, embedding row and bias, with activation, write
-norm, direct effect and estimated total effect on one objective, from one forward + one backward.
+norm, direct effect and estimated total effect on one objective, from one forward + one backward
+(direct effects at the objective's position alone: one forward, no backward; see compute_node_table).
 
 Objective = a target (inputs.Target; the table explains its value) or an upstream node
 (`TraceObjective`: a neuron's pre-activation, a head's output / q / k / q.k / v; the table explains
@@ -18,10 +19,14 @@ adapter.py), so for linear targets heads + neurons + embeddings + biases + the c
 exactly to the target. For tracing: the gradient of the traced scalar w.r.t. the residual stream the
 node reads (resid_pre of its layer; resid_mid for a neuron of a sequential block) — first order.
 Pairs decompose their head exactly (z = pattern @ v), so they are left out of `direct_effect_sum`.
+
+The total effect is an estimate (first order); `verify_top=k` puts the exact zero-ablation effect of
+the k largest estimates beside them (verify.py). Rows are built in node_rows.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -36,16 +41,18 @@ from tdb_server.sae import attribution as sae_attribution
 
 from .ablation import AblationSpec, unit_ablations
 from .inputs import Target, position
+from .node_rows import (ATTN_BIAS, CONSTANT, EMBED_POS, EMBED_TOKEN, HEAD, HEAD_PAIR, ID_COLUMNS, METRICS, MLP_BIAS,
+                        NEURON, SAE_LATENT, Part, assemble, table_parts)
 from .registry import register
+from .verify import MAX_VERIFY, Verification, verify_estimates
 
-# node types (the wire enum NodeType has the same numbers)
-HEAD, HEAD_PAIR, NEURON, EMBED_TOKEN, EMBED_POS, ATTN_BIAS, MLP_BIAS, CONSTANT = range(1, 9)
-SAE_LATENT = 9   # latents of attached SAEs (tdb_server/sae/attribution.py); key_pos = the site's code
+__all__ = ["ATTN_BIAS", "CONSTANT", "EMBED_POS", "EMBED_TOKEN", "HEAD", "HEAD_PAIR", "ID_COLUMNS", "METRICS",
+           "MLP_BIAS", "NEURON", "NODE_TYPES", "SAE_LATENT", "NodeTable", "NodeTableResult", "TargetObjective",
+           "TraceObjective", "Verification", "compute_node_table", "rank", "trace_objective"]
+
 NODE_TYPES = {"head": HEAD, "head_pair": HEAD_PAIR, "neuron": NEURON, "embed_token": EMBED_TOKEN,
               "embed_pos": EMBED_POS, "attn_bias": ATTN_BIAS, "mlp_bias": MLP_BIAS, "constant": CONSTANT,
               "sae_latent": SAE_LATENT}
-METRICS = ("activation", "write_norm", "direct_effect", "total_effect")  # columns of `metrics`
-ID_COLUMNS = ("node_type", "layer", "index", "query_pos", "key_pos")    # columns of `ids`
 HEAD_PARTS = ("output", "q", "k", "qk", "v")
 MAX_ROWS = 50_000_000
 
@@ -53,16 +60,18 @@ MAX_ROWS = 50_000_000
 # --- capture: one forward that keeps the graph --------------------------------------------------
 
 class GradCapture(Capture):
-    """The one capture (model/capture.py) for a forward with gradients, read as batch element 0.
-    `embed` becomes a leaf that requires grad (so every activation downstream is in the graph;
-    parameters stay frozen); `grad_sites` keep their `.grad`; `value_sites` are kept as they are (still
-    in the graph); `ablations` (interventions) are applied first."""
+    """The one capture (model/capture.py) for the node table's forward, read as batch element 0.
+    With `grad`, `embed` becomes a leaf that requires grad (so every activation downstream is in the
+    graph; parameters stay frozen), `grad_sites` keep their `.grad` and `value_sites` are kept as they are
+    (still in the graph); without, every site is a plain detached value. `ablations` (interventions)
+    are applied first."""
 
-    def __init__(self, grad_sites: set[str], value_sites: set[str], ablations: list[Intervention] | None = None):
+    def __init__(self, grad_sites: set[str], value_sites: set[str], ablations: list[Intervention] | None = None,
+                 grad: bool = True):
         self.ablations = list(ablations or [])
         edits = Edits(self.ablations)
-        super().__init__(value_sites, grad_sites=grad_sites | {"embed"}, edit=edits if self.ablations else None,
-                         edit_sites=edits.sites)
+        keep, grads = (value_sites, grad_sites | {"embed"}) if grad else (value_sites | grad_sites | {"embed"}, set())
+        super().__init__(keep, grad_sites=grads, edit=edits if self.ablations else None, edit_sites=edits.sites)
 
     def value(self, site: str) -> torch.Tensor:
         """[T, ...] of batch element 0, detached, float32."""
@@ -82,6 +91,11 @@ class TargetObjective:
     """Explain a target's value (see inputs.Target)."""
 
     target: Target
+    needs_backward = False     # its direct-effect direction comes from the unembedding, not a gradient
+
+    @property
+    def position(self) -> int:
+        return self.target.position
 
     def value_sites(self, adapter) -> set[str]:
         return set()
@@ -90,14 +104,15 @@ class TargetObjective:
         return set()
 
     def scalar(self, adapter, cap: GradCapture, logits: torch.Tensor) -> torch.Tensor:
+        """logits [1, V]: the row at the target position."""
         resid = cap.values[f"blocks.{adapter.info.n_layers - 1}.resid_post"]
-        return self.target.read(logits, resid)[0]
+        return self.target.read_rows(logits, resid[:, self.target.position])[0]
 
     def direction(self, adapter, cap: GradCapture, logits: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        """(G [T, D], constant term or None)."""
+        """(G [T, D], constant term or None); logits [1, V] at the target position."""
         p = self.target.position
         resid = cap.value(f"blocks.{adapter.info.n_layers - 1}.resid_post")       # [T, D]
-        d, const, normed = self.target.final_direction(adapter, logits[0, p].detach())
+        d, const, normed = self.target.final_direction(adapter, logits[0].detach())
         G = torch.zeros_like(resid)
         if normed:
             scale = adapter.final_norm_scale(resid[p])                            # [1]
@@ -128,6 +143,7 @@ class TraceObjective:
     key_position: int
     parallel: bool
     description: str = ""
+    needs_backward = True      # its direction is the gradient at the residual stream the node reads
 
     def _read_site(self) -> str:
         if self.kind == "neuron" and not self.parallel:
@@ -230,32 +246,27 @@ class NodeTableResult:
     token_ids: list[int]
     table: NodeTable
     value: float                    # the objective's value
-    direct_effect_sum: float
+    direct_effect_sum: float        # over the rows computed (every position, or the objective's)
     description: str
     exact: bool
     position: int
     notes: list[str] = field(default_factory=list)
+    target_position_only: bool = False   # rows only at `position` (else at every position)
+    total_effects: bool = True           # the total_effect column was computed (else NaN)
+    verification: Verification | None = None   # verify_top: estimates beside exact zero-ablation effects
 
 
-def _rows(node_type: int, layer: int, index: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-          act: torch.Tensor, write: torch.Tensor, direct: torch.Tensor, total: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Broadcast same-shaped id/metric tensors to rows: ([r, 5] int32, [r, 4] float32)."""
-    shape = torch.broadcast_shapes(index.shape, qpos.shape, kpos.shape, act.shape, direct.shape)
-    cols = [torch.full(shape, node_type), torch.full(shape, layer), index.expand(shape).cpu(),
-            qpos.expand(shape).cpu(), kpos.expand(shape).cpu()]
-    ids = torch.stack([c.reshape(-1).to(torch.int32) for c in cols], dim=1)
-    mets = torch.stack([m.expand(shape).reshape(-1).float().cpu() for m in (act, write, direct, total)], dim=1)
-    return ids, mets
-
-
-def _sites(adapter, objective, pairs: bool) -> tuple[set[str], set[str]]:
+def _sites(adapter, objective, pairs: bool, grad: bool) -> tuple[set[str], set[str]]:
+    """(grad sites, value sites) of the table's forward (no grad sites when no gradient is taken)."""
     n = adapter.info.n_layers
     grad_sites = set(objective.grad_sites(adapter))
     value_sites = {f"blocks.{n - 1}.resid_post"} | set(objective.value_sites(adapter))
     for layer in range(n):
-        grad_sites |= {f"blocks.{layer}.attn.z", f"blocks.{layer}.attn.out", f"blocks.{layer}.mlp.post",
-                       f"blocks.{layer}.mlp.out"}
+        sites = {f"blocks.{layer}.attn.z", f"blocks.{layer}.mlp.post"}
+        if grad:
+            grad_sites |= sites | {f"blocks.{layer}.attn.out", f"blocks.{layer}.mlp.out"}
+        else:
+            value_sites |= sites
         if pairs:
             value_sites |= {f"blocks.{layer}.attn.v", f"blocks.{layer}.attn.pattern"}
     if isinstance(objective, TraceObjective) and objective.part == "v":
@@ -263,48 +274,103 @@ def _sites(adapter, objective, pairs: bool) -> tuple[set[str], set[str]]:
     return grad_sites, value_sites - grad_sites
 
 
-def _check_size(info, T: int, pairs: bool) -> None:
-    if pairs and info.n_layers * info.n_heads * T * (T + 1) // 2 + info.n_layers * info.d_mlp * T > MAX_ROWS:
+def _check_size(info, T: int, pairs: bool, one_position: bool) -> None:
+    queries = 1 if one_position else T
+    pair_rows = info.n_layers * info.n_heads * (T if one_position else T * (T + 1) // 2)
+    if pairs and pair_rows + info.n_layers * info.d_mlp * queries > MAX_ROWS:
         raise ResourceExhausted(f"a node table with token pairs for {T} tokens has more than {MAX_ROWS} rows; "
                                 "leave out HEAD_PAIR rows or shorten the prompt", reason="TOO_MANY_ROWS")
 
 
-def _assemble(parts: list, wanted: set[int], objective) -> tuple[NodeTable, float]:
+def _assemble(parts: list[Part], wanted: set[int], objective) -> tuple[NodeTable, float]:
     """The table of the wanted rows upstream of the objective, and the sum of the direct effects of the
     rows that partition the residual stream (not token pairs or latents, which split other rows)."""
-    keep = [(i, m) for (nt, layer, i, m) in parts if nt in wanted and objective.upstream(layer, nt)]
-    table = NodeTable(torch.cat([i for i, _ in keep]) if keep else torch.zeros(0, 5, dtype=torch.int32),
-                      torch.cat([m for _, m in keep]) if keep else torch.zeros(0, 4))
-    summed = [m for (nt, layer, i, m) in parts if nt not in (HEAD_PAIR, SAE_LATENT) and objective.upstream(layer, nt)]
-    return table, float(torch.cat(summed)[:, 2].double().sum()) if summed else 0.0
+    upstream = [p for p in parts if objective.upstream(p.layer, p.node_type)]
+    ids, metrics = assemble([p for p in upstream if p.node_type in wanted])
+    summed = sum(p.direct_sum() for p in upstream if p.node_type not in (HEAD_PAIR, SAE_LATENT))
+    return NodeTable(ids, metrics), float(summed)
 
 
 def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: set[int] | None = None,
-                       notes: list[str] | None = None, ablations: list[AblationSpec] | None = None) -> NodeTableResult:
-    """The node table for one prompt (token ids) and objective: one forward, one backward. With
-    `ablations` (heads, neurons, SAE latents), the table explains the forward with those ablated."""
+                       notes: list[str] | None = None, ablations: list[AblationSpec] | None = None,
+                       target_position_only: bool = False, direct_only: bool = False,
+                       verify_top: int = 0) -> NodeTableResult:
+    """The node table for one prompt (token ids) and objective. With `ablations` (heads, neurons, SAE
+    latents), the table explains the forward with those ablated.
+
+    What it costs is what is asked: every position's rows and total effects (the default, what TDB shows)
+    take one forward and one backward; `target_position_only` gives rows only at the objective's position
+    (the prompt is cut after it: later tokens cannot change it); `direct_only` leaves the total effects
+    out (NaN) and, for a target, takes no backward at all. Logits are projected at that position only.
+    `verify_top` = k: the exact zero-ablation effect of the k heads and neurons with the largest
+    |total effect| beside their estimate (targets only; see verify.py)."""
     wanted = set(node_types or NODE_TYPES.values())
     pairs = HEAD_PAIR in wanted
-    _check_size(adapter.info, len(token_ids), pairs)
-    grad_sites, value_sites = _sites(adapter, objective, pairs)
+    p = objective.position
+    T = p + 1 if target_position_only else len(token_ids)
+    _check_verify(objective, verify_top)
+    total = not direct_only or verify_top > 0
+    _check_size(adapter.info, T, pairs, target_position_only)
+    grad = total or objective.needs_backward
+    grad_sites, value_sites = _sites(adapter, objective, pairs, grad)
     latents = SAE_LATENT in wanted and bool(sae_attribution.sites(adapter))
     if latents:
-        grad_sites |= sae_attribution.sites(adapter)
+        (grad_sites if grad else value_sites).update(sae_attribution.sites(adapter))
         value_sites -= grad_sites
-    cap = GradCapture(grad_sites, value_sites, unit_ablations(adapter, token_ids, ablations) if ablations else None)
-    ids = torch.tensor([token_ids])
-    logits = adapter.forward(ids, cap, grad=True)
+    interventions = _before(unit_ablations(adapter, token_ids, ablations), T) if ablations else None
+    cap = GradCapture(grad_sites, value_sites, interventions, grad=grad)
+    ids = torch.tensor([token_ids[:T]])
+    logits = adapter.forward(ids, cap, grad=grad, logits_at=[p])[:, 0]         # [1, V] at the objective's position
     scalar = objective.scalar(adapter, cap, logits)
-    if scalar.requires_grad:
+    if grad and scalar.requires_grad:
         scalar.backward()
     value = float(scalar.detach())
+    rows_at = torch.tensor([p]) if target_position_only else torch.arange(T)
     with torch.no_grad():
         G, const = objective.direction(adapter, cap, logits)       # [T, D]
-        parts = _table_rows(adapter, cap, G, const, ids[0], pairs)
+        parts = table_parts(adapter, cap, G, const, ids[0], pairs, rows_at, total)
         if latents:
-            for layer, *cols in sae_attribution.latent_parts(adapter, cap, G):
-                parts.append((SAE_LATENT, layer, *_rows(SAE_LATENT, layer, *cols)))
+            for layer, index, qpos, code, *metrics in sae_attribution.latent_parts(adapter, cap, G):
+                keep = rows_at.to(qpos.device)
+                *metrics, tot = [m[keep] for m in metrics]
+                parts.append(Part(SAE_LATENT, layer, index, qpos[keep], code, *metrics, tot if total else None))
     table, de_sum = _assemble(parts, wanted, objective)
+    del cap, parts
+    result = _result(objective, token_ids[:T] if target_position_only else token_ids, table, value, de_sum, notes)
+    result.target_position_only, result.total_effects = target_position_only, total
+    if target_position_only and T < len(token_ids):
+        result.notes.append(f"rows at position {p} only; the prompt was cut after it (later tokens cannot change "
+                            "the objective)")
+    if direct_only and total:
+        result.notes.append("total effects were computed: verify_top compares them with exact effects")
+    if verify_top:
+        result.verification = verify_estimates(adapter, token_ids[:T], objective.target, table, verify_top,
+                                               interventions or [], value)
+    return result
+
+
+def _before(interventions: list[Intervention], T: int) -> list[Intervention]:
+    """The ablations of a prompt cut to T tokens: positions from T on are gone (and so are ablations that
+    named only those); the rest are unchanged (a mean ablation keeps the mean over the whole prompt)."""
+    out = []
+    for iv in interventions:
+        kept = [p for p in iv.selector.positions if p < T]
+        if not iv.selector.positions or kept:
+            out.append(iv if kept == iv.selector.positions else
+                       dataclasses.replace(iv, selector=dataclasses.replace(iv.selector, positions=kept)))
+    return out
+
+
+def _check_verify(objective, k: int) -> None:
+    if k < 0 or k > MAX_VERIFY:
+        raise InvalidArgument(f"verify_top must be in 0..{MAX_VERIFY}", reason="OUT_OF_RANGE")
+    if k and not isinstance(objective, TargetObjective):
+        raise InvalidArgument("verify_top compares estimated effects on a target with exact ablations; a traced "
+                              "node has no target to ablate against", reason="BAD_TARGET")
+
+
+def _result(objective, token_ids: list[int], table: NodeTable, value: float, de_sum: float,
+            notes: list[str] | None) -> NodeTableResult:
     if isinstance(objective, TargetObjective):
         t = objective.target
         return NodeTableResult(token_ids, table, value, de_sum, t.description, t.exact, t.position,
@@ -312,86 +378,6 @@ def compute_node_table(adapter, token_ids: list[int], objective, *, node_types: 
     return NodeTableResult(token_ids, table, value, de_sum, objective.description, False, objective.position,
                            list(notes or []) + ["tracing: direct effects are first order (gradient at the residual "
                                                 "stream the node reads); they do not sum to the value"])
-
-
-def _table_rows(adapter, cap: GradCapture, G: torch.Tensor, const: float | None, ids: torch.Tensor,
-                pairs: bool) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """All rows as (node_type, layer, ids [r, 5], metrics [r, 4]) parts."""
-    info = adapter.info
-    T = G.shape[0]
-    dev = G.device
-    pos = torch.arange(T, device=dev)
-    none = torch.full((), -1, device=dev)
-    nz = (G.abs().amax(-1) > 0).nonzero().flatten()     # positions where direct effects can be non-zero
-    parts = []
-
-    def add(node_type, layer, *cols):
-        parts.append((node_type, layer, *_rows(node_type, layer, *cols)))
-
-    for L in range(info.n_layers):
-        # heads, per query position
-        z, gz = cap.value(f"blocks.{L}.attn.z"), cap.grad(f"blocks.{L}.attn.z")   # [T, H, Dh]
-        W_O = adapter.W_O(L).float().to(dev)                                        # [H, Dh, D]
-        write = torch.einsum("thd,hdm->thm", z, W_O)                                # [T, H, D]
-        WOG = torch.einsum("hdm,tm->thd", W_O, G[nz])                              # [t, H, Dh]
-        direct = torch.zeros(T, info.n_heads, device=dev)
-        direct[nz] = (z[nz] * WOG).sum(-1)
-        heads = torch.arange(info.n_heads, device=dev)
-        add(HEAD, L, heads[None, :], pos[:, None], none, z.norm(dim=-1), write.norm(dim=-1), direct,
-            (z * gz).sum(-1))
-        # token pairs: the part of head h's write at t that comes from key position k
-        if pairs:
-            pattern = cap.value(f"blocks.{L}.attn.pattern")                         # [H, T, Tk]
-            pattern = pattern * _kept(cap.ablations, L, pattern)[..., None]
-            v = cap.value(f"blocks.{L}.attn.v")                                     # [Tk, Hkv, Dh]
-            v = v.repeat_interleave(info.n_heads // v.shape[1], dim=1)              # [Tk, H, Dh]
-            vo_norm = torch.einsum("khd,hdm->khm", v, W_O).norm(dim=-1)             # [Tk, H]
-            pair_direct = torch.zeros_like(pattern)
-            pair_direct[:, nz] = pattern[:, nz] * torch.einsum("khd,thd->htk", v, WOG)
-            pair_total = pattern * torch.einsum("khd,thd->htk", v, gz)
-            q, k = torch.tril_indices(T, T, device=dev)                             # causal pairs k <= t
-            h = heads[:, None].expand(-1, q.numel())
-            sel = (slice(None), q, k)
-            add(HEAD_PAIR, L, h, q[None], k[None], pattern[sel], pattern[sel] * vo_norm.T[:, k], pair_direct[sel],
-                pair_total[sel])
-        b_O = adapter.b_O(L).float().to(dev)
-        if b_O.abs().max() > 0:
-            g = cap.grad(f"blocks.{L}.attn.out")
-            add(ATTN_BIAS, L, none, none, none, torch.ones(()), b_O.norm(), (G @ b_O).sum(), (g @ b_O).sum())
-        # neurons, per position
-        post, gpost = cap.value(f"blocks.{L}.mlp.post"), cap.grad(f"blocks.{L}.mlp.post")   # [T, N]
-        W_out = adapter.W_out(L).float().to(dev)                                    # [N, D]
-        direct = torch.zeros_like(post)
-        direct[nz] = post[nz] * (G[nz] @ W_out.T)
-        neurons = torch.arange(info.d_mlp, device=dev)
-        add(NEURON, L, neurons[None, :], pos[:, None], none, post, post.abs() * W_out.norm(dim=-1), direct,
-            post * gpost)
-        b_out = adapter.b_out(L).float().to(dev)
-        if b_out.abs().max() > 0:
-            g = cap.grad(f"blocks.{L}.mlp.out")
-            add(MLP_BIAS, L, none, none, none, torch.ones(()), b_out.norm(), (G @ b_out).sum(), (g @ b_out).sum())
-    # embeddings: the token row, and the rest of `embed` (position embedding) when there is one
-    embed, gembed = cap.value("embed"), cap.grad("embed")                           # [T, D]
-    rows = adapter.W_E.float().to(dev)[ids.to(dev)]                                 # [T, D]
-    add(EMBED_TOKEN, -1, ids.to(dev), pos, none, rows.norm(dim=-1), rows.norm(dim=-1), (rows * G).sum(-1),
-        (rows * gembed).sum(-1))
-    rest = embed - rows
-    if rest.abs().max() > 0:
-        add(EMBED_POS, -1, pos, pos, none, rest.norm(dim=-1), rest.norm(dim=-1), (rest * G).sum(-1),
-            (rest * gembed).sum(-1))
-    if const is not None:
-        add(CONSTANT, -1, none, none, none, torch.ones(()), torch.zeros(()), torch.tensor(const), torch.zeros(()))
-    return parts
-
-
-def _kept(ablations: list[Intervention], layer: int, pattern: torch.Tensor) -> torch.Tensor:
-    """[H, T] 1 where head h's output at query t is its own, 0 where an ablation replaced it: the token
-    pairs of a replaced output contribute nothing (its write no longer comes from the keys)."""
-    keep = torch.ones(pattern.shape[:2], dtype=pattern.dtype, device=pattern.device)
-    for iv in ablations:
-        if iv.unit is not None and iv.unit.kind == "head" and iv.unit.layer == layer:
-            keep[iv.unit.index, iv.selector.positions or slice(None)] = 0.0
-    return keep
 
 
 def rank(table: NodeTable, metric: str, k: int) -> tuple[NodeTable, NodeTable]:

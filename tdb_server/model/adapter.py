@@ -34,6 +34,8 @@ not attributed to any component and goes to the constant term.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from pathlib import Path
 from typing import Iterable
 from dataclasses import dataclass, field
@@ -187,14 +189,26 @@ class ModelAdapter:
         return self._hooks.running(handler)
 
     def forward(self, input_ids: torch.Tensor, handler: SiteHandler | None = None,
-                attention_mask: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]; no KV cache."""
+                attention_mask: torch.Tensor | None = None, grad: bool = False,
+                logits_at: list[int] | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; no KV cache. `logits_at` (positions): only those rows are
+        projected on the vocabulary, logits [B, len(logits_at), V] (the `logits` site holds those rows too):
+        an analysis that reads one position does not pay for T x V logits."""
         device = self.model.get_input_embeddings().weight.device
         input_ids = input_ids.to(device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
+        keep = {}
+        if logits_at is not None and self._takes_logits_to_keep:
+            keep = {"logits_to_keep": torch.tensor(logits_at, dtype=torch.long, device=device)}
         with torch.set_grad_enabled(grad), self.running(handler):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
+        return logits[:, logits_at] if logits_at is not None and not keep else logits
+
+    @functools.cached_property
+    def _takes_logits_to_keep(self) -> bool:
+        """Does the HF model's forward take `logits_to_keep` (transformers >= 4.50 causal LMs)?"""
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def run_with_cache(self, input_ids: torch.Tensor, sites: Iterable[str] = (), *, edit: Edit | None = None,
                        edit_sites: Iterable[str] = (), grad_sites: Iterable[str] = (),
