@@ -75,11 +75,12 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _dap(args: argparse.Namespace) -> int:
-    from tdb_client.dap import run_stdio, run_tcp
+    from tdb_client.dap import AdapterOptions, run_stdio, run_tcp
 
+    options = AdapterOptions.from_args(args.server, args.token, args.listen_token, args.data_dir)
     if args.listen is None:
-        return run_stdio()
-    return run_tcp(args.host, args.listen, once=args.once)
+        return run_stdio(options)
+    return run_tcp(args.host, args.listen, once=args.once, options=options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve DAP clients on TCP PORT instead of stdio (0 picks a free port; the port is printed)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind with --listen")
     p.add_argument("--once", action="store_true", help="with --listen: exit after the first client disconnects")
+    p.add_argument("--listen-token", default=None, metavar="TOKEN", help="with --listen: the credential every DAP "
+                   "client sends as the launch attribute \"adapterToken\" (or set TDB_DAP_TOKEN); required when "
+                   "--host is beyond loopback")
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="the tdb server launches use when they name "
+                   "none (or set TDB_SERVER); --token is sent to this address only")
+    p.add_argument("--token", default=None, help="the bearer token of --server (or set TDB_TOKEN); never sent to "
+                   "another address")
+    p.add_argument("--data-dir", action="append", default=[], metavar="FOLDER", help="a folder a launch's \"model\" "
+                   "may name (repeatable; or TDB_DATA_DIRS, separated by the path separator); besides these, only "
+                   "the bundled models")
     p.set_defaults(fn=_dap)
     return parser
 

@@ -36,6 +36,8 @@ LAZY_OK = {
     ("tdb_client.dap.backend", "tdb_server.model"): "the bridge's embedded server, only when no address is given",
     ("tdb_client.dap.backend", "tdb_server.paths"): "the bridge's embedded server, only when no address is given",
     ("tdb_client.dap.backend", "tdb_server.server"): "the bridge's embedded server, only when no address is given",
+    ("tdb_client.dap.backend", "tdb_server.files"): "a launch's model folder checked by the server's own allow-list",
+    ("tdb_client.dap.backend", "tdb_server.errors"): "a launch's model folder checked by the server's own allow-list",
     ("streamlit_app.app", "streamlit_app"): "streamlit runs app.py as a script, outside the package",
 }
 OURS = ("tdb_server", "tdb_client", "streamlit_app", "tdb")

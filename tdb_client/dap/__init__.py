@@ -12,7 +12,9 @@ Split by component, as debugpy separates messaging from components:
     variables.py    variable handles (frames, scopes, variables, evaluate results)
     listing.py      the virtual source: the model's sites, one a line
     state.py        what handlers and events share (the tdb session, the run, the components)
-    launch.py       the launch configuration: checks, and where the server comes from
+    launch.py       the launch configuration: checks, generation options, where the server comes from
+    options.py      what `tdb dap` was started with: the server a token belongs to, the listener's
+                    credential, the folders models may be loaded from
     patching.py     the setVariable / setExpression mini-syntax (values -> patch ops), syntax only
     backend.py      connect to a server, or start one in-process
     main.py         stdio and --listen TCP entry points
@@ -20,5 +22,6 @@ Split by component, as debugpy separates messaging from components:
 
 from .adapter import CAPABILITIES, DebugAdapter
 from .main import run_stdio, run_tcp
+from .options import AdapterOptions
 
-__all__ = ["CAPABILITIES", "DebugAdapter", "run_stdio", "run_tcp"]
+__all__ = ["CAPABILITIES", "AdapterOptions", "DebugAdapter", "run_stdio", "run_tcp"]

@@ -24,7 +24,10 @@ How DAP maps onto tdb:
     setVariable / setExpression / REPL `a = b`   patches (mini-syntax in patching.py)
     evaluate               the server's expression language
     next / stepIn / stepOut   step over the block / into the next site / out of the module;
-                           granularity "instruction" makes `next` move one site
+                           granularity "instruction" makes `next` move one site; with "generate", `next`
+                           at a token boundary steps to the next one (tdb's token step)
+    the Generated scope    with "generate": the text and token ids generated so far (also printed to
+                           the debug console as each token is generated)
 
 Requests are read on one thread and handled in order on another, so `cancel` can reach a request
 still queued (or a read-only one in flight). Every response to a request that resumes the run is sent
@@ -40,6 +43,7 @@ from typing import BinaryIO
 
 from .events import EventTranslator
 from .handlers import CAPABILITIES, READ_ONLY, RequestHandlers
+from .options import AdapterOptions
 from .protocol import Channel
 from .state import DebugState
 from .transport import Transport
@@ -50,11 +54,12 @@ __all__ = ["CAPABILITIES", "DebugAdapter"]
 class DebugAdapter:
     """Serves one DAP connection. `serve(reader)` returns when the client disconnects or leaves."""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, options: AdapterOptions | None = None):
         self.transport = Transport(channel, READ_ONLY)
-        self.state = DebugState(self.transport)
+        self.state = DebugState(self.transport, options)
         self.events = EventTranslator(self.state)
         self.handlers = RequestHandlers(self.state, self.events)
+        self.transport.guard = self.handlers.guard
 
     @property
     def reader(self) -> threading.Thread | None:

@@ -1,12 +1,19 @@
 """The breakpoint book: every breakpoint the IDE set, what the server said about each, and syncing
 the lot to the server.
 
-DAP sets breakpoints a set at a time (setFunctionBreakpoints, setBreakpoints, setDataBreakpoints,
-and the launch configuration's "breakpoints" for clients without a function-breakpoint UI); each
-request replaces its set. The server's SetBreakpoints replaces everything, so every change sends
-the union of the sets. The book keeps one set per key: "function", "source", "data", "launch".
-(Today all source breakpoints share the key "source"; the DAP spec scopes setBreakpoints to one
-source, and a set per source is a new key per source here.)
+DAP sets breakpoints a set at a time, and each request replaces its own set only:
+setFunctionBreakpoints the function breakpoints, setDataBreakpoints the data breakpoints, and
+setBreakpoints the breakpoints of the one source it names (an editor sends one request per file that
+has breakpoints: a request for `train.py` leaves those of `austen.tdbsites` alone). The launch
+configuration's "breakpoints" (for clients without a function-breakpoint UI) are one more set. The
+book keeps one set per key: "function", "data", "launch", and `source:<file>` per source. Only the
+site listing's breakpoints reach the server; those of any other source are kept, unverified, so the
+reply names the source they were set in.
+
+The server's SetBreakpoints replaces everything, so every change sends the union of the sets, once.
+The server keeps the hit counts of breakpoints it is sent again. A set the server refuses outright
+(a condition that does not parse, a bad hit condition) is probed one breakpoint at a time on a scratch
+session, never on the debug session, so the breakpoints already counting hits are not disturbed.
 
 Data breakpoints are watch conditions on a site or unit (default `any_nan or any_inf`).
 """
@@ -15,18 +22,26 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 
 from .. import Breakpoint
 from ..client import Session
 from ..errors import TdbError
-from .listing import SiteListing
+from .listing import SiteListing, file_name
 from .protocol import DapError, tdb_message
 
 DEFAULT_WATCH = "any_nan or any_inf"
-KEYS = ("function", "source", "data", "launch")     # the order the union goes to the server in
+KEYS = ("function", "data", "launch")     # the sets besides the sources'; the union goes function, sources, data, launch
+
+
+def source_key(source: dict[str, Any], listing: SiteListing) -> str:
+    """The book's key for a setBreakpoints source: the listing is one key however it is named."""
+    if listing.is_listing(source):
+        return "source:" + listing.name
+    ref = source.get("sourceReference")
+    return "source:" + (file_name(source) if not ref else f"{file_name(source)}#{ref}")
 
 
 @dataclass
@@ -39,15 +54,19 @@ class DapBreakpoint:
     line: int | None = None             # source breakpoints: the line (IDE numbering)
     verified: bool = False
     message: str = ""
+    source: dict[str, Any] | None = None    # source breakpoints: the source as the IDE named it
 
 
 def breakpoint_body(bp: DapBreakpoint, listing: SiteListing) -> dict[str, Any]:
-    """A DAP Breakpoint."""
+    """A DAP Breakpoint (a source breakpoint names the source it was set in: the listing as the adapter
+    serves it, any other source as the IDE sent it)."""
     body: dict[str, Any] = {"id": bp.id, "verified": bp.verified}
     if bp.message:
         body["message"] = bp.message
     if bp.kind == "source" and bp.line is not None:
-        body["source"], body["line"] = listing.source(), bp.line
+        src = bp.source or {}
+        body["source"] = listing.source() if listing.is_listing(src) else src
+        body["line"] = bp.line
     return body
 
 
@@ -82,7 +101,9 @@ class BreakpointBook:
         return self._sets[key]
 
     def all(self) -> list[DapBreakpoint]:
-        return [bp for key in self._sets for bp in self._sets[key]]
+        """Every breakpoint: function, then each source's (in the order first set), data, launch."""
+        sources = [k for k in self._sets if k.startswith("source:")]
+        return [bp for key in ("function", *sources, "data", "launch") for bp in self._sets[key]]
 
     def by_server_id(self, server_id: int) -> DapBreakpoint | None:
         return self._by_server_id.get(server_id)
@@ -105,22 +126,25 @@ class BreakpointBook:
         self._sets["function"] = out
         return out
 
-    def set_source(self, requested: list[dict[str, Any]], listing: SiteListing, ours: bool) -> list[DapBreakpoint]:
-        """Line breakpoints (and log points) in a source: `ours` says whether it is the site listing."""
+    def set_source(self, source: dict[str, Any], requested: list[dict[str, Any]],
+                   listing: SiteListing) -> list[DapBreakpoint]:
+        """Line breakpoints (and log points) in one source; only the site listing's reach the server."""
+        ours = listing.is_listing(source)
         out = []
         for b in requested:
             line = int(b.get("line", 0))
             bp = self._new("source", line=line)
+            bp.source = dict(source)
             site = listing.site_at(line)
             if not ours:
-                bp.message = "tdb breakpoints go in the model's site listing (or use function breakpoints)"
+                bp.message = listing.refusal(source)
             elif site is None:
                 bp.message = f"line {line} is not a site of {listing.info.name if listing.info else 'the model'}"
             else:
                 bp.spec = Breakpoint(site, condition=b.get("condition") or "",
                                      hit_condition=b.get("hitCondition") or "", log_message=b.get("logMessage") or "")
             out.append(bp)
-        self._sets["source"] = out
+        self._sets[source_key(source, listing)] = out
         return out
 
     def set_data(self, requested: list[dict[str, Any]]) -> list[DapBreakpoint]:
@@ -142,8 +166,9 @@ class BreakpointBook:
 
     # -- the server --------------------------------------------------------------------------------
 
-    def sync(self, session: Session | None, no_debug: bool = False) -> None:
-        """Send the union of the sets to the server (SetBreakpoints replaces the set) and note its answers."""
+    def sync(self, session: Session | None, scratch: Callable[[], Session], no_debug: bool = False) -> None:
+        """Send the union of the sets to the server (SetBreakpoints replaces the set) and note its answers.
+        `scratch()` opens a session to probe a set the server refuses in, breakpoint by breakpoint."""
         if session is None:
             for bp in self.all():
                 if bp.spec is not None:
@@ -158,7 +183,7 @@ class BreakpointBook:
         except TdbError as e:
             if e.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
-            good = self._acceptable(session, wanted)
+            good = self._acceptable(scratch(), wanted)
             statuses = session.set_breakpoints([bp.spec for bp in good])
         self._by_server_id = {}
         for bp, st in zip(good, statuses):
@@ -166,13 +191,15 @@ class BreakpointBook:
             bp.verified, bp.message = st.verified, st.message
 
     @staticmethod
-    def _acceptable(session: Session, wanted: list[DapBreakpoint]) -> list[DapBreakpoint]:
-        """Find the breakpoints the server refuses (bad condition ...) one at a time; mark them unverified."""
+    def _acceptable(probe: Session, wanted: list[DapBreakpoint]) -> list[DapBreakpoint]:
+        """The breakpoints the server takes, tried one at a time on `probe` (a scratch session, closed
+        here); those it refuses (a condition that does not parse ...) are marked unverified with its message."""
         good = []
-        for bp in wanted:
-            try:
-                session.set_breakpoints([bp.spec])
-                good.append(bp)
-            except TdbError as one:
-                bp.verified, bp.message = False, tdb_message(one)
+        with probe:
+            for bp in wanted:
+                try:
+                    probe.set_breakpoints([bp.spec])
+                    good.append(bp)
+                except TdbError as one:
+                    bp.verified, bp.message = False, tdb_message(one)
         return good

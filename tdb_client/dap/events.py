@@ -5,9 +5,11 @@
                      hit is of that kind); the stop's handles are forgotten
     continued     -> continued, unless the IDE asked for the resume itself (it knows)
     output        -> output (log points carry the listing line of their site)
+    token         -> output: the token generated and the text so far (kept for the Generated scope)
     progress      -> progressStart / progressUpdate / progressEnd, if the client supports them
     invalidated   -> invalidated, if the client supports it
-    run_exited    -> output (the result's next tokens), thread (exited), exited, terminated
+    run_exited    -> output (the generated text, or the result's next tokens), thread (exited), exited,
+                     terminated
     terminated    -> terminated, when the server closed the session (idle timeout, shutdown)
 
 Each event is translated under the transport's ordering lock, after any response being sent. A server
@@ -27,7 +29,7 @@ from .protocol import tdb_message
 from .state import DebugState
 
 _STOP_REASONS = {"breakpoint": "breakpoint", "step": "step", "pause": "pause", "entry": "entry",
-                 "exception": "exception"}
+                 "exception": "exception", "token": "step"}     # "token": a generation's stopAtTokens boundary
 _EXIT_CODES = {"exited": 0, "failed": 1, "terminated": 2}
 POLL_S = 0.1   # between polls, when the server admits no more event streams
 
@@ -41,7 +43,7 @@ class EventTranslator:
         self._by_kind: dict[str, Callable[[Event], None]] = {
             "run_started": self._run_started, "stopped": self._stopped, "continued": self._continued,
             "output": self._output, "progress": self._progress, "invalidated": self._invalidated,
-            "run_exited": self._run_exited, "terminated": self._terminated,
+            "run_exited": self._run_exited, "terminated": self._terminated, "token": self._token,
         }
 
     def start(self, stream: EventStream) -> None:
@@ -141,6 +143,15 @@ class EventTranslator:
             body["source"], body["line"] = listing.source(), listing.site_line(site)
         self.out.event("output", body)
 
+    def _token(self, ev: Event) -> None:
+        run = self.state.run
+        texts = [str(t) for t in ev.data.get("texts", [])]
+        run.new_tokens([int(i) for i in ev.data.get("token_ids", [])], texts)
+        step = ev.data.get("step", 0)
+        lines = [f"tdb: token {step}: {texts[0]!r} -> {run.generated[0]!r}"] if len(texts) == 1 else \
+            [f"tdb: token {step} (batch {b}): {t!r} -> {run.generated[b]!r}" for b, t in enumerate(texts)]
+        self.out.event("output", {"category": "console", "output": "\n".join(lines) + "\n"})
+
     def _progress(self, ev: Event) -> None:
         if not self.state.progress_on():
             return
@@ -173,6 +184,8 @@ class EventTranslator:
         line = f"tdb: run {result.run_id} {result.state}"
         if result.exception:
             line += f": {result.exception}"
+        for b, text in enumerate(result.generated_text):
+            line += f"\n  generated{f' (batch {b})' if len(result.generated_text) > 1 else ''}: {text!r}"
         for b, top in enumerate(result.top):
             tops = ", ".join(f"{t.text!r} {t.prob:.3f}" for t in top[:5])
             line += f"\n  next token{f' (batch {b})' if len(result.top) > 1 else ''}: {tops}"

@@ -7,16 +7,18 @@ patching.py and checked by the server.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 
 from ..errors import TdbError
+from . import backend
 from .breakpoints import DEFAULT_WATCH, DapBreakpoint, breakpoint_body
 from .events import EventTranslator
-from .launch import LaunchConfig, connect
+from .launch import LaunchConfig, connect_server, server_address, start_embedded
 from .patching import PatchSyntaxError, parse_assignment, parse_target, parse_value
-from .protocol import DapError
+from .protocol import DapError, tdb_message
 from .state import DebugState
 
 Body = dict[str, Any]
@@ -44,6 +46,10 @@ READ_ONLY = frozenset({"threads", "stackTrace", "scopes", "variables", "evaluate
                        "dataBreakpointInfo", "breakpointLocations"})
 
 
+# Requests a client of a listener with --listen-token may send before it presents the credential.
+BEFORE_CREDENTIAL = frozenset({"initialize", "launch", "disconnect"})
+
+
 class RequestHandlers:
     """The requests of one debug session, over its state and its event translation."""
 
@@ -52,6 +58,11 @@ class RequestHandlers:
         self.events = events
         self.out = state.out
 
+    def guard(self, command: str) -> None:
+        """Refuse every request but those of BEFORE_CREDENTIAL until the client presented the listener's credential."""
+        if not self.state.authorized and command not in BEFORE_CREDENTIAL:
+            raise DapError("this tdb dap listener requires its credential: launch with \"adapterToken\" first")
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def initialize_request(self, args: Body) -> Body:
@@ -59,11 +70,73 @@ class RequestHandlers:
         return dict(CAPABILITIES)
 
     def launch_request(self, args: Body) -> None:
+        """Answered at once: a launch whose model must be loaded first loads it after the response,
+        reporting progress, and sends `initialized` once the session is ready (clients time out on a
+        slow launch response, never on a late `initialized`)."""
         st = self.state
-        if st.session is not None:
+        if not st.authorized:
+            if not st.options.admits(args.get("adapterToken")):
+                st.after_response(st.shutdown)      # no second try on this connection
+                raise DapError("this tdb dap listener requires its credential: put it in the launch "
+                               "configuration as \"adapterToken\" (the --listen-token it was started with)")
+            st.authorized = True
+        if st.session is not None or st.loading:
             raise DapError("this debug session is already launched")
         config = LaunchConfig.parse(args)
-        client = connect(args, self.out, st.progress_on())
+        address = server_address(args, st.options)
+        if address:
+            self._open(config, args, connect_server(address, args, st.options))
+            st.after_response(self._launched)
+            return
+        path = backend.model_path(args.get("model"), st.options.data_dirs)
+        device, dtype = str(args.get("device", "auto")), str(args.get("dtype", "auto"))
+        if backend.is_loaded(path, device, dtype):
+            self._open(config, args, start_embedded(path, args, st.options))
+            st.after_response(self._launched)
+            return
+        st.loading = True
+        st.launch_args = dict(args)
+        st.after_response(lambda: threading.Thread(target=self._load, args=(config, args, path),
+                                                   name="tdb-dap-load", daemon=True).start())
+
+    def _load(self, config: LaunchConfig, args: Body, path: str) -> None:
+        """Load the model (a thread of its own, after launch's response), then open the session."""
+        st, pid = self.state, "tdb-load-model"
+        what = args.get("model") or "the bundled model"
+        with st.transport.order:
+            if st.progress_on():
+                self.out.event("progressStart", {"progressId": pid, "title": f"tdb: loading {what}",
+                                                 "cancellable": False})
+            else:
+                self.out.event("output", {"category": "console", "output": f"tdb: loading {what}...\n"})
+        client: Any = None
+        failure = ""
+        try:
+            client = start_embedded(path, args, st.options)
+        except (DapError, TdbError) as e:
+            failure = str(e) if isinstance(e, DapError) else tdb_message(e)
+        with st.transport.order:
+            if st.progress_on():
+                self.out.event("progressEnd", {"progressId": pid})
+            st.loading = False
+            if st.closing:
+                if client is not None:
+                    client.close()
+                return
+            try:
+                if client is None:
+                    raise DapError(failure)
+                self._open(config, args, client)
+            except (DapError, TdbError) as e:
+                text = str(e) if isinstance(e, DapError) else tdb_message(e)
+                self.out.event("output", {"category": "stderr", "output": f"tdb: launch failed: {text}\n"})
+                st.send_terminated()
+                return
+            self._launched()
+
+    def _open(self, config: LaunchConfig, args: Body, client: Any) -> None:
+        """The tdb session on `client`'s server: the model checked, events pumped, breakpoints sent."""
+        st = self.state
         try:
             info = client.model_info()
             config.check_model(info)
@@ -72,18 +145,17 @@ class RequestHandlers:
             client.close()
             raise
         st.client, st.info, st.session = client, info, session
-        st.launch_args = {**args, "tokens": config.tokens}
+        st.launch_args = {**args, "tokens": config.tokens, "generate": config.generate}
         st.book.set_launch(config.breakpoints)
         self.events.start(session.events())
         st.sync_breakpoints()
-        changed = [bp for bp in st.book.all() if bp.spec is not None and bp.kind != "launch"]
-        st.after_response(lambda: self._launched(changed))
 
-    def _launched(self, changed: list[DapBreakpoint]) -> None:
-        """After launch's response: breakpoints the server has now checked, launch ones it refused, initialized."""
+    def _launched(self) -> None:
+        """Once the session is open: breakpoints the server has now checked, launch ones it refused, initialized."""
         listing = self.state.listing
-        for bp in changed:
-            self.out.event("breakpoint", {"reason": "changed", "breakpoint": breakpoint_body(bp, listing)})
+        for bp in self.state.book.all():
+            if bp.spec is not None and bp.kind != "launch":
+                self.out.event("breakpoint", {"reason": "changed", "breakpoint": breakpoint_body(bp, listing)})
         for bp in self.state.book.of("launch"):
             if not bp.verified and bp.spec is not None:
                 self.out.event("output", {"category": "stderr", "output": f"tdb: breakpoint {bp.spec.site!r} "
@@ -97,12 +169,13 @@ class RequestHandlers:
             return
         st.configured = True
         a = st.launch_args
-        if a.get("noDebug"):
+        no_debug = bool(a.get("noDebug"))
+        if no_debug:
             session.set_breakpoints([])
         try:
             status = session.launch(a.get("prompt"), token_ids=a.get("tokens"), prepend_bos=bool(a.get("prependBos")),
-                                    capture=list(a.get("capture") or ()), stop_on_entry=bool(a.get("stopOnEntry")),
-                                    wait=False)
+                                    capture=list(a.get("capture") or ()), generate=a.get("generate"),
+                                    stop_on_entry=bool(a.get("stopOnEntry")) and not no_debug, wait=False)
         except TdbError:
             st.after_response(st.send_terminated)
             raise
@@ -134,12 +207,14 @@ class RequestHandlers:
         return self._answer(self.state.book.set_function(args.get("breakpoints") or []))
 
     def setBreakpoints_request(self, args: Body) -> Body:
-        listing = self.state.listing
+        """The breakpoints of the one source named (the others' stay as they are)."""
         requested = args.get("breakpoints")
         if requested is None:
             requested = [{"line": line} for line in args.get("lines") or []]
-        ours = listing.is_listing(args.get("source") or {})
-        return self._answer(self.state.book.set_source(requested, listing, ours))
+        source = args.get("source")
+        if not isinstance(source, dict):
+            raise DapError("setBreakpoints needs the source its breakpoints are in")
+        return self._answer(self.state.book.set_source(source, requested, self.state.listing))
 
     def breakpointLocations_request(self, args: Body) -> Body:
         line = int(args["line"])
@@ -188,7 +263,11 @@ class RequestHandlers:
         return {"allThreadsContinued": True}
 
     def next_request(self, args: Body) -> None:
-        self._resume(args, "into" if args.get("granularity") == "instruction" else "over")
+        """Step Over; at a token boundary of a generation, to the next token boundary (tdb's token step)."""
+        if args.get("granularity") == "instruction":
+            self._resume(args, "into")
+        else:
+            self._resume(args, "token" if self.state.at_token_boundary() else "over")
 
     def stepIn_request(self, args: Body) -> None:
         self._resume(args, "into")
@@ -226,26 +305,54 @@ class RequestHandlers:
     def scopes_request(self, args: Body) -> Body:
         st = self.state
         fid = st.vars.frame_id(args["frameId"])
-        return {"scopes": st.vars.scopes(st.need_session(), fid)}
+        scopes = st.vars.scopes(st.need_session(), fid)
+        if st.launch_args.get("generate") is not None:
+            scopes.append(st.vars.generated_scope(st.run.generated, st.run.generated_ids))
+        return {"scopes": scopes}
 
     def variables_request(self, args: Body) -> Body:
         st = self.state
-        st.vars.handles.get(args["variablesReference"], ("server", "eval"))     # a stale one fails first
-        return {"variables": st.vars.variables(st.need_session(), args)}
+        st.vars.handles.get(args["variablesReference"], ("server", "eval", "local"))     # a stale one fails first
+        return {"variables": st.vars.variables(st.need_session(), args, st.stop_target())}
 
     def evaluate_request(self, args: Body) -> Body:
         st = self.state
         session = st.need_session()
         expr = str(args["expression"])
-        if args.get("context") in (None, "repl") and (assignment := parse_assignment(expr)) is not None:
+        context = args.get("context")
+        if context in (None, "repl") and (assignment := parse_assignment(expr)) is not None:
             target, value = assignment
             return {"result": self._patch(target, value), "variablesReference": 0}
         fid = st.vars.frame_id(args["frameId"]) if args.get("frameId") is not None else 0
+        if context == "hover":
+            expr, modules_sites = self._hovered(expr, args)
+            if modules_sites:
+                return {"result": modules_sites, "variablesReference": 0}
         return st.vars.eval_var(expr, session.evaluate(expr, frame=fid))
 
+    def _hovered(self, expr: str, args: Body) -> tuple[str, str]:
+        """What a hover over `expr` evaluates: the dotted site name under the cursor, and "" (or, for a
+        module's name, the text listing its sites). On a line of the listing, when the client says where
+        (`source`, `line`), the hovered word is that line's site; a module's name alone (`blocks`,
+        `blocks.1.attn`, as Neovim's <cexpr> reads a site name) answers the sites inside it."""
+        listing = self.state.listing
+        source, line = args.get("source"), args.get("line")
+        if isinstance(source, dict) and isinstance(line, int) and listing.is_listing(source):
+            site = listing.site_at(line)
+            if site is not None and (expr == site or site.startswith(expr + ".") or expr in site.split(".")):
+                return site, ""
+        names = listing.site_names
+        inside = [n for n in names if n.startswith(expr + ".")]
+        if expr in names or not inside:
+            return expr, ""
+        shown = ", ".join(inside[:8]) + (", …" if len(inside) > 8 else "")
+        return expr, f"{expr}: {len(inside)} sites ({shown}); hover a whole site name to see its value"
+
     def source_request(self, args: Body) -> Body:
-        ref = args.get("sourceReference") or (args.get("source") or {}).get("sourceReference")
-        return {"content": self.state.listing.content(ref), "mimeType": "text/plain"}
+        source = dict(args.get("source") or {})
+        if args.get("sourceReference"):
+            source["sourceReference"] = args["sourceReference"]
+        return {"content": self.state.listing.content(source), "mimeType": "text/plain"}
 
     # -- patching ---------------------------------------------------------------------------------
 

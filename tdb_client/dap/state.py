@@ -1,7 +1,8 @@
 """What one IDE debug session knows, shared by the request handlers and the event translation: the
-connection to the tdb server and its session, the client's capabilities and launch configuration,
-the run (one DAP thread) and where it stopped, and the components (breakpoint book, variable
-handles). Handlers and events read and change it under the transport's ordering lock.
+adapter's options, the connection to the tdb server and its session, the client's capabilities and
+launch configuration, the run (one DAP thread), where it stopped and what it generated so far, and the
+components (breakpoint book, variable handles). Handlers and events read and change it under the
+transport's ordering lock.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..client import EventStream, Session, TdbClient
 from ..errors import TdbError
 from .breakpoints import BreakpointBook
 from .listing import SiteListing
+from .options import AdapterOptions
 from .patching import UNIT_SELECTION
 from .protocol import DapError
 from .transport import Transport
@@ -33,6 +35,17 @@ class RunThread:
     stop_site: str = ""
     stop_hits: tuple[int, ...] = ()
     own_resumes: int = 0                # resumes the IDE asked for: their `continued` events are not sent
+    generated: list[str] = field(default_factory=list)       # generation: the text so far, per batch item
+    generated_ids: list[list[int]] = field(default_factory=list)
+
+    def new_tokens(self, token_ids: list[int], texts: list[str]) -> None:
+        """A generation step's tokens (one per batch item) added to the text so far."""
+        while len(self.generated) < len(texts):
+            self.generated.append("")
+            self.generated_ids.append([])
+        for b, (t, text) in enumerate(zip(token_ids, texts)):
+            self.generated[b] += text
+            self.generated_ids[b].append(t)
 
     def thread_id(self, run_id: str) -> int:
         if run_id not in self.ids:
@@ -50,7 +63,10 @@ class RunThread:
 class DebugState:
     """One IDE debug session (one connection): one tdb session, one run at a time."""
 
-    def __init__(self, transport: Transport):
+    def __init__(self, transport: Transport, options: AdapterOptions | None = None):
+        self.options = options or AdapterOptions()
+        self.authorized = not self.options.listen_token     # a listener's client, until it presents the token
+        self.loading = False                  # launch answered, the model still loading
         self.transport = transport
         self.out = transport.out
         self.client: TdbClient | None = None
@@ -85,11 +101,16 @@ class DebugState:
 
     def need_session(self) -> Session:
         if self.session is None:
-            raise DapError("no debug session yet: send launch first")
+            raise DapError("the model is still loading: wait for the `initialized` event" if self.loading
+                           else "no debug session yet: send launch first")
         return self.session
 
     def sync_breakpoints(self) -> None:
-        self.book.sync(self.session, bool(self.launch_args.get("noDebug")))
+        def scratch() -> Session:
+            assert self.client is not None      # a session exists, so its client does
+            return self.client.session(name="tdb-dap breakpoint check")
+
+        self.book.sync(self.session, scratch, bool(self.launch_args.get("noDebug")))
 
     def dims_of(self, name: str) -> tuple[str, ...] | None:
         """The dims a patch target or watch can select along: a site's, from the model info; any other
@@ -100,6 +121,11 @@ class DebugState:
             if s.name == name:
                 return s.dims
         return UNIT_SELECTION
+
+    def at_token_boundary(self) -> bool:
+        """Whether the run is stopped between two generated tokens (a stop at no site, after the first)."""
+        return self.launch_args.get("generate") is not None and self.run.stop_site == "" and \
+            bool(self.run.generated)
 
     def stop_target(self) -> str:
         """What `x` is at this stop: the unit of a unit breakpoint that stopped here, else the site.

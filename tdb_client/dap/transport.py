@@ -29,9 +29,11 @@ Body = dict[str, Any] | None
 class Transport:
     """One DAP connection's requests: `serve(reader, handlers)` returns when the client leaves or `done` is set."""
 
-    def __init__(self, out: Channel, read_only: frozenset[str] = frozenset()):
+    def __init__(self, out: Channel, read_only: frozenset[str] = frozenset(),
+                 guard: Callable[[str], None] | None = None):
         self.out = out
         self.read_only = read_only          # commands that may be cancelled while in flight
+        self.guard = guard                  # guard(command) raises to refuse a request before its handler runs
         self.order = threading.RLock()      # held while handling a request; the event pump takes it too
         self.done = threading.Event()
         self.reader: threading.Thread | None = None
@@ -123,6 +125,8 @@ class Transport:
             return
         with self.order:
             try:
+                if self.guard is not None and isinstance(command, str):
+                    self.guard(command)
                 body = _dispatch(handlers, command, request.get("arguments") or {})
                 if self._was_cancelled(seq):
                     self.out.error(request, "cancelled", show_user=False)

@@ -118,7 +118,7 @@ class Variables:
         """The scopes of server frame `fid`."""
         out = []
         for s in session.scopes(fid):
-            h = self.handles.add(("server", s.variables_reference, "scope"))
+            h = self.handles.add(("server", s.variables_reference, "value" if s.name == "Value" else "scope"))
             scope: dict[str, Any] = {"name": s.name, "variablesReference": h, "namedVariables": s.named_variables,
                                      "expensive": False}
             if s.name == "Value":
@@ -126,25 +126,43 @@ class Variables:
             out.append(scope)
         return out
 
-    def variables(self, session: Session, args: dict[str, Any]) -> list[dict[str, Any]]:
+    def generated_scope(self, texts: list[str], ids: list[list[int]]) -> dict[str, Any]:
+        """The Generated scope: the text and token ids generated so far, per batch item."""
+        rows = texts or [""]
+        variables = []
+        for b, text in enumerate(rows):
+            suffix = f"[{b}]" if len(rows) > 1 else ""
+            row_ids = ids[b] if b < len(ids) else []
+            variables.append({"name": f"text{suffix}", "value": repr(text), "type": "str", "variablesReference": 0})
+            variables.append({"name": f"tokens{suffix}", "value": str(row_ids), "type": f"{len(row_ids)} token ids",
+                              "variablesReference": 0})
+        h = self.handles.add(("local", tuple(variables)))
+        return {"name": "Generated", "variablesReference": h, "namedVariables": len(variables), "expensive": False}
+
+    def variables(self, session: Session, args: dict[str, Any], stop_target: str = "") -> list[dict[str, Any]]:
+        """The variables of a handle. The Value scope's one variable is named for what it holds: the unit
+        of a unit breakpoint (`blocks.1.attn.head.1`, the head's write) rather than the site it is in."""
         ref = args["variablesReference"]
-        item = self.handles.get(ref, ("server", "eval"))
+        item = self.handles.get(ref, ("server", "eval", "local"))
         filt = args.get("filter")
         start, count = int(args.get("start") or 0), int(args.get("count") or 0)
+        if item[0] == "local":
+            return [] if filt == "indexed" else [dict(v) for v in item[1]]
         if item[0] == "eval":
             return [] if filt == "named" else self._eval_children(session, ref, item, start, count)
         _, sref, kind = item
-        if (kind == "tensor" and filt == "named") or (kind == "scope" and filt == "indexed"):
+        if (kind == "tensor" and filt == "named") or (kind in ("scope", "value") and filt == "indexed"):
             return []
         out = []
         for v in session.variables(sref, start, count):
             h = self.handles.add(("server", v.variables_reference, "tensor")) if v.variables_reference else 0
-            var: dict[str, Any] = {"name": v.name, "value": v.value, "variablesReference": h}
+            name = stop_target if kind == "value" and stop_target else v.name
+            var: dict[str, Any] = {"name": name, "value": v.value, "variablesReference": h}
             if v.type:
                 var["type"] = v.type
             if v.evaluate_name:
                 var["evaluateName"] = v.evaluate_name
-                self.children[(ref, v.name)] = Child(v.evaluate_name, h, v.indexed_variables)
+                self.children[(ref, name)] = Child(v.evaluate_name, h, v.indexed_variables)
             if h and v.indexed_variables:
                 var["indexedVariables"] = v.indexed_variables
             out.append(var)
@@ -153,14 +171,27 @@ class Variables:
     # -- evaluate results ---------------------------------------------------------------------------
 
     def eval_var(self, expr: str, r: EvalResult) -> dict[str, Any]:
-        """An evaluate result as a DAP value: summaries for tensors, expandable by the first dim."""
+        """An evaluate result as a DAP value: summaries for tensors, expandable by the first dim; a top-k
+        of logits as its tokens (the server decodes them), values and ids."""
         s = r.summary
+        if r.tokens:
+            return self._topk_var(expr, r)
         if s is None or s.numel <= 1 or not s.shape:
             return {"result": r.text, "variablesReference": 0}
         text = r.text if s.numel <= 8 else summary_text(s.shape, s.mean, s.norm, s.min, s.max, s.nan_count)
         h = self.handles.add(("eval", expr, tuple(s.shape), r.value))
         return {"result": text, "type": f"tensor {s.dtype} {list(s.shape)}", "variablesReference": h,
                 "indexedVariables": s.shape[0]}
+
+    def _topk_var(self, expr: str, r: EvalResult) -> dict[str, Any]:
+        """`topk` over the vocabulary: `' Darcy' 9.12 (id 312), ...`; expands to [values, indices]."""
+        value = np.asarray(r.value) if r.value is not None else None
+        if value is None or value.ndim != 2 or value.shape[0] != 2 or value.shape[1] != len(r.tokens):
+            return {"result": r.text + "\n" + " ".join(repr(t) for t in r.tokens), "variablesReference": 0}
+        shown = ", ".join(f"{t!r} {v:.4g} (id {int(i)})" for t, v, i in zip(r.tokens, value[0], value[1]))
+        h = self.handles.add(("eval", expr, tuple(value.shape), value))
+        return {"result": shown, "type": f"topk {list(value.shape)} (values, indices)", "variablesReference": h,
+                "indexedVariables": 2}
 
     def _array_child(self, name: str, cexpr: str, a: np.ndarray) -> dict[str, Any]:
         if a.ndim == 0:

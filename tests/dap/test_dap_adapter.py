@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def model_dir(tmp_path_factory, gpt2_adapter):
 
 
 def _adapter_cmd(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "tdb_server", "dap", *extra]
+    """`tdb dap`, allowed to load models from the temporary folder (where the tests save theirs)."""
+    return [sys.executable, "-m", "tdb_server", "dap", "--data-dir", tempfile.gettempdir(), *extra]
 
 
 def _env() -> dict:
@@ -253,7 +255,8 @@ def test_server_mode_breakpoints_watches_and_patches(stdio_dap, gpt2_server, gpt
     dap.body("initialize", {"clientID": "pytest", "adapterID": "tdb", "linesStartAt1": True})
 
     # launch errors are clear, and leave the adapter ready for a good launch
-    for bad, words in (({"tokens": IDS, "generate": 5}, "'generate' is not supported"),
+    for bad, words in (({"tokens": IDS, "generate": {"maxNewTokens": 2, "topP": 0.9}}, "no option 'topP'"),
+                       ({"tokens": IDS, "generate": "5"}, "'generate' must be a number"),
                        ({"prompt": "Mr. Darcy"}, "no tokenizer"),
                        ({"tokens": [1, 2, 10 ** 6]}, "outside the vocabulary"),
                        ({}, "exactly one of 'prompt'")):
