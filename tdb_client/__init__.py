@@ -18,7 +18,9 @@ __all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "
            "LogitLensResult", "NodeTable", "NodeTableResult", "PairedNodeTable", "ResolvedTarget", "Target", "Trace",
            "PatchSweepResult", "SweepAxis", "SweepStream", "Graph", "ActivationRecords", "Explanation", "SaeInfo"]
 
-from . import _repr, notebook  # noqa: E402
+from . import _repr, graph, notebook, results, sae, types  # noqa: E402
 
-_repr.install([globals()[name] for name in __all__])   # results print compactly (arrays as dtype + shape)
+# every result dataclass prints compactly (arrays as dtype + shape), nested ones (circuits, windows) too
+_repr.install([c for m in (types, results, sae, graph) for c in vars(m).values()
+               if isinstance(c, type) and c.__module__ == m.__name__])
 notebook.install()                                     # and render as tables and heatmaps in Jupyter

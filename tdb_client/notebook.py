@@ -167,8 +167,8 @@ def ablation_html(r: AblationResult) -> str:
                    + _cell(_fmt(x.effect), signed_color(x.effect, scale), f"after - before = {x.effect:.6g}") + "</tr>"
                    for x in r.results[:MAX_ROWS])
     table = f'<table><tr><th class="l">ablated</th><th>before</th><th>after</th><th>effect</th></tr>{rows}</table>'
-    notes = [f"{r.target.description}: {r.before:.4g} -> {r.after:.4g} with every listed node ablated (first row); "
-             "the other rows ablate one node each"]
+    notes = [f"{r.target.description} = {r.before:.4g} before; each row: the target after ablating that node "
+             "('all': every node together) and the effect, after - before"]
     return _view(f"Ablation: {r.target.description}", notes, table + _more(len(r.results), MAX_ROWS, "rows"))
 
 
@@ -227,8 +227,9 @@ def attention_html(r: AttentionResult) -> str:
         p = r.pattern[i]
         parts.append(f'<div style="display:inline-block;vertical-align:top;margin-right:12px"><p>head {h}</p>'
                      + grid(np.where(np.tril(np.ones((t, t), dtype=bool)), p, np.nan), labels, labels,
-                            lambda v: "#fff" if not math.isfinite(v) else ramp_color(v, BLUES),
-                            lambda q, k, p=p: f"query {labels[q]} -> key {labels[k]}: {p[q, k]:.3f}") + "</div>")
+                            lambda v: "#ffffff" if not math.isfinite(v) else ramp_color(v, BLUES),
+                            lambda q, k, p=p: f"query {labels[q]} -> key {labels[k]}: {p[q, k]:.3f}" if k <= q else "")
+                     + "</div>")
     return _view("Attention patterns", ["rows: query (attending); columns: key (attended to)"],
                  "".join(parts) + _more(len(r.heads), MAX_HEADS, "heads"))
 
