@@ -39,8 +39,8 @@ LIMIT_FLAGS = [
     ("--max-expr-mib", "max_expr_bytes", MiB, "what one operation of an expression (Evaluate, reads, breakpoint "
      "conditions, log points) may allocate; four times this in all"),
     ("--max-patch-mib", "max_patch_bytes", MiB, "a tensor sent with Patch (also the largest request accepted)"),
-    ("--max-streams", "max_streams", 1, "open event streams and long polls at once; beyond, RESOURCE_EXHAUSTED at once "
-     "(the server keeps threads for every other call)"),
+    ("--max-streams", "max_streams", 1, "open event streams and long polls at once (they hold no thread: other calls "
+     "keep answering); beyond, RESOURCE_EXHAUSTED at once"),
 ]
 
 

@@ -18,7 +18,7 @@ class Limits:
     total_capture_bytes: int = 16 * GiB    # across all sessions
     idle_timeout_s: float = 600.0          # sessions with no request (and no open event stream)
     max_patch_bytes: int = 256 << 20       # a tensor sent with Patch
-    max_streams: int = 48                  # open Events streams + PollEvents long-polls (each holds a server thread)
+    max_streams: int = 1024                # open Events streams + PollEvents long-polls (each a waiter on the event loop)
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}

@@ -1,6 +1,7 @@
-"""Event streams and long polls hold a server thread each: the server admits at most `max_streams` of
-them and keeps threads for every other call, so open streams never starve Initialize, health or control
-calls; one stream past the ceiling gets RESOURCE_EXHAUSTED at once, never a hang."""
+"""Event streams and long polls wait on the server's event loop and hold no thread: hundreds of them open
+leave Initialize, health and control calls answering promptly, every stream still gets its events, and
+one stream past the configured ceiling (`max_streams`) gets RESOURCE_EXHAUSTED at once, never a hang.
+Stopping a server with streams open ends them and leaves no thread behind."""
 
 from __future__ import annotations
 
@@ -9,64 +10,158 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 from tdb_client import TdbClient, TdbError
 from tdb_server.limits import Limits
+from tdb_server.server import create_server
 
 IDS = [3, 14, 15, 92, 65]
-STREAMS = 6
+SESSIONS = 30
+PER_SESSION = 10
+STREAMS = SESSIONS * PER_SESSION          # the old server held 48 at most, each on a thread
+CHANNELS = 4
+RPC_THREADS = 8                           # far fewer threads than streams: a stream must not need one
 
 
-def test_streams_past_the_ceiling_are_refused_and_other_calls_still_answer(gpt2_adapter, make_server):
-    _, address = make_server(gpt2_adapter, limits=Limits(max_streams=STREAMS))
+def _open_streams(address: str, session_ids: list[str]) -> tuple[list[grpc.Channel], list]:
+    """PER_SESSION raw Events streams on each session, spread over a few connections; each session has had
+    a run, so every stream's first event (the replayed RunStarted) shows that the server admitted it."""
+    channels = [grpc.insecure_channel(address) for _ in range(CHANNELS)]
+    stubs = [debugger_pb2_grpc.DebuggerStub(ch) for ch in channels]
+    calls = [stubs[i % CHANNELS].Events(pb.EventsRequest(session_id=sid), timeout=120)
+             for i, sid in enumerate(sid for sid in session_ids for _ in range(PER_SESSION))]
+    for call in calls:
+        assert next(call).WhichOneof("body") == "run_started"
+    return channels, calls
+
+
+def _refused_at_once(session) -> TdbError:
+    t0 = time.perf_counter()
+    with pytest.raises(TdbError) as e:
+        next(iter(session.events(timeout=10)))
+    assert e.value.reason == "TOO_MANY_STREAMS"
+    assert time.perf_counter() - t0 < 2.0, "the refusal was not prompt"
+    return e.value
+
+
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def test_hundreds_of_open_streams_leave_initialize_health_and_runs_answering(gpt2_adapter, make_server):
+    _, address = make_server(gpt2_adapter, limits=Limits(max_streams=STREAMS, max_sessions=SESSIONS + 8),
+                             max_workers=RPC_THREADS)
     with TdbClient(address, timeout=20) as c:
-        sessions = [c.session() for _ in range(STREAMS + 1)]
-        streams = [s.events() for s in sessions[:STREAMS]]
-        opened = threading.Barrier(STREAMS + 1)
-
-        def drain(stream) -> None:
-            opened.wait()
-            try:
-                for _ in stream:
-                    pass
-            except TdbError:
-                pass          # cancelled at the end
-
-        threads = [threading.Thread(target=drain, args=(st,), daemon=True) for st in streams]
-        for t in threads:
-            t.start()
-        opened.wait()
+        sessions = [c.session() for _ in range(SESSIONS + 1)]
+        for s in sessions[:SESSIONS]:
+            assert s.launch(token_ids=[IDS]).state == "exited"
+        channels, calls = _open_streams(address, [s.id for s in sessions[:SESSIONS]])
         try:
-            refused = None
-            for _ in range(50):           # until every stream holds its slot
-                try:
-                    next(iter(sessions[STREAMS].events(timeout=5)))
-                except TdbError as e:
-                    if e.reason == "TOO_MANY_STREAMS":
-                        refused = e
-                        break
-            assert refused is not None, "the stream past the ceiling was admitted"
+            refused = _refused_at_once(sessions[SESSIONS])
             assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             with pytest.raises(TdbError) as e:
-                sessions[STREAMS].poll_events(timeout=5.0)            # a long poll needs a slot too
+                sessions[SESSIONS].poll_events(timeout=5.0)            # a long poll needs a slot too
             assert e.value.reason == "TOO_MANY_STREAMS"
-            assert sessions[STREAMS].poll_events() == ([], 0, False)  # a poll that does not wait does not
-            with TdbClient(address, timeout=5) as other:             # the reserved threads answer
-                assert other.model_info().n_layers == gpt2_adapter.info.n_layers
-                with other.session() as s:
-                    assert s.launch(token_ids=[IDS]).state == "exited"
+            assert sessions[SESSIONS].poll_events() == ([], 0, False)  # a poll that does not wait does not
+
+            with grpc.insecure_channel(address) as ch:
+                stub = debugger_pb2_grpc.DebuggerStub(ch)
+                health = health_pb2_grpc.HealthStub(ch)
+                init = [_ms(lambda: stub.Initialize(pb.InitializeRequest(), timeout=5)) for _ in range(40)]
+                checks = [_ms(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5)) for _ in range(40)]
+            init.sort(), checks.sort()
+            assert init[len(init) // 2] < 100 and checks[len(checks) // 2] < 100, (init, checks)
+
+            # a run on a session with PER_SESSION streams open: every one of them sees it start and end
+            run = sessions[0].launch(token_ids=[IDS])
+            assert run.state == "exited"
+            for call in calls[:PER_SESSION]:
+                kinds = []
+                for ev in call:
+                    if ev.run_id == run.run_id:
+                        kinds.append(ev.WhichOneof("body"))
+                    if kinds and kinds[-1] == "run_exited":
+                        break
+                assert kinds[0] == "run_started" and kinds[-1] == "run_exited", kinds
         finally:
-            for st in streams:
-                st.close()
-            for t in threads:
-                t.join(10)
-        for _ in range(100):              # the slots come back once the server sees the streams closed
+            for call in calls:
+                call.cancel()
+            for ch in channels:
+                ch.close()
+        deadline = time.monotonic() + 20   # the slots come back once the server sees the streams closed
+        while True:
             try:
-                sessions[0].poll_events(timeout=0.01)
+                sessions[SESSIONS].poll_events(timeout=0.01)
                 break
             except TdbError:
+                assert time.monotonic() < deadline, "closed streams did not give their slots back"
                 time.sleep(0.1)
-        else:
-            pytest.fail("closed streams did not give their slots back")
         for s in sessions:
             s.close()
+
+
+def test_a_long_poll_ends_when_its_client_leaves(gpt2_adapter, make_server):
+    """A long poll the client cancels gives its slot back at once (with a ceiling of one)."""
+    _, address = make_server(gpt2_adapter, limits=Limits(max_streams=1))
+    with TdbClient(address, timeout=20) as c, c.session() as s:
+        with grpc.insecure_channel(address) as ch:
+            stub = debugger_pb2_grpc.DebuggerStub(ch)
+            request = pb.PollEventsRequest(session_id=s.id, timeout_ms=20_000)
+            poll = stub.PollEvents.future(request, timeout=30)
+            deadline = time.monotonic() + 10
+            while True:     # until the long poll holds the one slot (a probe may take it first: then poll again)
+                assert time.monotonic() < deadline, "the long poll never took its slot"
+                time.sleep(0.05)
+                if poll.done():
+                    poll = stub.PollEvents.future(request, timeout=30)
+                    continue
+                try:
+                    s.poll_events(timeout=0.01)
+                except TdbError as e:
+                    assert e.reason == "TOO_MANY_STREAMS"
+                    break
+            poll.cancel()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                t0 = time.perf_counter()
+                assert s.poll_events(timeout=0.2) == ([], 0, False)     # the slot is free again: this one waits
+                assert time.perf_counter() - t0 >= 0.15
+                break
+            except TdbError as e:
+                assert e.reason == "TOO_MANY_STREAMS" and time.monotonic() < deadline, "the cancelled poll kept its slot"
+                time.sleep(0.05)
+
+
+def test_stopping_a_server_with_open_streams_ends_them_and_leaves_no_thread(gpt2_adapter):
+    before = {t.ident for t in threading.enumerate()}
+    handle, port = create_server("127.0.0.1:0", gpt2_adapter, limits=Limits(max_streams=64))
+    address = f"127.0.0.1:{port}"
+    with TdbClient(address, timeout=20) as c:
+        s = c.session()
+        assert s.launch(token_ids=[IDS]).state == "exited"
+        channels, calls = _open_streams(address, [s.id])
+        t0 = time.perf_counter()
+        handle.stop(grace=1.0)
+        assert time.perf_counter() - t0 < 10, "stop hung with streams open"
+        for call in calls:     # each ends: with its session's Terminated event, or cancelled by the stop
+            kinds = []
+            try:
+                kinds += [ev.WhichOneof("body") for ev in call]
+                assert kinds[-1] == "terminated", kinds
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.perf_counter() - t0 < 20, "the streams did not end with the server"
+        for ch in channels:
+            ch.close()
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t for t in threading.enumerate() if t.ident not in before and t.name != "tdb-aio" and t.is_alive()]
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"threads left after stop: {[t.name for t in left]}"
+        time.sleep(0.1)
