@@ -39,7 +39,8 @@ STYLE = ("<style>.tdb-view{font-family:system-ui,-apple-system,'Segoe UI',sans-s
          ".tdb-view table{border-collapse:collapse;margin:4px 0}"
          ".tdb-view td,.tdb-view th{padding:2px 6px;border:1px solid #eee;text-align:right;white-space:nowrap}"
          ".tdb-view th{background:#fafafa;font-weight:600}.tdb-view td.l,.tdb-view th.l{text-align:left}"
-         ".tdb-view table.tdb-grid td{width:22px;height:18px;padding:0;border:1px solid #fff}"
+         ".tdb-view table.tdb-grid td{min-width:22px;height:20px;padding:0 3px;border:1px solid #fff;font-size:11px}"
+         ".tdb-view .tdb-legend{display:inline-block;width:160px;height:10px;vertical-align:middle;margin:0 4px}"
          ".tdb-view .tok{display:inline-block;padding:1px 2px;margin:0 1px;border-radius:2px;white-space:pre}"
          ".tdb-view details summary{cursor:pointer;color:#444}</style>")
 
@@ -79,9 +80,12 @@ def _scale(values: np.ndarray) -> float:
 
 # -- pieces -----------------------------------------------------------------------------------------
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, sign: str = "+") -> str:
+    """A number in 3 significant digits (signed quantities with their sign), "–" for NaN."""
     if isinstance(v, (float, np.floating)):
-        return "–" if not math.isfinite(v) else f"{v:+.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:+.2e}"
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:{sign}.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:{sign}.2e}"
     return escape(str(v))
 
 
@@ -106,14 +110,22 @@ def _more(n: int, shown: int, what: str) -> str:
     return f'<p class="tdb-note">… {n - shown} more {what} ({n} in all)</p>' if n > shown else ""
 
 
+def legend(ramp: Sequence[str], low: float, high: float, what: str) -> str:
+    """A colour bar from `low` to `high` (CSS gradient) with its ends labelled."""
+    return (f'<p class="tdb-note">{escape(what)}: {low:.3g}<span class="tdb-legend" style="background:'
+            f'linear-gradient(to right,{",".join(ramp)})"></span>{high:.3g}</p>')
+
+
 def grid(z: np.ndarray, rows: Sequence[str], cols: Sequence[str], color: Callable[[float], str],
-         title: Callable[[int, int], str]) -> str:
-    """A heatmap as an HTML table: one coloured cell per value, labels on the left and on top."""
+         title: Callable[[int, int], str], values: bool = False) -> str:
+    """A heatmap as an HTML table: one coloured cell per value, labels on the left and on top, and the
+    value written in each cell when `values` (small grids)."""
     r, c = min(len(rows), MAX_GRID), min(len(cols), MAX_GRID)
     head = "<tr><th></th>" + "".join(f'<th title="{escape(str(x), quote=True)}">{escape(str(x))}</th>'
                                       for x in cols[:c]) + "</tr>"
     body = "".join(f'<tr><th class="l">{escape(str(rows[i]))}</th>'
-                   + "".join(_cell("", color(float(z[i, j])), title(i, j)) for j in range(c)) + "</tr>"
+                   + "".join(_cell(f"{z[i, j]:.2f}" if values and math.isfinite(z[i, j]) else "",
+                                   color(float(z[i, j])), title(i, j)) for j in range(c)) + "</tr>"
                    for i in range(r))
     return (f'<table class="tdb-grid">{head}{body}</table>' + _more(len(rows), r, "rows")
             + _more(len(cols), c, "columns"))
@@ -131,13 +143,14 @@ def node_rows(table: NodeTable, scale: float | None = None) -> str:
     def tok(p: int) -> str:
         return _token(tokens[p]) if 0 <= p < len(tokens) else ""
 
-    head = ('<tr><th class="l">node</th><th class="l">at token</th><th class="l">from token</th><th>activation</th>'
-            "<th>write norm</th><th>direct effect</th><th>total effect</th></tr>")
+    keys = bool((table.ids[:n, 4] >= 0).any())       # a "from token" column only for rows that have one
+    head = ('<tr><th class="l">node</th><th class="l">at token</th>' + ('<th class="l">from token</th>' if keys else "")
+            + "<th>activation</th><th>write norm</th><th>direct effect</th><th>total effect</th></tr>")
     rows = []
     for i, (name, ids) in enumerate(zip(table.nodes[:n], table.ids[:n].tolist())):
         act, norm, direct, total = (float(x) for x in metrics[i])
-        rows.append("<tr>" + _cell(escape(name), cls="l") + _cell(tok(ids[3]), cls="l") + _cell(tok(ids[4]), cls="l")
-                    + _cell(_fmt(act)) + _cell(_fmt(norm))
+        rows.append("<tr>" + _cell(escape(name), cls="l") + _cell(tok(ids[3]), cls="l")
+                    + (_cell(tok(ids[4]), cls="l") if keys else "") + _cell(_fmt(act, "")) + _cell(_fmt(norm, ""))
                     + _cell(_fmt(direct), signed_color(direct, scale), f"direct effect {direct:.6g}")
                     + _cell(_fmt(total), signed_color(total, scale), f"total effect {total:.6g}") + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>" + _more(len(table), n, "rows")
@@ -163,7 +176,7 @@ def node_table_html(table: NodeTable) -> str:
 def ablation_html(r: AblationResult) -> str:
     effects = np.array([x.effect for x in r.results], dtype=np.float64)
     scale = _scale(effects)
-    rows = "".join("<tr>" + _cell(escape(x.node), cls="l") + _cell(_fmt(x.before)) + _cell(_fmt(x.after))
+    rows = "".join("<tr>" + _cell(escape(x.node), cls="l") + _cell(_fmt(x.before, "")) + _cell(_fmt(x.after, ""))
                    + _cell(_fmt(x.effect), signed_color(x.effect, scale), f"after - before = {x.effect:.6g}") + "</tr>"
                    for x in r.results[:MAX_ROWS])
     table = f'<table><tr><th class="l">ablated</th><th>before</th><th>after</th><th>effect</th></tr>{rows}</table>'
@@ -199,7 +212,7 @@ def sweep_html(r: PatchSweepResult) -> str:
             return (f"{axes[0].name} {rows[i]}, {axes[1].name} {cols[j]}: normalized {z[i, j]:.4g}, "
                     f"value {r.values[i, j]:.4g}")
         body = f'<p class="tdb-note">rows: {axes[0].name}; columns: {axes[1].name}</p>' + grid(
-            z, rows, cols, lambda v: signed_color(v, scale), title)
+            z, rows, cols, lambda v: signed_color(v, scale), title, values=len(cols) <= 16)
     else:   # layer x head x position: one heatmap (head x position) per layer
         parts = []
         for li, layer in enumerate(_axis_labels(axes[0], r.tokens)[:MAX_HEADS]):
@@ -209,7 +222,8 @@ def sweep_html(r: PatchSweepResult) -> str:
                 zl, rows, cols, lambda v: signed_color(v, scale),
                 lambda i, j: f"{axes[1].name} {rows[i]}, {axes[2].name} {cols[j]}: normalized {zl[i, j]:.4g}"))
         body = "".join(parts) + _more(len(axes[0].values), MAX_HEADS, axes[0].name + "s")
-    return _view(f"Patching sweep ({' x '.join(a.name for a in axes)})", notes, body)
+    return _view(f"Patching sweep ({' x '.join(a.name for a in axes)})", notes,
+                 legend(REDBLUE, -scale, scale, "normalized effect") + body)
 
 
 # -- attention and the logit lens -------------------------------------------------------------------
