@@ -41,6 +41,15 @@ class TdbServerError(Exception):
         self.suggestions = list(suggestions or [])
 
 
+def is_allocation_failure(e: BaseException) -> bool:
+    """Whether `e` is a failed memory allocation: Python's MemoryError, or the RuntimeError torch's CPU
+    allocator raises (torch.OutOfMemoryError, for accelerators, is a RuntimeError too)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e) if isinstance(e, RuntimeError) else ""
+    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
+
+
 class InvalidArgument(TdbServerError):
     code = Code.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"

@@ -29,6 +29,7 @@ class FileAccess:
         real = Path(path).expanduser().resolve()
         if any(real == root or root in real.parents for root in self.roots):
             return real
-        raise PermissionDenied(f"{what} {path!r} is outside the folders this server lets clients read "
-                               f"({', '.join(str(r) for r in self.roots)}); start the server with "
-                               "--data-dir FOLDER to allow another", reason="PATH_NOT_ALLOWED")
+        # the client's own string only: the server's folders (and where a link leads) are not the client's to learn
+        raise PermissionDenied(f"{what} {path!r} is outside the folders this server lets clients read (its bundled "
+                               "data, the model's folder and each --data-dir); start the server with --data-dir "
+                               "FOLDER to allow another", reason="PATH_NOT_ALLOWED")

@@ -7,6 +7,13 @@ with its request (protobuf JSON) and its outcome: where the run stopped, or the 
 read returned. Replaying it on a server with the same model re-issues the requests through the same
 servicer code in a fresh session and checks every stop and every read bit for bit. A pause (a timing
 accident in the original) is replayed as a stop at the place the pause landed.
+
+A recording is bounded: at most MAX_ACTIONS actions, and patch values are kept whole only up to
+RECORDED_VALUE_BYTES each and RECORDING_VALUE_BUDGET in all (a session that patched in eight 128 MiB
+values used to hold them all again here, after ClearPatches too, and could no longer export). A larger
+value is kept as its size and CRC-32 (`value_dropped` in the action's outcome); replay reports such a
+patch as not replayable. A recording sent to ReplayRecording is checked for its shape before anything
+runs: anything that is not a recording is INVALID_ARGUMENT (BAD_RECORDING), never INTERNAL.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from typing import Any
 
 import grpc
@@ -54,14 +62,44 @@ def outcome(status: pb.RunStatus) -> dict[str, Any]:
 
 
 MAX_ACTIONS = 200_000
+RECORDED_VALUE_BYTES = 1 << 20      # a patch value kept whole in the recording
+RECORDING_VALUE_BUDGET = 32 << 20   # patch values one session's recording keeps in all
+
+
+def _without_value(request: pb.PatchRequest) -> pb.PatchRequest:
+    """The request with its value's bytes left out (dtype and shape kept), copied field by field so that
+    the large bytes are never copied."""
+    slim = pb.PatchRequest()
+    for fd, v in request.ListFields():
+        if fd.name == "value":
+            slim.value.dtype = v.dtype
+            slim.value.shape.extend(v.shape)
+        elif isinstance(v, (str, bytes, int, float, bool)):
+            setattr(slim, fd.name, v)
+        elif fd.type == fd.TYPE_MESSAGE:       # the selector (PatchRequest has no repeated message field)
+            getattr(slim, fd.name).CopyFrom(v)
+        else:                                  # repeated scalars (tokens)
+            getattr(slim, fd.name).extend(v)
+    return slim
+
+
+def _bounded_patch(session: Any, request: pb.PatchRequest, result: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    n = len(request.value.data)
+    kept = getattr(session, "recording_value_bytes", 0)
+    if n <= RECORDED_VALUE_BYTES and kept + n <= RECORDING_VALUE_BUDGET:
+        session.recording_value_bytes = kept + n
+        return request, result
+    return _without_value(request), {**result, "value_dropped": {"bytes": n, "crc32": zlib.crc32(request.value.data)}}
 
 
 def record(session: Any, rpc: str, request: Any, result: dict[str, Any]) -> None:
     """Append one action to the session's recording. Requests are kept as wire bytes (compact) and turned
-    into JSON only when the recording is exported."""
+    into JSON only when the recording is exported; a large patch value is kept as its size and checksum."""
     if len(session.recording) >= MAX_ACTIONS:
         session.recording_truncated = True
         return
+    if rpc == "Patch" and request.HasField("value"):
+        request, result = _bounded_patch(session, request, result)
     session.recording.append((rpc, request.SerializeToString(), result))
 
 
@@ -113,18 +151,51 @@ def _forced_pauses(actions: list[dict]) -> dict[int, tuple[str, int]]:
             last_resume = i
         elif a["rpc"] == "Pause" and last_resume is not None:
             stop = a["outcome"].get("stop")
-            if stop and stop.get("reason") == "pause":
-                forced[last_resume] = (stop["site"], int(stop.get("token", 0)))
+            if isinstance(stop, dict) and stop.get("reason") == "pause":
+                site, token = stop.get("site"), stop.get("token", 0)
+                if not isinstance(site, str) or not isinstance(token, int):
+                    raise InvalidArgument(f"action {i}: a pause stop needs a site and a token number",
+                                          reason="BAD_RECORDING")
+                forced[last_resume] = (site, token)
     return forced
+
+
+def _checked(doc: Any) -> list[dict]:
+    """The actions of a recording, each with an rpc name, a request and an outcome (dicts); BAD_RECORDING
+    for anything else."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("actions"), list):
+        raise InvalidArgument(f"not a {FORMAT} recording", reason="BAD_RECORDING")
+    if not isinstance(doc.get("model") or {}, dict):
+        raise InvalidArgument("the recording's model is not an object", reason="BAD_RECORDING")
+    actions = doc["actions"]
+    if len(actions) > MAX_ACTIONS:
+        raise InvalidArgument(f"{len(actions)} actions; a recording holds at most {MAX_ACTIONS}", reason="BAD_RECORDING")
+    out = []
+    for i, a in enumerate(actions):
+        if not isinstance(a, dict) or not isinstance(a.get("rpc"), str) or a["rpc"] not in _REQUESTS:
+            rpc = a.get("rpc") if isinstance(a, dict) else a
+            raise InvalidArgument(f"action {i}: unknown rpc {str(rpc)[:64]!r}", reason="BAD_RECORDING")
+        request, outcome_ = a.get("request") or {}, a.get("outcome") or {}
+        if not isinstance(request, dict) or not isinstance(outcome_, dict):
+            raise InvalidArgument(f"action {i}: its request and outcome must be objects", reason="BAD_RECORDING")
+        out.append({"rpc": a["rpc"], "request": request, "outcome": outcome_})
+    return out
+
+
+def _request(i: int, action: dict) -> Any:
+    try:
+        return json_format.ParseDict(action["request"], _REQUESTS[action["rpc"]](), ignore_unknown_fields=False)
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
+        raise InvalidArgument(f"action {i} ({action['rpc']}): {str(e)[:300]}", reason="BAD_RECORDING") from None
 
 
 def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_session: bool = False) -> pb.ReplayReport:
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"the recording is not JSON: {e}", reason="BAD_RECORDING") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("actions"), list):
-        raise InvalidArgument(f"not a {FORMAT} recording", reason="BAD_RECORDING")
+    except (ValueError, RecursionError) as e:     # JSONDecodeError is a ValueError; absurd nesting recurses
+        raise InvalidArgument(f"the recording is not JSON: {type(e).__name__}: {str(e)[:200]}",
+                              reason="BAD_RECORDING") from None
+    actions = _checked(doc)
     mine, theirs = fingerprint(servicer.adapter), doc.get("model") or {}
     for key in ("architecture", "config_sha256", "weights_sha256", "tokenizer_sha256", "dtype"):
         if theirs.get(key) != mine.get(key):
@@ -132,34 +203,44 @@ def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_sessio
                 f"the recording was made on another model: {key} is {theirs.get(key)!r} there and {mine.get(key)!r} "
                 f"here (recorded on {theirs.get('name')!r}, this server holds {mine.get('name')!r})",
                 reason="MODEL_MISMATCH")
-    actions = doc["actions"]
+    requests = [_request(i, a) for i, a in enumerate(actions)]    # every request parses, before anything runs
+    forced = _forced_pauses(actions)
     session = servicer.sessions.create("replay")
     try:
-        return _replay_into(servicer, session, actions, stop_on_mismatch)
+        return _replay_into(servicer, session, actions, requests, forced, stop_on_mismatch)
     finally:
         if not keep_session:
             servicer.sessions.close(session.id, reason="replay finished")
 
 
-def _replay_into(servicer: Any, session: Any, actions: list[dict], stop_on_mismatch: bool) -> pb.ReplayReport:
+def _replay_into(servicer: Any, session: Any, actions: list[dict], requests: list[Any],
+                 forced: dict[int, tuple[str, int]], stop_on_mismatch: bool) -> pb.ReplayReport:
     report = pb.ReplayReport(session_id=session.id)
-    forced = _forced_pauses(actions)
     ctx = _ReplayContext()
-    for i, action in enumerate(actions):
-        rpc = action.get("rpc")
-        if rpc not in _REQUESTS:
-            raise InvalidArgument(f"action {i}: unknown rpc {rpc!r}", reason="BAD_RECORDING")
-        req = json_format.ParseDict(action.get("request") or {}, _REQUESTS[rpc](), ignore_unknown_fields=False)
+    for i, (action, req) in enumerate(zip(actions, requests)):
+        rpc = action["rpc"]
+        dropped = action["outcome"].get("value_dropped")
+        if rpc == "Patch" and dropped:
+            report.actions += 1
+            report.mismatches.append(f"action {i} (Patch): its value ({dropped.get('bytes') if isinstance(dropped, dict) else '?'} "
+                                     f"bytes) was not kept in the recording (patch values are kept up to "
+                                     f"{RECORDED_VALUE_BYTES >> 20} MiB each, {RECORDING_VALUE_BUDGET >> 20} MiB in all): "
+                                     "not replayed")
+            if stop_on_mismatch:
+                break
+            continue
         req.session_id = session.id
         if rpc in ("Launch", "Continue", "Step", "Pause", "Terminate"):
             req.wait = True
         if i in forced:
             session.force_stop(*forced[i])
-        want = action.get("outcome") or {}
+        want = action["outcome"]
         try:
             if rpc == "ReadTensor":
                 req.shared_memory = False                 # the replay checks the bytes themselves
                 chunks = list(servicer.ReadTensor(req, ctx))
+                if not chunks:
+                    raise _Abort(grpc.StatusCode.INTERNAL, "the read returned nothing")
                 first = chunks[0]
                 data = b"".join(c.data for c in chunks)
                 dtype = str(wire.torch_dtype(first.dtype)).replace("torch.", "")

@@ -32,6 +32,7 @@ import grpc
 from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_grpc
 
 from .aio_bridge import SyncHandlers
+from .decode_guard import DecodeGuard
 from .analysis_servicer import AnalysisServicer
 from .engine.manager import SessionManager
 from .files import FileAccess
@@ -139,7 +140,7 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
     sessions = SessionManager(adapter, limits=limits)
 
     async def build() -> tuple[grpc.aio.Server, Any, int]:
-        interceptors = ([TokenAuthInterceptor(token)] if token else []) + [SyncHandlers(pool)]
+        interceptors = ([TokenAuthInterceptor(token)] if token else []) + [DecodeGuard(), SyncHandlers(pool)]
         server = grpc.aio.server(migration_thread_pool=pool, options=options, interceptors=interceptors)
         debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
         analysis_pb2_grpc.add_AnalysisServicer_to_server(

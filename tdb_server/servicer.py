@@ -28,7 +28,7 @@ from .engine.events import Event, Invalidated
 from .engine.manager import SessionManager
 from .engine.session import DEFAULT_WAIT_S, Session
 from .engine.types import RunStatus
-from .errors import InvalidArgument, ResourceExhausted, TdbServerError
+from .errors import InvalidArgument, ResourceExhausted, TdbServerError, is_allocation_failure
 from .model.tokens import tokenize
 
 log = logging.getLogger("tdb.server")
@@ -50,6 +50,9 @@ def _convert(context: grpc.ServicerContext, e: BaseException) -> None:
         _abort(context, e)
     if isinstance(e, torch.OutOfMemoryError):
         _abort(context, ResourceExhausted(f"out of memory on the model's device: {e}", reason="OUT_OF_MEMORY"))
+    if is_allocation_failure(e):
+        _abort(context, ResourceExhausted(f"out of host memory for this request: {type(e).__name__}: {e}",
+                                          reason="OUT_OF_MEMORY"))
     log.exception("internal error in a tdb handler")
     context.set_trailing_metadata([("tdb-reason", "INTERNAL")])
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")

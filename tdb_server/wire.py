@@ -47,9 +47,15 @@ def to_wire(t: torch.Tensor) -> common_pb2.Tensor:
     return common_pb2.Tensor(dtype=wire_dtype(t.dtype), shape=list(t.shape), data=tensor_bytes(t))
 
 
+MAX_DIMS = 16
+
+
 def from_wire(msg: common_pb2.Tensor) -> torch.Tensor:
     dtype = torch_dtype(msg.dtype)
     shape = tuple(int(s) for s in msg.shape)
+    if any(s < 0 for s in shape) or len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"tensor shape {list(shape)[:MAX_DIMS + 1]}: sizes must be >= 0, at most {MAX_DIMS} "
+                              "dimensions", reason="BAD_TENSOR")
     numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(msg.data) != numel * itemsize:

@@ -23,7 +23,7 @@ SERVER_TIERS = {
     "errors": 0, "limits": 0, "bounds": 0, "paths": 0, "shm": 0, "bundled": 0,
     "model": 1,
     "engine": 2, "analyses": 2, "sae": 2, "records": 2, "explain": 2, "files": 2,
-    "serde": 3, "wire": 3, "security": 3, "aio_bridge": 3, "recording": 3, "servicer": 3, "analysis_servicer": 3, "sae_servicer": 3,
+    "serde": 3, "wire": 3, "security": 3, "aio_bridge": 3, "decode_guard": 3, "recording": 3, "servicer": 3, "analysis_servicer": 3, "sae_servicer": 3,
     "server": 4, "cli": 4, "__main__": 4,
     "": 0,   # tdb_server/__init__.py: the version constants
 }

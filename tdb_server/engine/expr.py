@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
+from ..errors import InvalidArgument, ResourceExhausted, TdbServerError, is_allocation_failure
 from . import weights
 
 MAX_EXPR_LEN = 2000
@@ -252,6 +252,8 @@ def _matmul(a: Any, b: Any) -> torch.Tensor:
     try:
         return a @ b
     except RuntimeError as e:
+        if is_allocation_failure(e):
+            raise
         raise InvalidArgument(f"@: shapes {list(a.shape)} and {list(b.shape)} do not match ({e})",
                               reason="BAD_EXPRESSION") from None
 
@@ -346,6 +348,8 @@ class _Interpreter:
         try:
             return run(f"'{_OP_SYMBOLS[type(n.op)]}'", op, a, b)
         except RuntimeError as e:
+            if is_allocation_failure(e):
+                raise
             raise InvalidArgument(f"cannot combine these values: {e}", reason="BAD_EXPRESSION") from None
 
     def _BoolOp(self, n: ast.BoolOp) -> bool:
@@ -445,6 +449,8 @@ def _shape_method(name: str, t: torch.Tensor, args: list[Any]) -> torch.Tensor:
             return t.squeeze(*[int(a) for a in args])
         return t.unsqueeze(int(args[0]))
     except (RuntimeError, IndexError, ValueError) as e:
+        if is_allocation_failure(e):
+            raise
         raise InvalidArgument(f".{name}(): {e}", reason="BAD_EXPRESSION") from None
 
 
@@ -501,11 +507,12 @@ def evaluate(expression: str | tuple[ast.Expression, dict[str, str]], env: Env) 
             return _Interpreter(env, ph).run(tree)
         except TdbServerError:
             raise
-        except (MemoryError, torch.OutOfMemoryError) as e:
-            raise ResourceExhausted(f"out of memory evaluating the expression: {e}", reason="OUT_OF_MEMORY") from None
         except RecursionError:
             raise InvalidArgument("expression nested too deeply", reason="BAD_EXPRESSION") from None
         except Exception as e:  # noqa: BLE001 - only whitelisted operations run: any failure is the expression's
+            if is_allocation_failure(e):
+                where = "the model's device" if isinstance(e, torch.OutOfMemoryError) else "host memory"
+                raise ResourceExhausted(f"out of {where} evaluating the expression: {e}", reason="OUT_OF_MEMORY") from None
             raise InvalidArgument(f"cannot evaluate: {type(e).__name__}: {e}", reason="BAD_EXPRESSION") from None
 
 

@@ -444,12 +444,15 @@ class Session:
         return src
 
     def clear_patches(self) -> int:
+        """Drop the session's patches and those of its finished runs (their values are freed; the recording
+        keeps at most a bounded copy, recording.py). A live run keeps its own until it ends."""
         with self.cv:
             n = len(self.patches)
             self.patches = []
-            run = self.current
-            if run is not None and run.state not in ACTIVE:
-                n += len(run.patches)
+            for run in self.runs.values():
+                if run.state not in ACTIVE:
+                    n += len(run.patches) if run is self.current else 0
+                    run.patches = []
             return n
 
     # -- closing ---------------------------------------------------------------------------------

@@ -34,12 +34,16 @@ class Corpus:
 def load_corpus(path: str | Path | None = None) -> Corpus:
     """The text at `path` (default: the bundled held-out slice)."""
     p = Path(path) if path else DEFAULT_CORPUS
-    if not p.is_file():
-        raise NotFound(f"no corpus file at {str(p)!r}", reason="CORPUS_NOT_FOUND")
-    data = p.read_bytes()
-    if len(data) > MAX_CORPUS_BYTES:
-        raise InvalidArgument(f"corpus {p.name} has {len(data) >> 20} MiB; at most {MAX_CORPUS_BYTES >> 20} MiB",
+    if not p.is_file():      # the file's name only: where the server keeps it is not the client's to learn
+        raise NotFound(f"no corpus file named {p.name!r} there", reason="CORPUS_NOT_FOUND")
+    size = p.stat().st_size   # sized before it is read: a huge file is refused without reading it
+    if size > MAX_CORPUS_BYTES:
+        raise InvalidArgument(f"corpus {p.name} has {size >> 20} MiB; at most {MAX_CORPUS_BYTES >> 20} MiB",
                               reason="CORPUS_TOO_LARGE")
+    with p.open("rb") as f:
+        data = f.read(MAX_CORPUS_BYTES + 1)   # at most that much, should it have grown since
+    if len(data) > MAX_CORPUS_BYTES:
+        raise InvalidArgument(f"corpus {p.name} has more than {MAX_CORPUS_BYTES >> 20} MiB", reason="CORPUS_TOO_LARGE")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
