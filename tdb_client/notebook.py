@@ -40,9 +40,11 @@ STYLE = ("<style>.tdb-view{font-family:system-ui,-apple-system,'Segoe UI',sans-s
          ".tdb-view td,.tdb-view th{padding:2px 6px;border:1px solid #eee;text-align:right;white-space:nowrap}"
          ".tdb-view th{background:#fafafa;font-weight:600}.tdb-view td.l,.tdb-view th.l{text-align:left}"
          ".tdb-view table.tdb-grid td{min-width:22px;height:20px;padding:0 3px;border:1px solid #fff;font-size:11px}"
+         ".tdb-view table.tdb-small td{min-width:13px;height:13px;padding:0}.tdb-view table.tdb-small th{font-size:10px;padding:0 2px}"
          ".tdb-view .tdb-legend{display:inline-block;width:160px;height:10px;vertical-align:middle;margin:0 4px}"
          ".tdb-view .tok{display:inline-block;padding:1px 2px;margin:0 1px;border-radius:2px;white-space:pre}"
-         ".tdb-view details summary{cursor:pointer;color:#444}</style>")
+         ".tdb-view details summary{cursor:pointer;color:#444}.tdb-view .tdb-scroll{overflow-x:auto;max-width:100%}"
+         ".tdb-view td.wrap{white-space:normal;max-width:900px}</style>")
 
 
 # -- colours ----------------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def _token(t: str) -> str:
 
 def _view(title: str, notes: Sequence[str], body: str) -> str:
     lines = "".join(f'<p class="tdb-note">{escape(n)}</p>' for n in notes if n)
-    return f'{STYLE}<div class="tdb-view"><h4>{escape(title)}</h4>{lines}{body}</div>'
+    return f'{STYLE}<div class="tdb-view"><h4>{escape(title)}</h4>{lines}<div class="tdb-scroll">{body}</div></div>'
 
 
 def _more(n: int, shown: int, what: str) -> str:
@@ -117,17 +119,20 @@ def legend(ramp: Sequence[str], low: float, high: float, what: str) -> str:
 
 
 def grid(z: np.ndarray, rows: Sequence[str], cols: Sequence[str], color: Callable[[float], str],
-         title: Callable[[int, int], str], values: bool = False) -> str:
+         title: Callable[[int, int], str], values: bool = False, col_heads: Sequence[str] | None = None,
+         small: bool = False) -> str:
     """A heatmap as an HTML table: one coloured cell per value, labels on the left and on top, and the
-    value written in each cell when `values` (small grids)."""
+    value written in each cell when `values` (small grids). `col_heads`: shorter column headings (the
+    full label stays in the heading's hover title); `small` cells for many small grids side by side."""
     r, c = min(len(rows), MAX_GRID), min(len(cols), MAX_GRID)
-    head = "<tr><th></th>" + "".join(f'<th title="{escape(str(x), quote=True)}">{escape(str(x))}</th>'
-                                      for x in cols[:c]) + "</tr>"
+    shown = cols if col_heads is None else col_heads
+    head = "<tr><th></th>" + "".join(f'<th title="{escape(str(x), quote=True)}">{escape(str(h))}</th>'
+                                      for x, h in zip(cols[:c], shown[:c])) + "</tr>"
     body = "".join(f'<tr><th class="l">{escape(str(rows[i]))}</th>'
                    + "".join(_cell(f"{z[i, j]:.2f}" if values and math.isfinite(z[i, j]) else "",
                                    color(float(z[i, j])), title(i, j)) for j in range(c)) + "</tr>"
                    for i in range(r))
-    return (f'<table class="tdb-grid">{head}{body}</table>' + _more(len(rows), r, "rows")
+    return (f'<table class="tdb-grid{" tdb-small" if small else ""}">{head}{body}</table>' + _more(len(rows), r, "rows")
             + _more(len(cols), c, "columns"))
 
 
@@ -242,7 +247,8 @@ def attention_html(r: AttentionResult) -> str:
         parts.append(f'<div style="display:inline-block;vertical-align:top;margin-right:12px"><p>head {h}</p>'
                      + grid(np.where(np.tril(np.ones((t, t), dtype=bool)), p, np.nan), labels, labels,
                             lambda v: "#ffffff" if not math.isfinite(v) else ramp_color(v, BLUES),
-                            lambda q, k, p=p: f"query {labels[q]} -> key {labels[k]}: {p[q, k]:.3f}" if k <= q else "")
+                            lambda q, k, p=p: f"query {labels[q]} -> key {labels[k]}: {p[q, k]:.3f}" if k <= q else "",
+                            col_heads=[str(k) for k in range(t)], small=True)
                      + "</div>")
     return _view("Attention patterns", ["rows: query (attending); columns: key (attended to)"],
                  "".join(parts) + _more(len(r.heads), MAX_HEADS, "heads"))
@@ -298,7 +304,7 @@ def _window(w: ActivationWindow, top: float) -> str:
     toks = "".join(f'<span class="tok" style="background:{c};color:{_ink(c)}" title="{escape(f"{t!r}: {a:.4g}", quote=True)}">'
                    f"{_token(t)}</span>" for t, a in zip(w.tokens, w.acts.tolist())
                    for c in [ramp_color(max(a, 0.0), BLUES, top)])
-    return f'<tr><td>{w.max_act:.3g}</td><td class="l">{toks}</td></tr>'
+    return f'<tr><td>{w.max_act:.3g}</td><td class="l wrap">{toks}</td></tr>'
 
 
 def records_html(r: ActivationRecords) -> str:
