@@ -343,6 +343,9 @@ class Session:
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        if zlib.crc32(data) != chunk.crc32:      # the same check as a streamed read
+            raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"checksum mismatch reading {req.expression} "
+                           "through shared memory")
         return _wire.decode(chunk.dtype, list(chunk.shape), data)
 
     def stats(self, expression: str, run_id: str = "") -> TensorSummary:

@@ -31,6 +31,7 @@ import grpc
 
 from tdb.v1 import analysis_pb2, analysis_pb2_grpc, debugger_pb2, debugger_pb2_grpc
 
+from . import shm
 from .aio_bridge import SyncHandlers
 from .decode_guard import DecodeGuard
 from .analysis_servicer import AnalysisServicer
@@ -130,6 +131,7 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
     max_workers: threads for the plain RPCs (default RPC_THREADS); event streams and long polls hold none
     (at most limits.max_streams of them at once)."""
     limits = limits or Limits()
+    shm.sweep_dead()     # shared-memory files of servers that died without exiting
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both a certificate and a key")
     credentials = server_credentials(tls_cert, tls_key) if tls_cert else None

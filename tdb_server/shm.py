@@ -4,7 +4,12 @@ gRPC moves ~0.7 GiB/s on a small machine however the chunks are encoded (benchma
 server's own host can skip the transport: the server writes the tensor's bytes once into a new file
 under /dev/shm (mode 0600, so only its user can open it) and names it; the client maps the file and
 unlinks it. A file a client never picked up is removed by the next shared-memory read after a minute,
-or when the server's process exits."""
+or when the server's process exits; files of a server that died without exiting (kill -9) carry its
+process id in their name and are removed when a server starts (`sweep_dead`).
+
+The bound on unclaimed bytes holds under concurrency: a read reserves its bytes under the lock before it
+writes, so eight concurrent 48 MiB reads under a 64 MiB bound write one file, not eight. The CRC-32 sent
+with the path lets the client check the bytes it maps."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ LEFTOVER_S = 60.0
 PIECE = 1 << 20
 
 _created: dict[str, tuple[float, int]] = {}   # path -> (when written, bytes)
+_reserved: dict[str, int] = {}                # path -> bytes, for the files being written now
 _lock = threading.Lock()
 _atexit = [False]
 
@@ -51,11 +57,18 @@ def write(data: memoryview, max_unclaimed: int) -> tuple[str, int]:
     picked up yet may hold at most `max_unclaimed` bytes (they are memory): beyond, SHM_UNAVAILABLE, and
     the client streams instead."""
     sweep()
-    if unclaimed() + len(data) > max_unclaimed:
-        raise FailedPrecondition("too many shared-memory reads were not picked up: read without shared_memory",
-                                 reason="SHM_UNAVAILABLE")
     path = str(SHM_DIR / f"tdb-{os.getpid()}-{uuid.uuid4().hex}")
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with _lock:              # the check and the reservation are one step: concurrent reads cannot both pass
+        if _unclaimed_locked() + len(data) > max_unclaimed:
+            raise FailedPrecondition("too many shared-memory reads were not picked up: read without shared_memory",
+                                     reason="SHM_UNAVAILABLE")
+        _reserved[path] = len(data)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except BaseException:
+        with _lock:
+            _reserved.pop(path, None)
+        raise
     crc = 0
     try:   # write(2) into tmpfs: about twice as fast as copying into a fresh mapping (no page faults)
         for off in range(0, len(data), PIECE):
@@ -66,9 +79,12 @@ def write(data: memoryview, max_unclaimed: int) -> tuple[str, int]:
     except BaseException:
         os.close(fd)
         _unlink(path)
+        with _lock:
+            _reserved.pop(path, None)
         raise
     os.close(fd)
     with _lock:
+        _reserved.pop(path, None)
         if not _atexit[0]:
             atexit.register(sweep, 0.0)      # whatever no client picked up goes with the process
             _atexit[0] = True
@@ -76,11 +92,43 @@ def write(data: memoryview, max_unclaimed: int) -> tuple[str, int]:
     return path, crc
 
 
+def _unclaimed_locked() -> int:
+    """Bytes being written and written but not picked up yet (a client unlinks what it reads). Called with
+    `_lock` held."""
+    return sum(_reserved.values()) + sum(size for p, (_, size) in _created.items() if os.path.exists(p))
+
+
 def unclaimed() -> int:
-    """Bytes in the files this process wrote that are still there (a client unlinks what it reads)."""
+    """Bytes in the files this process wrote (or is writing) that are still there."""
     with _lock:
-        paths = list(_created.items())
-    return sum(size for p, (_, size) in paths if os.path.exists(p))
+        return _unclaimed_locked()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True          # someone else's process: alive (and its files are not ours to remove)
+    return True
+
+
+def sweep_dead() -> int:
+    """Remove the `tdb-PID-*` files of server processes that no longer exist (a server killed with -9 never
+    ran its exit sweep). Called when a server starts. Returns how many were removed."""
+    if not available():
+        return 0
+    removed = 0
+    for entry in SHM_DIR.glob("tdb-*-*"):
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and not entry.is_symlink():
+            try:
+                if entry.stat().st_uid == os.getuid():
+                    removed += _unlink(str(entry))
+            except OSError:
+                pass
+    return removed
 
 
 def sweep(older_than: float = LEFTOVER_S) -> int:
