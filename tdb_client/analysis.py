@@ -33,6 +33,7 @@ from . import serde
 from ._rpc import _Stub
 from .errors import TdbError
 from .graph import CircuitStream
+from .progress import circuit_stage, records_stage, reporting, sweep_stage
 from .results import (AblationResult, AttentionResult, Comparison, InputAttributionResult, LogitLensResult,
                       NodeTableResult, PatchSweepResult, SweepStream)
 from .sae import ActivationRecords, Explanation, SaeInfo
@@ -178,21 +179,24 @@ class AnalysisMixin:
                     direction: str = "denoising", method: str = "exact", per_position: bool = False,
                     layers: Sequence[int] = (), positions: Sequence[int] = (), verify_top_k: int = 0,
                     max_batch: int = 0, prepend_bos: bool = False, timeout: float | None = None,
-                    on_progress: Callable[[PatchSweepResult], Any] | None = None) -> PatchSweepResult:
+                    on_progress: Callable[[PatchSweepResult], Any] | None = None,
+                    progress: bool = False) -> PatchSweepResult:
         """Activation patching between two prompts of the same token length, one patch per cell of a
         grid: kind resid_pre | attn_out | mlp_out (layer x position), head_out | head_q | head_k |
         head_v | head_pattern (layer x head, x position with per_position), neuron (layer x neuron).
         direction "denoising" patches clean activations into the corrupted run, "noising" the reverse.
         method "attribution" estimates every cell from 2 forwards + 1 backward and verifies the
         `verify_top_k` (default 20) largest estimated effects exactly. `on_progress(result)` is called
-        after every chunk; returning False cancels the sweep (the partial result is returned)."""
+        after every chunk; returning False cancels the sweep (the partial result is returned).
+        `progress=True` shows a progress bar (tqdm) moved by the server's progress messages."""
         stream = self.patch_sweep_stream(clean, corrupted, target, kind=kind, direction=direction, method=method,
                                          per_position=per_position, layers=layers, positions=positions,
                                          verify_top_k=verify_top_k, max_batch=max_batch, prepend_bos=prepend_bos,
                                          timeout=timeout)
-        for partial in stream:
-            if on_progress is not None and on_progress(partial) is False:
-                stream.cancel()
+        with reporting(progress, "patch sweep", sweep_stage, on_progress) as report:
+            for partial in stream:
+                if report is not None and report(partial) is False:
+                    stream.cancel()
         return stream.result
 
     def attribution_patching(self, clean: Any, corrupted: Any, target: Any, *, kind: str = "head_out",
@@ -217,15 +221,18 @@ class AnalysisMixin:
     def circuit(self, clean: Any, corrupted: Any, target: Any, *, ablation: str = "corrupted",
                 verify_top_k: int = 20, fraction: float = 0.8, max_edges: int = 0, skip_circuit: bool = False,
                 prepend_bos: bool = False, timeout: float | None = None,
-                on_progress: Callable[[Any], Any] | None = None) -> Any:
+                on_progress: Callable[[Any], Any] | None = None, progress: bool = False) -> Any:
         """Edge attribution patching (EAP) over every edge upstream write -> head q / k / v, MLP, logits
         input between a clean and a corrupted prompt of the same token length (ablation "mean": each write
         replaced by its mean over positions, corrupted may be None); the `verify_top_k` strongest edges
         path-patched exactly (rank correlation reported); the smallest top-EAP circuit whose faithfulness
-        reaches `fraction`. -> tdb_client.graph.CircuitResult (`.circuit` is a Graph)."""
-        return self.circuit_stream(clean, corrupted, target, ablation=ablation, verify_top_k=verify_top_k,
-                                   fraction=fraction, max_edges=max_edges, skip_circuit=skip_circuit,
-                                   prepend_bos=prepend_bos, timeout=timeout).wait(on_progress)
+        reaches `fraction`. -> tdb_client.graph.CircuitResult (`.circuit` is a Graph). `progress=True`
+        shows a progress bar (tqdm) through the server's stages."""
+        stream = self.circuit_stream(clean, corrupted, target, ablation=ablation, verify_top_k=verify_top_k,
+                                     fraction=fraction, max_edges=max_edges, skip_circuit=skip_circuit,
+                                     prepend_bos=prepend_bos, timeout=timeout)
+        with reporting(progress, "circuit", circuit_stage, on_progress) as report:
+            return stream.wait(report)
 
     def information_flow(self, prompt: Any, *, position: int = -1, threshold: float = 0.04,
                          prepend_bos: bool = False) -> Any:
@@ -248,16 +255,19 @@ class AnalysisMixin:
 
     def activation_records(self, unit: str, *, corpus_path: str = "", n_top: int = 20, n_random: int = 20,
                            window: int = 64, batch: int = 32, timeout: float | None = None,
-                           on_progress: Callable[[int, int], Any] | None = None) -> ActivationRecords:
+                           on_progress: Callable[[int, int], Any] | None = None,
+                           progress: bool = False) -> ActivationRecords:
         """Top-activating and random windows of the corpus (default: the server's held-out slice)
-        for a neuron, head or SAE latent; `on_progress(done, total)` while the server reads the corpus."""
+        for a neuron, head or SAE latent; `on_progress(done, total)` while the server reads the corpus
+        (`progress=True`: a progress bar, tqdm)."""
         req = apb.ActivationRecordsRequest(unit=unit, corpus_path=corpus_path, n_top=n_top, n_random=n_random,
                                            window=window, batch=batch)
-        for chunk in self._analysis.stream("ActivationRecords", req, timeout=timeout):   # raises TdbError
-            if chunk.HasField("progress") and on_progress is not None:
-                on_progress(chunk.progress.done, chunk.progress.total)
-            if chunk.HasField("records"):
-                return serde.activation_records_from_proto(chunk.records)
+        with reporting(progress, "activation records", records_stage, on_progress) as report:
+            for chunk in self._analysis.stream("ActivationRecords", req, timeout=timeout):   # raises TdbError
+                if chunk.HasField("progress") and report is not None:
+                    report(chunk.progress.done, chunk.progress.total)
+                if chunk.HasField("records"):
+                    return serde.activation_records_from_proto(chunk.records)
         raise TdbError(grpc.StatusCode.UNKNOWN, "NO_RECORDS", "the server ended the stream without records")
 
     def explain(self, unit: str, *, corpus_path: str = "", use_llm: bool = False, n_top: int = 20, window: int = 64,
