@@ -1,5 +1,9 @@
-"""Debugger: breakpoints on sites, launch, continue / step into / over / out, the stack, variables
-(tensor summaries, expandable to a heatmap or a histogram), a patch at the stop, and the event log.
+"""Debugger: breakpoints on sites, launch (one forward pass, or generation of N new tokens), continue /
+step into / over / out / to the next token, the stack, variables (tensor summaries, expandable to a
+heatmap or a histogram), a patch at the stop, the text generated so far, and the event log.
+
+With generation, breakpoints and patches can be limited to some generation steps (step 0 is the
+prompt's forward pass; step i the forward pass that produces new token i).
 
 The run lives on the server in this user's "debugger" session, so it stays paused between reruns of
 the page; every rerun asks the server where it stands (`status()`), and polls new events.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from tdb_client import Breakpoint, RunStatus, Session
+from tdb_client import Breakpoint, Generate, RunStatus, Session
 
 from .. import charts, state
 from ..connection import Context, attempt, shown_errors
@@ -20,6 +24,23 @@ from ..widgets import prompt_input, show_tokens, summary_row, tensor_view
 TITLE, ICON = "Debugger", ":material/bug_report:"
 EVENT_LOG_SIZE = 200
 K_EVENTS, K_SEQ, K_BPS, K_TOKENS = "dbg.events", "dbg.seq", "dbg.bps_set", "dbg.tokens"
+K_GENERATING = "dbg.generating"
+MAX_NEW_TOKENS = 64
+
+
+def steps_range(text: str) -> tuple[int, int] | None:
+    """"2" -> (2, 2), "1-3" -> (1, 3), "" -> None (every step); ValueError otherwise."""
+    text = text.strip()
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"generation steps: expected N or FIRST-LAST, got {text!r}") from None
+    if a < 0 or b < a:
+        raise ValueError(f"generation steps: expected 0 <= FIRST <= LAST, got {text!r}")
+    return a, b
 
 
 def _breakpoints(ctx: Context, s: Session) -> None:
@@ -29,12 +50,24 @@ def _breakpoints(ctx: Context, s: Session) -> None:
     extra = state.url_text_input("…and units or globs", "bpx", "",
                                  placeholder="blocks.1.attn.head.2, blocks.*.mlp.out",
                                  help="A unit (blocks.L.attn.head.H, blocks.L.mlp.neuron.N) or a glob over sites.")
-    cond = state.url_text_input("Condition (optional)", "cond", "", placeholder="norm > 40, any_nan",
-                                help="Stop only when this holds for the value at the site.")
+    c, g = st.columns([3, 2])
+    with c:
+        cond = state.url_text_input("Condition (optional)", "cond", "", placeholder="norm > 40, any_nan",
+                                    help="Stop only when this holds for the value at the site.")
+    with g:
+        steps_text = state.url_text_input("In generation steps", "bpsteps", "", placeholder="every step",
+                                          help="Generation only: N or FIRST-LAST (0 = the prompt's forward pass, "
+                                               "i = the pass that produces new token i).")
+    try:
+        steps = steps_range(steps_text)
+    except ValueError as e:
+        st.error(str(e), icon=":material/warning:")
+        return
     names = picked + [e.strip() for e in extra.split(",") if e.strip()]
-    want = (tuple(names), cond)
+    want = (tuple(names), cond, steps)
     if st.session_state.get(K_BPS) != (s.id, want):
-        statuses = attempt(lambda: s.set_breakpoints([Breakpoint(n, condition=cond) for n in names]), "breakpoints")
+        statuses = attempt(lambda: s.set_breakpoints([Breakpoint(n, condition=cond, tokens=steps) for n in names]),
+                           "breakpoints")
         if statuses is None:
             return
         st.session_state[K_BPS] = (s.id, want)
@@ -44,18 +77,30 @@ def _breakpoints(ctx: Context, s: Session) -> None:
             st.warning(f"breakpoint {b.id} not verified: {b.message}", icon=":material/warning:")
 
 
-def _controls(s: Session, status: RunStatus, prompt: Prompt | None) -> None:
+def _generation_options() -> Generate | None:
+    """New tokens to generate (0: one forward pass) and whether to stop at every token."""
+    a, b = st.columns(2)
+    n = a.number_input("New tokens to generate", 0, MAX_NEW_TOKENS, 0, key="dbg.new_tokens",
+                       help="0: one forward pass of the prompt; N: generate N tokens (greedy), step by token")
+    every = b.checkbox("stop at every token", value=True, key="dbg.stop_tokens", disabled=n == 0)
+    return Generate(int(n), stop_at_tokens=every) if n else None
+
+
+def _controls(s: Session, status: RunStatus, prompt: Prompt | None, generate: Generate | None) -> None:
     paused = status.state == "paused"
     live = status.state in ("paused", "running")
-    cols = st.columns([1, 1, 1, 1, 1, 1, 2], vertical_alignment="center")
-    stop_on_entry = cols[6].checkbox("stop on entry", key="dbg.entry", help="Pause before the first site runs.")
+    generating = bool(st.session_state.get(K_GENERATING)) and live
+    cols = st.columns([1, 1, 1, 1, 1, 1, 1, 2], vertical_alignment="center")
+    stop_on_entry = cols[7].checkbox("stop on entry", key="dbg.entry", help="Pause before the first site runs.")
     clicked = {
         "launch": cols[0].button("Launch", icon=":material/play_arrow:", type="primary", disabled=prompt is None, key="dbg.launch"),
         "continue": cols[1].button("Continue", icon=":material/fast_forward:", disabled=not paused, key="dbg.continue"),
         "into": cols[2].button("Into", icon=":material/subdirectory_arrow_right:", disabled=not paused, key="dbg.into", help="step into: the next site"),
         "over": cols[3].button("Over", icon=":material/redo:", disabled=not paused, key="dbg.over", help="step over: past the current block"),
         "out": cols[4].button("Out", icon=":material/north_east:", disabled=not paused, key="dbg.out", help="step out: end of the enclosing module"),
-        "terminate": cols[5].button("Stop", icon=":material/stop:", disabled=not live, key="dbg.terminate"),
+        "token": cols[5].button("Token", icon=":material/skip_next:", disabled=not (paused and generating), key="dbg.token",
+                                help="generation: run to the next token"),
+        "terminate": cols[6].button("Stop", icon=":material/stop:", disabled=not live, key="dbg.terminate"),
     }
     action = next((k for k, v in clicked.items() if v), None)
     if action is None:
@@ -66,10 +111,11 @@ def _controls(s: Session, status: RunStatus, prompt: Prompt | None) -> None:
                 s.terminate()
             assert prompt is not None
             st.session_state[K_TOKENS] = prompt.tokens
-            s.launch(token_ids=[list(prompt.ids)], stop_on_entry=stop_on_entry)
+            st.session_state[K_GENERATING] = generate is not None
+            s.launch(token_ids=[list(prompt.ids)], stop_on_entry=stop_on_entry, generate=generate)
         elif action == "continue":
             s.continue_()
-        elif action in ("into", "over", "out"):
+        elif action in ("into", "over", "out", "token"):
             s.step(action)
         elif action == "terminate":
             s.terminate()
@@ -77,8 +123,11 @@ def _controls(s: Session, status: RunStatus, prompt: Prompt | None) -> None:
 
 
 def _status_line(status: RunStatus) -> None:
+    generating = bool(st.session_state.get(K_GENERATING))
     if status.state == "paused" and status.stop:
-        st.success(f"**paused** at `{status.stop.site}` ({status.stop.when}) — {status.stop.reason}"
+        where = f"`{status.stop.site}` ({status.stop.when})" if status.stop.site else "a token boundary"
+        step = f" in generation step {status.stop.token}" if generating else ""
+        st.success(f"**paused** at {where}{step} — {status.stop.reason}"
                    + (f": {status.stop.description}" if status.stop.description else ""), icon=":material/pause_circle:")
     elif status.state == "exited":
         st.info("the run finished", icon=":material/flag:")
@@ -137,16 +186,18 @@ def _patch_form(ctx: Context, s: Session, status: RunStatus) -> None:
             a, b = st.columns(2)
             op = a.selectbox("op", ops, key="dbg.patch.op")
             scalar = b.number_input("value (set / add / scale)", value=0.0, key="dbg.patch.scalar")
-            c, d, e = st.columns(3)
+            c, d, e, f = st.columns(4)
             positions = c.text_input("positions", placeholder="all", key="dbg.patch.pos")
             heads = d.text_input("heads", placeholder="all", key="dbg.patch.heads")
             neurons = e.text_input("neurons", placeholder="all", key="dbg.patch.neurons")
+            steps = f.text_input("generation steps", placeholder="all", key="dbg.patch.steps",
+                                 help="generation only: apply in these steps (e.g. 2 3)")
             if st.form_submit_button("Apply patch"):
                 with shown_errors("patch"):
-                    ints = [_ints(x) for x in (positions, heads, neurons)]
+                    ints = [_ints(x) for x in (positions, heads, neurons, steps)]
                     value = scalar if op == "set" else None
                     r = s.patch(site.strip(), op, value, scalar=scalar, positions=ints[0], heads=ints[1],
-                                neurons=ints[2])
+                                neurons=ints[2], tokens=ints[3])
                     st.success(f"patch {r.patch_id}: {'applied now' if r.applied_now else 'pending'} "
                                f"(scope: {r.scope}) {r.message}")
 
@@ -177,6 +228,18 @@ def _events(s: Session) -> None:
             st.dataframe(pd.DataFrame(log[::-1]), hide_index=True, width="stretch", height=240)
 
 
+def _generated(s: Session, status: RunStatus, prompt: Prompt | None) -> None:
+    """The text so far: the prompt, then the tokens generated up to this stop (the server's result)."""
+    if not st.session_state.get(K_GENERATING) or status.state not in ("paused", "exited", "terminated"):
+        return
+    r = attempt(lambda: s.result(top_k=1, include_logits=False), "the generated text")
+    if r is None or not r.generated:
+        return
+    text = r.generated_text[0] if r.generated_text else ""
+    st.markdown(f"**Generated so far** ({len(r.generated[0])} tokens)")
+    st.code((prompt.text if prompt is not None else "") + "⟦" + text + "⟧", language=None, wrap_lines=True)
+
+
 def _result(s: Session, status: RunStatus) -> None:
     if status.state != "exited":
         return
@@ -197,9 +260,11 @@ def render(ctx: Context) -> None:
             show_tokens(prompt)
     with b:
         _breakpoints(ctx, s)
-    _controls(s, s.status(), prompt)
+        generate = _generation_options()
+    _controls(s, s.status(), prompt, generate)
     status = s.status()
     _status_line(status)
+    _generated(s, status, prompt)
     if status.state == "paused":
         left, right = st.columns([1, 1], gap="large")
         with left:
