@@ -62,6 +62,9 @@ def test_the_notebook_runs_and_every_result_renders(executed):
     assert any(table.startswith(f'<td class="l">{h}</td>', first) for h in HEADS), table[first:first + 80]
     sweep = outputs(executed, "sweep = tdb.patch_sweep")
     assert 'class="tdb-grid"' in sweep and sweep.count('title="layer ') == 8 and "complete" in sweep
+    cell = next(c for c in executed.cells if c.cell_type == "code" and c.source.startswith("sweep = "))
+    kinds = [k for o in cell.outputs for k in o.get("data", {})] + [o.get("name") for o in cell.outputs]
+    assert "application/vnd.jupyter.widget-view+json" in kinds and "stderr" not in kinds   # progress=True: a widget
     assert all(h in outputs(executed, "heads = [") for h in HEADS)
     assert outputs(executed, "tdb.attention_pattern").count("<table") == 4
     assert "Logit lens" in outputs(executed, "tdb.logit_lens")
