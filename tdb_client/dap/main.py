@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import replace
 from typing import NoReturn
 
 from . import backend
@@ -33,7 +34,8 @@ def run_stdio(options: AdapterOptions | None = None) -> NoReturn:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    DebugAdapter(Channel(out), options).serve(sys.stdin.buffer)
+    # stdio is the IDE's own pipe: the listener's credential has nothing to guard there
+    DebugAdapter(Channel(out), replace(options or AdapterOptions(), listen_token="")).serve(sys.stdin.buffer)
     # The reader thread may still be blocked reading stdin, which the interpreter cannot finalize
     # under it: clean up explicitly and leave without finalizing.
     backend.stop_embedded()

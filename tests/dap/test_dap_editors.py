@@ -216,6 +216,22 @@ def test_without_progress_support_loading_is_told_in_the_console(stdio_dap, mode
     _finish(proc, dap)
 
 
+def test_a_model_that_fails_to_load_is_told_before_terminated(stdio_dap, tmp_path):
+    """The launch is answered before loading: a model that then fails to load says why in the console."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    proc, dap = stdio_dap
+    _start(dap, supportsProgressReporting=True)
+    dap.request("launch", {"model": str(broken), "tokens": IDS})
+    dap.event("progressEnd")
+    dap.event("terminated")
+    [said] = [e["body"] for e in dap.seen("output") if "launch failed" in e["body"]["output"]]
+    assert said["category"] == "stderr" and "broken-model" in said["output"]
+    assert not dap.seen("initialized")
+    _finish(proc, dap)
+
+
 # -- items 7, 8 ---------------------------------------------------------------------------------------
 
 def test_unit_value_topk_tokens_and_no_debug(stdio_dap, gpt2_server):
@@ -351,6 +367,21 @@ def test_a_model_folder_outside_the_allow_list_is_refused(model_dir):
         resp = dap.request("launch", {"model": model_dir, "tokens": IDS}, ok=False)
         assert "--data-dir" in resp["message"] and model_dir.startswith(tempfile.gettempdir())
         assert tempfile.gettempdir() not in resp["message"].replace(model_dir, "")   # no folders of the host told
+        _finish(proc, dap)
+    finally:
+        _kill(proc)
+
+
+def test_the_listener_credential_does_not_apply_to_stdio(gpt2_server):
+    """TDB_DAP_TOKEN guards --listen; the IDE's own stdio pipe needs no adapterToken."""
+    proc = subprocess.Popen(_adapter_cmd(), cwd=ROOT, env={**_env(), "TDB_DAP_TOKEN": "open-sesame"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        dap = DapClient(proc.stdout, proc.stdin)
+        _start(dap)
+        _launch(dap, server=gpt2_server, tokens=IDS)
+        dap.request("configurationDone")
+        assert dap.event("exited")["body"]["exitCode"] == 0
         _finish(proc, dap)
     finally:
         _kill(proc)
