@@ -44,7 +44,9 @@ class Bar:
 
     def update(self, stage: str, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = self._tqdm(total=total, desc=f"{self.desc}: {stage}", leave=True)
+            # no rate: counts jump as the server's messages arrive, so "it/s" would say nothing
+            self.bar = self._tqdm(total=total, desc=f"{self.desc}: {stage}", leave=True,
+                                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         elif stage != self.stage or total != self.bar.total:
             self.bar.reset(total=total)
             self.bar.set_description(f"{self.desc}: {stage}", refresh=False)
