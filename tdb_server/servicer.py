@@ -240,9 +240,11 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc_async_stream
     async def Events(self, request: pb.EventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
-        """Waits on the event loop (no thread held); a client that leaves cancels the wait."""
+        """Waits on the event loop (no thread held); a client that leaves cancels the wait. An admitted stream
+        sends its headers at once, so a client knows it holds a slot before the first event."""
         s = self.sessions.get(request.session_id)
         with self.stream_slots.held("Events"):
+            await context.send_initial_metadata(())
             async for ev in self._events(s, request.after_seq):
                 yield ev
 
