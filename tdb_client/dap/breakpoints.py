@@ -29,7 +29,7 @@ import grpc
 from .. import Breakpoint
 from ..client import Session
 from ..errors import TdbError
-from .listing import SiteListing, file_name
+from .listing import SiteListing
 from .protocol import DapError, tdb_message
 
 DEFAULT_WATCH = "any_nan or any_inf"
@@ -40,8 +40,9 @@ def source_key(source: dict[str, Any], listing: SiteListing) -> str:
     """The book's key for a setBreakpoints source: the listing is one key however it is named."""
     if listing.is_listing(source):
         return "source:" + listing.name
+    where = source.get("path") or source.get("name") or ""
     ref = source.get("sourceReference")
-    return "source:" + (file_name(source) if not ref else f"{file_name(source)}#{ref}")
+    return f"source:{where}" + (f"#{ref}" if ref else "")
 
 
 @dataclass
