@@ -48,8 +48,9 @@ def test_a_circuit_draws_its_three_stages(bundled_client, capsys):
     assert last_bar(err).startswith("circuit: circuit") and "3/3" in last_bar(err)
 
 
-def test_activation_records_draw_the_corpus_windows_read(bundled_client, capsys, tmp_path):
-    corpus = tmp_path / "corpus.txt"             # a corpus of its own: records of a known corpus come from a cache
+def test_activation_records_draw_the_corpus_windows_read(bundled_client, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TDB_CACHE", str(tmp_path / "cache"))    # an empty cache: the server reads the corpus
+    corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join([PROMPT] * 40))
     r = bundled_client.activation_records("blocks.1.attn.head.3", corpus_path=str(corpus), n_top=2, n_random=1,
                                           window=8, batch=4, progress=True)
