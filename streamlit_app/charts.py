@@ -15,6 +15,7 @@ import pandas as pd
 CELL = 18          # pixels per heatmap cell, until the chart reaches MAX_SIDE
 MAX_SIDE = 720
 MIN_SIDE = 160
+GRID_SIDE = 150    # pixels per head of the all-heads grid
 MAX_LABELS = 64    # more axis labels than this are unreadable: hide them (tooltips still tell)
 
 
@@ -66,7 +67,7 @@ def head_grid(patterns: np.ndarray, labels: Sequence[str], *, columns: int = 4, 
     lab = np.asarray(labels, dtype=object)
     df = pd.DataFrame({"head": hh.ravel(), "query": lab[qq.ravel()], "key": lab[kk.ravel()], "value": patterns.ravel()})
     df = df[kk.ravel() <= qq.ravel()]      # causal: the upper triangle is empty
-    side = int(min(260, max(120, 12 * t)))
+    side = int(min(GRID_SIDE, max(100, 10 * t)))     # 4 columns fit a 1280 px window beside the sidebar
     show = t <= 24
     base = (alt.Chart(df).mark_rect()
             .encode(x=alt.X("key:O", sort=list(labels), title="key (attended to)",
@@ -105,19 +106,27 @@ def prob_bars(labels: Sequence[str], probs: Sequence[float], *, title: str = "",
             .properties(width=380, height=max(60, 20 * len(df)), autosize=PAD))
 
 
+STRIP_PER_ROW = 12     # tokens per row of a token strip: it wraps instead of running off the page
+STRIP_CELL = 58
+
+
 def token_strip(tokens: Sequence[str], values: Sequence[float], *, title: str = "", signed: bool | None = None,
-                value_title: str = "value") -> alt.LayerChart:
-    """The prompt as a row of coloured token boxes (per-token activation or effect), values on hover."""
+                value_title: str = "value", per_row: int = STRIP_PER_ROW) -> alt.LayerChart:
+    """The prompt as rows of coloured token boxes (per-token activation or effect), values on hover; a long
+    prompt wraps onto further rows, so the strip is never wider than `per_row` boxes."""
     v = np.asarray(values, dtype=np.float64)
-    labels = [f"{i} {t}" for i, t in enumerate(tokens)]
-    df = pd.DataFrame({"label": labels, "token": list(tokens), "pos": range(len(tokens)), "value": v})
-    x = alt.X("label:O", sort=labels, axis=None)
+    n = len(tokens)
+    pos = np.arange(n)
+    df = pd.DataFrame({"token": list(tokens), "pos": pos, "row": pos // per_row, "col": pos % per_row, "value": v})
+    x = alt.X("col:O", axis=None, scale=alt.Scale(domain=list(range(min(n, per_row)) or [0])))
+    y = alt.Y("row:O", axis=None)
     box = alt.Chart(df).mark_rect(stroke="white").encode(
-        x=x, color=_color(v, signed=signed),
+        x=x, y=y, color=_color(v, signed=signed),
         tooltip=["pos:O", "token:N", alt.Tooltip("value:Q", title=value_title, format=".4g")])
-    text = alt.Chart(df).mark_text(fontSize=12).encode(x=x, text="token:N")
-    width = int(min(1100, max(200, 58 * len(tokens))))
-    return alt.layer(box, text, title=title or alt.Undefined).properties(width=width, height=34, autosize=PAD)
+    text = alt.Chart(df).mark_text(fontSize=12, limit=STRIP_CELL - 4).encode(x=x, y=y, text="token:N")
+    rows = max(1, -(-n // per_row))
+    return alt.layer(box, text, title=title or alt.Undefined).properties(
+        width=STRIP_CELL * max(1, min(n, per_row)), height=30 * rows, autosize=PAD)
 
 
 def lens_grid(df: pd.DataFrame, *, title: str = "") -> alt.LayerChart:

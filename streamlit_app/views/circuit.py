@@ -9,7 +9,10 @@ the input it feeds (q, k, v, MLP, logits). Selecting a head opens it on the Comp
 
 from __future__ import annotations
 
+import json
+
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -25,8 +28,17 @@ from ..widgets import (corrupted_example, default_tokens, example_prompt, markdo
 
 TITLE, ICON = "Circuit", ":material/account_tree:"
 MODES = ("information flow", "circuit")
+# what an edge feeds: a head's query / key / value input, an MLP, the logits (circuits); in information-flow
+# graphs, a head moving information between positions, an MLP, or the residual connection
 INPUT_COLORS = {"q": "#4c78a8", "k": "#e45756", "v": "#54a24b", "mlp": "#b279a2", "logits": "#f58518",
-                "head": "#4c78a8", "resid": "#bab0ac"}
+                "head": "#17becf", "resid": "#bab0ac"}
+INPUT_LABELS = {"q": "a head's query (q)", "k": "a head's key (k)", "v": "a head's value (v)", "mlp": "an MLP",
+                "logits": "the logits", "head": "a head (moves information)", "resid": "the residual connection"}
+PAD = alt.AutoSizeParams(type="pad", contains="padding")
+EDGES_EXPLAINED = ("Edge width is |effect|; solid edges raise the target (or the routed position's state), dashed "
+                   "ones lower it. The colour is what the edge feeds: a head's query, key or value, an MLP or the "
+                   "logits (circuits); a head moving information, an MLP or the residual connection (information "
+                   "flow). Hover an edge for its effect.")
 
 
 @st.cache_data(**CACHE)
@@ -51,44 +63,76 @@ def layout(g: Graph, n_heads: int) -> pd.DataFrame:
         if g.kind == "information_flow":
             x = n.position
             y = n.layer + {"resid_pre": 0.0, "resid_mid": 0.5, "resid_post": 1.0}.get(n.kind, 0.0)
+            short = ""                                    # the axes say where it is: no label to collide
         else:
             x = {"embed": (n_heads - 1) / 2, "logits": (n_heads - 1) / 2, "mlp": n_heads}.get(n.kind, n.index)
             y = n.layer + (0.5 if n.kind == "mlp" else 0.0)
-        rows.append({"id": n.id, "kind": n.kind, "label": n.label or n.id, "x": float(x), "y": float(y)})
-    return pd.DataFrame(rows, columns=["id", "kind", "label", "x", "y"])
+            short = {"head": f"h{n.index}", "mlp": "mlp"}.get(n.kind, n.kind)
+        rows.append({"id": n.id, "kind": n.kind, "label": n.label or n.id, "short": short, "x": float(x),
+                     "y": float(y)})
+    return pd.DataFrame(rows, columns=["id", "kind", "label", "short", "x", "y"])
+
+
+def _edges(g: Graph, at: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"x": at[e.source]["x"], "y": at[e.source]["y"], "x2": at[e.target]["x"],
+                          "y2": at[e.target]["y"], "input": e.input, "effect": e.effect, "width": abs(e.effect),
+                          "sign": "raises the target" if e.effect >= 0 else "lowers the target",
+                          "source": e.source, "target": e.target, "via": e.component, "exact": e.exact}
+                         for e in g.edges],
+                        columns=["x", "y", "x2", "y2", "input", "effect", "width", "sign", "source", "target", "via",
+                                 "exact"])
+
+
+def _axes(g: Graph, nodes: pd.DataFrame, n_heads: int, tokens: list[str] | None) -> tuple[alt.X, alt.Y]:
+    """Integer axes: token positions or heads across, layers down."""
+    top = int(np.ceil(nodes["y"].max())) if len(nodes) else 1
+    y = alt.Y("y:Q", title="layer", scale=alt.Scale(domain=[-0.25, top + 0.25]),
+              axis=alt.Axis(values=list(range(top + 1)), format="d", tickMinStep=1))
+    if g.kind == "information_flow":
+        n = len(tokens or [])
+        axis = alt.Axis(values=list(range(n)), labelExpr=_label_expr(tokens), labelAngle=-50) if tokens \
+            else alt.Axis(format="d", tickMinStep=1)
+        return alt.X("x:Q", title="token position", axis=axis, scale=alt.Scale(domain=[-0.5, max(n, 1) - 0.5])), y
+    heads = list(range(n_heads)) + [n_heads]
+    names = ",".join(f"'{h}'" for h in range(n_heads)) + ",'MLP'"
+    axis = alt.Axis(values=heads, labelExpr=f"[{names}][datum.value]", title="head (MLP on the right)")
+    return alt.X("x:Q", axis=axis, scale=alt.Scale(domain=[-0.5, n_heads + 0.5])), y
 
 
 def graph_chart(g: Graph, n_heads: int, tokens: list[str] | None = None) -> alt.LayerChart:
+    """Edges (width |effect|, colour = the input they feed, dashed when they lower the target), nodes, and
+    short labels for circuit nodes (head index, mlp), on integer layer / head (or position) axes."""
     nodes = layout(g, n_heads)
     at = nodes.set_index("id")[["x", "y"]].to_dict("index")
-    edges = pd.DataFrame([{"x": at[e.source]["x"], "y": at[e.source]["y"], "x2": at[e.target]["x"],
-                           "y2": at[e.target]["y"], "input": e.input, "effect": e.effect, "width": abs(e.effect),
-                           "source": e.source, "target": e.target, "via": e.component,
-                           "exact": e.exact} for e in g.edges],
-                         columns=["x", "y", "x2", "y2", "input", "effect", "width", "source", "target", "via", "exact"])
+    edges = _edges(g, at)
     top = float(edges["width"].max()) if len(edges) else 1.0
-    x_title = "token position" if g.kind == "information_flow" else "head"
-    x_axis = alt.Axis(values=list(range(len(tokens))), labelExpr=_label_expr(tokens)) if tokens else alt.Axis()
-    base_x = alt.X("x:Q", title=x_title, axis=x_axis)
-    lines = alt.Chart(edges).mark_rule(opacity=0.7).encode(
-        x=base_x, y=alt.Y("y:Q", title="layer"), x2="x2:Q", y2="y2:Q",
+    x, y = _axes(g, nodes, n_heads, tokens)
+    lines = alt.Chart(edges).mark_rule(opacity=0.75).encode(
+        x=x, y=y, x2="x2:Q", y2="y2:Q",
         strokeWidth=alt.StrokeWidth("width:Q", scale=alt.Scale(domain=[0, top], range=[0.5, 8]), legend=None),
         color=alt.Color("input:N", scale=alt.Scale(domain=list(INPUT_COLORS), range=list(INPUT_COLORS.values())),
-                        title="input"),
+                        title="edge feeds", legend=alt.Legend(labelExpr=_legend_expr())),
+        strokeDash=alt.StrokeDash("sign:N", scale=alt.Scale(domain=["raises the target", "lowers the target"],
+                                                            range=[[1, 0], [5, 3]]), title="effect"),
         tooltip=["source", "target", "input", alt.Tooltip("effect:Q", format=".4f"), "via",
                  alt.Tooltip("exact:Q", format=".4f")])
     pick = alt.selection_point(fields=["id"], name="node", on="click")
     points = alt.Chart(nodes).mark_circle(size=160).encode(
-        x=base_x, y="y:Q", color=alt.value("#333"), tooltip=["id", "kind"],
+        x=x, y="y:Q", color=alt.value("#333"), tooltip=["id", "kind", "label"],
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.5))).add_params(pick)
-    labels = alt.Chart(nodes).mark_text(dy=-12, fontSize=10).encode(x=base_x, y="y:Q", text="label:N")
-    return alt.layer(lines, points, labels).properties(height=max(260, 90 * (int(nodes["y"].max() - nodes["y"].min()) + 2))
-                                                       if len(nodes) else 260, width=760)
+    labels = alt.Chart(nodes).mark_text(dy=-13, fontSize=10).encode(x=x, y="y:Q", text="short:N")
+    height = max(260, 90 * (int(nodes["y"].max() - nodes["y"].min()) + 2)) if len(nodes) else 260
+    return alt.layer(lines, points, labels).properties(height=height, width=640, autosize=PAD)
 
 
 def _label_expr(tokens: list[str]) -> str:
     names = [show_token(t).replace("\\", "\\\\").replace("'", "\\'") for t in tokens]
     return "[" + ",".join(f"'{i} {t}'" for i, t in enumerate(names)) + "][datum.value]"
+
+
+def _legend_expr() -> str:
+    """Vega expression: the legend's entries in words (JSON is a Vega object literal)."""
+    return json.dumps(INPUT_LABELS) + "[datum.label] || datum.label"
 
 
 def _open_component(g: Graph, selected: str | None) -> None:
@@ -163,6 +207,7 @@ def render(ctx: Context) -> None:
                    f"{r['spearman']:.3f}, Pearson {r['pearson']:.3f} · {r['elapsed']:.2f} s")
         tokens = None
     event = st.altair_chart(graph_chart(g, ctx.model.n_heads, tokens), on_select="rerun", key="circuit.chart")
+    st.caption(EDGES_EXPLAINED)
     _open_component(g, _selected(event))
     with st.expander("edges"):
         st.dataframe(g.to_pandas(), hide_index=True)

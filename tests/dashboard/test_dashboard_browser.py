@@ -230,3 +230,59 @@ def test_tdb_dashboard_starts_and_stops_its_embedded_server(dash, gpt2_adapter, 
     assert code == 0, "".join(app.err)[-3000:]
     with TdbClient(app.server) as c, pytest.raises(TdbError):
         c.wait_ready(timeout=2)                # the embedded server is gone too
+
+
+# -- fit: every page on both bundled models, at 1280 and 1440 px ----------------------------------------------
+
+FIT_WIDTHS = (1280, 1440)
+FIT_PAGES = (("explore", ""), ("component", ""), ("debugger", "&bp=blocks.0.attn.out"), ("patching", ""),
+             ("attention", "&layer=1"), ("logit_lens", ""), ("circuit", ""))
+OVERFLOW_JS = """
+const main = document.querySelector('[data-testid="stMain"]');
+if (!main) return null;
+const right = main.getBoundingClientRect().right;
+const out = [];
+for (const el of main.querySelectorAll('canvas, svg, table, pre, [data-testid="stVegaLiteChart"], '
+                                       + '[data-testid="stDataFrame"], [data-testid="stMarkdownContainer"], '
+                                       + '[data-testid="stHorizontalBlock"]')) {
+  if (el.closest('[data-testid="stDataFrame"]') && el.getAttribute('data-testid') !== 'stDataFrame') continue;
+  const r = el.getBoundingClientRect();
+  if (r.width > 0 && r.right > right + 1) out.push((el.getAttribute('data-testid') || el.tagName) + ' right=' +
+                                                  Math.round(r.right) + ' > ' + Math.round(right));
+}
+if (main.scrollWidth > main.clientWidth + 1) out.push('main scrolls sideways: ' + main.scrollWidth + ' > ' + main.clientWidth);
+return out;
+"""
+
+
+def _overflow(driver) -> list[str]:
+    return driver.execute_script(OVERFLOW_JS) or []
+
+
+@pytest.mark.parametrize("model", ["austen", "induction"])
+def test_every_page_fits_at_1280_and_1440_px_on_both_bundled_models(model, browser):
+    from tdb_server.paths import bundled_models
+
+    if model not in bundled_models():
+        pytest.skip(f"the {model} model is not bundled")
+    app = Dashboard("--model", model, "--port", str(_free_port()))
+    try:
+        d = browser
+        problems = {}
+        for width in FIT_WIDTHS:
+            for page, extra in FIT_PAGES:
+                d.set_window_size(width, 1000)
+                d.get(f"{app.url}&page={page}{extra}")
+                _idle(d)
+                text = _text(d)
+                assert "Traceback" not in text and "page failed" not in text, (page, text[:800])
+                assert "not in the model's vocabulary" not in text, (page, text[:800])      # the model's own demo
+                bad = _overflow(d)
+                if bad:
+                    problems[f"{page}@{width}"] = bad
+                if width == WIDTH:
+                    _shoot(d, f"{model}-{page}")
+        assert not problems, problems
+    finally:
+        code = app.stop()
+    assert code == 0, "".join(app.err)[-3000:]
