@@ -12,18 +12,27 @@ from .errors import TdbError
 class _Stub:
     """Wraps the generated stub so every call raises TdbError instead of grpc.RpcError."""
 
-    def __init__(self, channel: grpc.Channel, timeout: float | None, stub: Callable[[grpc.Channel], Any]):
-        self._stub = stub(channel)
+    def __init__(self, channel: grpc.Channel, timeout: float | None, stub: Callable[[grpc.Channel], Any],
+                 metadata: tuple[tuple[str, str], ...] = ()):
+        self._stub = stub(channel) if channel is not None else None
         self._timeout = timeout
+        self._metadata = metadata
+
+    def with_metadata(self, *metadata: tuple[str, str]) -> "_Stub":
+        """The same stub, sending `metadata` with every call too (a session's secret)."""
+        other = _Stub(None, self._timeout, lambda _: None, self._metadata + metadata)
+        other._stub = self._stub
+        return other
 
     def __call__(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
+            return getattr(self._stub, method)(request, timeout=timeout or self._timeout,
+                                               metadata=self._metadata or None)
         except grpc.RpcError as e:
             raise TdbError.from_rpc(e) from None
 
     def stream(self, method: str, request: Any, timeout: float | None = None) -> "_Stream":
-        return _Stream(getattr(self._stub, method)(request, timeout=timeout))
+        return _Stream(getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata or None))
 
 
 class _Stream:

@@ -132,7 +132,7 @@ class TdbClient(AnalysisMixin):
                timeout: float = 600.0) -> ReplayReport:
         """Replay a recording (JSON text or a path to one) in a fresh session on this server.
 
-        keep_session: leave that session open at the recording's last state (Session(client, report.session_id, 0))."""
+        keep_session: leave that session open at the recording's last state (Session(client, report.session_id, 0, report.session_secret))."""
         text = recording
         if not recording.lstrip().startswith("{"):
             with open(recording, encoding="utf-8") as f:
@@ -145,7 +145,7 @@ class TdbClient(AnalysisMixin):
     def session(self, name: str = "", idle_timeout_s: float = 0.0) -> "Session":
         """Create a debugging session (closed when the `with` block ends)."""
         r = self._rpc("CreateSession", pb.CreateSessionRequest(name=name, idle_timeout_s=idle_timeout_s))
-        return Session(self, r.session_id, r.idle_timeout_s)
+        return Session(self, r.session_id, r.idle_timeout_s, r.session_secret)
 
 
 class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -169,9 +169,12 @@ _status = serde.run_status_from_proto
 class Session:
     """A debugging session on the server: breakpoints, runs, inspection, patches, events."""
 
-    def __init__(self, client: TdbClient, session_id: str, idle_timeout_s: float):
+    def __init__(self, client: TdbClient, session_id: str, idle_timeout_s: float, secret: str = ""):
         self.client, self.id, self.idle_timeout_s = client, session_id, idle_timeout_s
-        self._rpc = client._rpc
+        # the session's secret goes with every call naming it (the server answers NOT_FOUND without it);
+        # `metadata` is for calls made with raw stubs
+        self.metadata: tuple[tuple[str, str], ...] = (("tdb-session-secret", secret),)
+        self._rpc = client._rpc.with_metadata(*self.metadata)
         self.closed = False
 
     def __enter__(self) -> "Session":

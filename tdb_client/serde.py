@@ -217,7 +217,8 @@ def patch_result_from_proto(r: pb.PatchResponse) -> PatchResult:
 
 
 def replay_report_from_proto(r: pb.ReplayReport) -> ReplayReport:
-    return ReplayReport(r.ok, r.actions, r.stops_checked, r.reads_checked, tuple(r.mismatches), r.session_id)
+    return ReplayReport(r.ok, r.actions, r.stops_checked, r.reads_checked, tuple(r.mismatches), r.session_id,
+                        r.session_secret)
 
 
 # -- the Analysis service's replies ----------------------------------------------------------------

@@ -235,6 +235,7 @@ class ReplayReport:
     reads_checked: int
     mismatches: tuple[str, ...]
     session_id: str                # the replay's session, left open at the recording's last state
+    session_secret: str = ""       # its secret, to use it: Session(client, session_id, 0, session_secret)
 
 
 # -- analysis requests ---------------------------------------------------------------------------

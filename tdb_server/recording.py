@@ -124,7 +124,14 @@ class _Abort(Exception):
 
 
 class _ReplayContext:
-    """A stand-in for grpc.ServicerContext when the replay calls servicer methods in-process."""
+    """A stand-in for grpc.ServicerContext when the replay calls servicer methods in-process (as the owner
+    of the replay's session: its secret goes with every call)."""
+
+    def __init__(self, secret: str = ""):
+        self.secret = secret
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("tdb-session-secret", self.secret),)
 
     def is_active(self) -> bool:
         return True
@@ -215,8 +222,8 @@ def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_sessio
 
 def _replay_into(servicer: Any, session: Any, actions: list[dict], requests: list[Any],
                  forced: dict[int, tuple[str, int]], stop_on_mismatch: bool) -> pb.ReplayReport:
-    report = pb.ReplayReport(session_id=session.id)
-    ctx = _ReplayContext()
+    report = pb.ReplayReport(session_id=session.id, session_secret=session.secret)
+    ctx = _ReplayContext(session.secret)
     for i, (action, req) in enumerate(zip(actions, requests)):
         rpc = action["rpc"]
         dropped = action["outcome"].get("value_dropped")

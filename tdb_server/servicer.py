@@ -136,6 +136,17 @@ class _StreamSlots:
             self._free.release()
 
 
+SESSION_SECRET = "tdb-session-secret"     # the metadata key of CreateSessionResponse.session_secret
+
+
+def _secret(context: Any) -> str:
+    """The session secret the caller sent (metadata), or ""."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_SECRET:
+            return value
+    return ""
+
+
 class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def __init__(self, adapter: Any, sessions: SessionManager):
         self.adapter = adapter
@@ -167,16 +178,20 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
         s = self.sessions.create(request.name, request.idle_timeout_s)
-        return pb.CreateSessionResponse(session_id=s.id, idle_timeout_s=s.idle_timeout_s)
+        return pb.CreateSessionResponse(session_id=s.id, idle_timeout_s=s.idle_timeout_s, session_secret=s.secret)
+
+    def _session(self, request: Any, context: Any) -> Session:
+        """The session a request names, if the caller sent its secret (NOT_FOUND otherwise: engine/manager.py)."""
+        return self.sessions.get(request.session_id, _secret(context))
 
     @_rpc
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
-        self.sessions.close(request.session_id)
+        self.sessions.close(self._session(request, context).id)
         return pb.CloseSessionResponse()
 
     @_rpc
     def SetBreakpoints(self, request: pb.SetBreakpointsRequest, context: grpc.ServicerContext) -> pb.SetBreakpointsResponse:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         specs = s.set_breakpoints(serde.breakpoints_from_proto(request.breakpoints))
         recording.record(s, "SetBreakpoints", request, {})
         return pb.SetBreakpointsResponse(breakpoints=[serde.breakpoint_status_to_proto(b) for b in specs])
@@ -185,7 +200,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Launch(self, request: pb.LaunchRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         r = serde.launch_from_proto(request)
         run = s.launch(r.prompts, r.token_ids, r.prepend_bos, r.capture, r.stop_on_entry, r.gen)
         if request.wait:
@@ -193,7 +208,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         return _recorded(s, "Launch", request, s.checked_status(run))
 
     def _control(self, request: Any, context: Any, command: str, step: str | None = None) -> pb.RunStatus:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         run = s.resume(command, step)
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms, context))
@@ -209,7 +224,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         run = s.pause()
         if request.wait:
             s.wait(run, _wait_s(request.wait_timeout_ms, context))
@@ -217,7 +232,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Terminate(self, request: pb.TerminateRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         run = s.terminate()
         if request.wait:
             run.finished.wait(_wait_s(request.wait_timeout_ms, context))
@@ -225,7 +240,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def GetRunStatus(self, request: pb.GetRunStatusRequest, context: grpc.ServicerContext) -> pb.RunStatus:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         if request.wait and s.current is not None:
             s.wait(s.current, _wait_s(request.wait_timeout_ms, context))
         return serde.status_to_proto(s.status())
@@ -233,7 +248,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc
     def GetResult(self, request: pb.GetResultRequest, context: grpc.ServicerContext) -> pb.RunResult:
         bounds.in_range("top_k", request.top_k, 0, self.adapter.info.vocab_size, "0 = 10")
-        run = self.sessions.get(request.session_id).run_for(request.run_id)
+        run = self._session(request, context).run_for(request.run_id)
         return serde.result_to_proto(run.build_result(top_k=request.top_k or 10, include_logits=request.include_logits))
 
     # -- events ----------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     async def Events(self, request: pb.EventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         """Waits on the event loop (no thread held); a client that leaves cancels the wait. An admitted stream
         sends its headers at once, so a client knows it holds a slot before the first event."""
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         with self.stream_slots.held("Events"):
             await context.send_initial_metadata(())
             async for ev in self._events(s, request.after_seq):
@@ -272,7 +287,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc_async
     async def PollEvents(self, request: pb.PollEventsRequest, context: grpc.aio.ServicerContext) -> pb.PollEventsResponse:
         bounds.in_range("max_events", request.max_events, 0, bounds.MAX_POLL_EVENTS, "0 = no limit")
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         if request.timeout_ms > 0:
             with self.stream_slots.held("PollEvents with a timeout"):
                 await s.events.wait_async(request.after_seq, min(_wait_s(request.timeout_ms, context), 30.0))
@@ -284,19 +299,19 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def GetStack(self, request: pb.GetStackRequest, context: grpc.ServicerContext) -> pb.GetStackResponse:
-        frames, stop_id = self.sessions.get(request.session_id).stack()
+        frames, stop_id = self._session(request, context).stack()
         return pb.GetStackResponse(frames=[serde.frame_to_proto(f) for f in frames], stop_id=stop_id)
 
     @_rpc
     def GetScopes(self, request: pb.GetScopesRequest, context: grpc.ServicerContext) -> pb.GetScopesResponse:
-        scopes = self.sessions.get(request.session_id).scopes(request.frame_id)
+        scopes = self._session(request, context).scopes(request.frame_id)
         return pb.GetScopesResponse(scopes=[serde.scope_to_proto(x) for x in scopes])
 
     @_rpc
     def GetVariables(self, request: pb.GetVariablesRequest, context: grpc.ServicerContext) -> pb.GetVariablesResponse:
         if request.start < 0 or request.count < 0:
             raise InvalidArgument("start and count must be >= 0", reason="BAD_RANGE")
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         variables = s.variables(request.variables_reference, request.start, request.count)
         return pb.GetVariablesResponse(variables=[serde.variable_to_proto(v) for v in variables])
 
@@ -304,7 +319,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def ReadTensor(self, request: pb.ReadTensorRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
         if request.chunk_bytes < 0 or request.chunk_bytes > MAX_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_bytes must be in [0, {MAX_CHUNK_BYTES}]", reason="BAD_CHUNK_SIZE")
-        session = self.sessions.get(request.session_id)
+        session = self._session(request, context)
         t = session.read_value(request.expression, request.run_id)
         if request.dtype:
             t = t.to(wire.torch_dtype(request.dtype))
@@ -345,7 +360,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def TensorStats(self, request: pb.TensorStatsRequest, context: grpc.ServicerContext) -> common_pb2.TensorSummary:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         summary = wire.summarize(s.read_value(request.expression, request.run_id))
         recording.record(s, "TensorStats", request, {"summary": json_format.MessageToDict(summary)})
         return summary
@@ -353,7 +368,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     @_rpc
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         bounds.in_range("max_elements", request.max_elements, 0, bounds.MAX_EVAL_ELEMENTS, "0 = 4096")
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         run = s.run_for(request.run_id)
         if request.frame_id:
             s.check_frame(request.frame_id)   # stale frames are ABORTED
@@ -366,7 +381,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def Patch(self, request: pb.PatchRequest, context: grpc.ServicerContext) -> pb.PatchResponse:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         p = serde.patch_from_proto(request, self.sessions.limits.max_patch_bytes)
         spec, now = s.patch(p.name, p.op, p.selector, p.value, p.scalar, p.source_run_id, p.mean_over, p.tokens)
         recording.record(s, "Patch", request, {})
@@ -375,7 +390,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def ClearPatches(self, request: pb.ClearPatchesRequest, context: grpc.ServicerContext) -> pb.ClearPatchesResponse:
-        s = self.sessions.get(request.session_id)
+        s = self._session(request, context)
         cleared = s.clear_patches()
         recording.record(s, "ClearPatches", request, {})
         return pb.ClearPatchesResponse(cleared=cleared)
@@ -384,7 +399,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def ExportRecording(self, request: pb.ExportRecordingRequest, context: grpc.ServicerContext) -> pb.Recording:
-        return pb.Recording(json=recording.export(self.sessions.get(request.session_id)))
+        return pb.Recording(json=recording.export(self._session(request, context)))
 
     @_rpc
     def ReplayRecording(self, request: pb.ReplayRecordingRequest, context: grpc.ServicerContext) -> pb.ReplayReport:

@@ -34,6 +34,7 @@ SITE_WORDS = ["embed", "logits", "final_norm", "blocks.0.attn.out", "blocks.1.at
 
 class State:
     session_id = ""
+    metadata: tuple = ()      # the session's secret: fuzzed requests naming it reach past the ownership check
 
 
 def _text() -> st.SearchStrategy[str]:
@@ -131,7 +132,7 @@ def test_fuzz_rpc(method, stub_class, fuzz_server, fuzz_counter):
     stub = stub_class(channel)
     with TdbClient(addr) as c:
         s = c.session()                       # a real session, so fuzzed requests reach deep code
-        State.session_id = s.id
+        State.session_id, State.metadata = s.id, s.metadata
         s.set_breakpoints(["blocks.1.attn.out"])
         s.launch(token_ids=IDS)               # paused: stop-dependent RPCs have something to chew on
     req_cls = method.input_type._concrete_class
@@ -144,10 +145,10 @@ def test_fuzz_rpc(method, stub_class, fuzz_server, fuzz_counter):
         req = _build(req_cls, data)
         try:
             if method.server_streaming:
-                for _ in zip(range(5), call(req, timeout=2.0)):
+                for _ in zip(range(5), call(req, timeout=2.0, metadata=State.metadata)):
                     pass
             else:
-                call(req, timeout=20.0)
+                call(req, timeout=20.0, metadata=State.metadata)
             code = grpc.StatusCode.OK
         except grpc.RpcError as e:
             code = e.code()

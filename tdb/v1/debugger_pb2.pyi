@@ -104,12 +104,14 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session_id", "idle_timeout_s")
+    __slots__ = ("session_id", "idle_timeout_s", "session_secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     idle_timeout_s: float
-    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_s: _Optional[float] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -738,17 +740,19 @@ class ReplayRecordingRequest(_message.Message):
     def __init__(self, json: _Optional[str] = ..., stop_on_mismatch: _Optional[bool] = ..., keep_session: _Optional[bool] = ...) -> None: ...
 
 class ReplayReport(_message.Message):
-    __slots__ = ("ok", "actions", "stops_checked", "reads_checked", "mismatches", "session_id")
+    __slots__ = ("ok", "actions", "stops_checked", "reads_checked", "mismatches", "session_id", "session_secret")
     OK_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     STOPS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     READS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     MISMATCHES_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     actions: int
     stops_checked: int
     reads_checked: int
     mismatches: _containers.RepeatedScalarFieldContainer[str]
     session_id: str
-    def __init__(self, ok: _Optional[bool] = ..., actions: _Optional[int] = ..., stops_checked: _Optional[int] = ..., reads_checked: _Optional[int] = ..., mismatches: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, ok: _Optional[bool] = ..., actions: _Optional[int] = ..., stops_checked: _Optional[int] = ..., reads_checked: _Optional[int] = ..., mismatches: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...

@@ -1,9 +1,15 @@
 """All sessions of one server over one model: creating, finding and closing them, closing abandoned
-ones (idle timeout), and handing freed heap memory back to the operating system now and then."""
+ones (idle timeout), and handing freed heap memory back to the operating system now and then.
+
+A session belongs to its creator: `create` gives it a random secret that only the creator receives, and
+`get` finds a session only with its id and that secret (compared in constant time). Without the secret
+the answer is the one for a session that does not exist, so that a caller cannot learn that it does."""
 
 from __future__ import annotations
 
 import ctypes
+import hmac
+import secrets
 import threading
 import time
 import uuid
@@ -62,17 +68,20 @@ class SessionManager:
             sid = uuid.uuid4().hex[:16]
             s = Session(self.adapter, sid, name, idle_timeout_s or self.default_idle_timeout_s, limits=self.limits,
                         total_captured=self.total_captured_bytes, run_pool=self.run_pool)
+            s.secret = secrets.token_urlsafe(24)       # 192 random bits, told only to the creator
             self._sessions[sid] = s
             return s
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, secret: str) -> Session:
+        """The session with this id, if `secret` is its secret; NOT_FOUND otherwise, the same answer either way."""
         if not session_id:
             raise InvalidArgument("session_id is required", reason="NO_SESSION_ID")
         with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            raise NotFound(f"session {session_id!r} does not exist (closed, timed out, or never created)",
-                           reason="UNKNOWN_SESSION")
+            s = self._sessions.get(session_id[:64])
+        if s is None or not hmac.compare_digest(s.secret.encode(), (secret or "").encode()):
+            raise NotFound(f"session {session_id[:64]!r} does not exist (closed, timed out, or never created) or "
+                           "belongs to another client (its session secret, from CreateSession, was not sent as the "
+                           "metadata 'tdb-session-secret')", reason="UNKNOWN_SESSION")
         s.touch()
         return s
 

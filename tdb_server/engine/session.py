@@ -48,6 +48,7 @@ class Session:
                  limits: Limits | None = None, total_captured: Callable[[], int] | None = None,
                  run_pool: ThreadPoolExecutor | None = None):
         self.adapter, self.id, self.name = adapter, session_id, name
+        self.secret = ""            # the creator's proof of ownership (SessionManager.create sets it)
         # Runs execute on long-lived pool threads: a new OS thread per run would leave per-thread native
         # buffers (BLAS/OpenMP) behind at every run.
         self.run_pool = run_pool or _shared_pool()

@@ -53,17 +53,19 @@ def _tensor(shape, n=16):
 @pytest.mark.parametrize("shape", [[-4, -1], [-1, 4], [-8], [1] * 40])
 def test_negative_tensor_shapes_are_invalid_argument(raw, shape):
     _, dbg, ana = raw
-    sid = dbg.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
+    r = dbg.CreateSession(pb.CreateSessionRequest(), timeout=10)
+    sid, md = r.session_id, (("tdb-session-secret", r.session_secret),)
     try:
         with pytest.raises(grpc.RpcError) as e:
-            dbg.Patch(pb.PatchRequest(session_id=sid, site="blocks.0.attn.out", op=pb.SET, value=_tensor(shape)), timeout=10)
+            dbg.Patch(pb.PatchRequest(session_id=sid, site="blocks.0.attn.out", op=pb.SET, value=_tensor(shape)),
+                      timeout=10, metadata=md)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
         with pytest.raises(grpc.RpcError) as e:
             ana.NodeTable(apb.NodeTableRequest(input=apb.Input(token_ids=[1, 2, 3]), target=apb.Target(
                 kind=apb.TARGET_DIRECTION, direction=_tensor(shape))), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     finally:
-        dbg.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10)
+        dbg.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10, metadata=md)
 
 
 def _hostile_recordings(model: dict) -> list[str]:
@@ -156,7 +158,7 @@ def test_patch_values_are_freed_on_clear_and_the_recording_keeps_a_bounded_copy(
         for _ in range(8):
             s.patch("blocks.0.attn.out", "set", big)     # session patches: every following run
         s.patch("blocks.0.attn.out", "add", np.full(d, 0.5, np.float32))   # small: kept whole
-        session = handle.sessions.get(s.id)
+        session = handle.sessions.get(s.id, dict(s.metadata)["tdb-session-secret"])
         kept = sum(len(raw) for _, raw, _ in session.recording)
         assert kept < 1 << 20, kept                      # not 32 MiB of values again
         assert s.clear_patches() == 9

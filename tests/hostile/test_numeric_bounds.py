@@ -163,17 +163,20 @@ def hostile():
         channel.close()
 
 
-def _call(stub, rpc: str, request, timeout: float = 30.0):
+def _call(stub, rpc: str, request, metadata, timeout: float = 30.0):
     fn = getattr(stub, rpc)
     if rpc in STREAMS:
-        return list(fn(request, timeout=timeout))
-    return fn(request, timeout=timeout)
+        return list(fn(request, timeout=timeout, metadata=metadata))
+    return fn(request, timeout=timeout, metadata=metadata)
 
 
-def _session(dbg) -> str:
-    sid = dbg.CreateSession(pb.CreateSessionRequest(), timeout=30).session_id
-    dbg.Launch(pb.LaunchRequest(session_id=sid, token_ids=[pb.TokenIds(ids=IDS)], wait=True), timeout=30)
-    return sid
+def _session(dbg) -> tuple[str, tuple]:
+    """A fresh session with a finished run, and the metadata that names its owner."""
+    r = dbg.CreateSession(pb.CreateSessionRequest(), timeout=30)
+    md = (("tdb-session-secret", r.session_secret),)
+    dbg.Launch(pb.LaunchRequest(session_id=r.session_id, token_ids=[pb.TokenIds(ids=IDS)], wait=True), timeout=30,
+               metadata=md)
+    return r.session_id, md
 
 
 CASES = [(rpc, build, path, kind, v) for rpc, build, path, kind in TABLE
@@ -184,18 +187,18 @@ CASES = [(rpc, build, path, kind, v) for rpc, build, path, kind in TABLE
                          ids=[f"{c[0]}.{c[2]}={c[4]}" for c in CASES])
 def test_an_extreme_number_is_answered_at_once_never_internal(hostile, rpc, build, path, kind, value):
     srv, dbg, ana = hostile
-    sid = _session(dbg)
+    sid, md = _session(dbg)
     request = build(sid)
     msg, fd = _field(request, path)
     _set(msg, fd, value)
     t0 = time.monotonic()
     try:
-        _call(ana if rpc in ANALYSES else dbg, rpc, request)
+        _call(ana if rpc in ANALYSES else dbg, rpc, request, md)
         code, details = grpc.StatusCode.OK, ""
     except grpc.RpcError as e:
         code, details = e.code(), e.details()
     took = time.monotonic() - t0
-    dbg.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
+    dbg.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30, metadata=md)
     assert srv.alive(), f"{rpc}.{path}={value} killed the server"
     assert took < 20, f"{rpc}.{path}={value} took {took:.1f}s"
     assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED), details
