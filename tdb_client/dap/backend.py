@@ -37,9 +37,14 @@ class Embedded:
 def model_path(model: str | None, data_dirs: Sequence[str] = ()) -> str:
     """The folder of `model` (a bundled name, a directory under the allow-list, or None for the default
     bundled model); DapError, with tdb's own words, for anything else. Fast: nothing is loaded."""
-    from tdb_server.errors import TdbServerError
-    from tdb_server.files import FileAccess
-    from tdb_server.paths import BUNDLED_DIR, bundled_models, resolve_model
+    try:
+        from tdb_server.errors import TdbServerError
+        from tdb_server.files import FileAccess
+        from tdb_server.paths import BUNDLED_DIR, bundled_models, resolve_model
+    except ImportError:
+        raise DapError("this tdb dap cannot start a server of its own (tdb_server is not installed, as with the "
+                       "tdb-client distribution): name a running one with \"server\" in the launch configuration "
+                       "or `tdb dap --server HOST:PORT`") from None
 
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise DapError("'model' must be a bundled model's name or a model folder")

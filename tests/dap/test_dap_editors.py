@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent import futures
@@ -385,3 +386,13 @@ def test_the_listener_credential_does_not_apply_to_stdio(gpt2_server):
         _finish(proc, dap)
     finally:
         _kill(proc)
+
+
+def test_without_the_server_package_a_model_launch_says_to_name_a_server(monkeypatch):
+    """The tdb-client distribution has no tdb_server: a launch that needs an embedded server says so."""
+    from tdb_client.dap import backend
+    from tdb_client.dap.protocol import DapError
+
+    monkeypatch.setitem(sys.modules, "tdb_server.files", None)        # as if not installed
+    with pytest.raises(DapError, match='name a running one with "server"'):
+        backend.model_path(None)
