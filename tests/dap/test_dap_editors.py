@@ -6,12 +6,10 @@ the allow-list. Numbers are checked against a plain HF forward or `generate`."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from concurrent import futures
 
 import grpc
