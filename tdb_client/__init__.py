@@ -24,3 +24,13 @@ from . import _repr, graph, notebook, results, sae, types  # noqa: E402
 _repr.install([c for m in (types, results, sae, graph) for c in vars(m).values()
                if isinstance(c, type) and c.__module__ == m.__name__])
 notebook.install()                                     # and render as tables and heatmaps in Jupyter
+
+
+def __getattr__(name: str) -> str:
+    """`tdb_client.__version__`: the installed tdb-client's version (the file VERSION of the repository),
+    looked up on first use (importlib.metadata costs import time that most sessions never need)."""
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("tdb-client")
+    raise AttributeError(f"module 'tdb_client' has no attribute {name!r}")

@@ -18,7 +18,7 @@ demo = truth["demo"]
 prompt, corrupted = demo["prompt"], demo["variants"][0]["prompt"]
 target = Target(tokens=[demo["answer"]], distractors=[demo["distractor"]])
 seen: dict = {"torch_importable": importlib.util.find_spec("torch") is not None,
-              "client_file": __import__("tdb_client").__file__}
+              "client_file": __import__("tdb_client").__file__, "client_version": __import__("tdb_client").__version__}
 with TdbClient(address, timeout=120) as tdb:
     info = tdb.initialize()
     seen["server_version"], seen["protocol_version"] = info.server_version, info.protocol_version

@@ -40,7 +40,8 @@ def test_the_client_wheel_installs_without_torch_and_drives_a_server(client_venv
     heads = {f"blocks.{layer}.attn.head.{h}" for layer, h in truth["induction_heads"]}
     assert seen["torch_importable"] is False
     assert seen["client_file"].startswith(str(site_packages(python)))       # the wheel, not this checkout
-    assert seen["server_version"] == (Path(__file__).parents[2] / "VERSION").read_text().strip()
+    version = (Path(__file__).parents[2] / "VERSION").read_text().strip()
+    assert seen["server_version"] == seen["client_version"] == version
     assert seen["stopped_at"] == "blocks.1.attn.out" and seen["next_token"] == truth["demo"]["answer"]
     assert seen["top_nodes"][0] in heads
     assert seen["sweep_shape"] == [2, 4] and "blocks.{}.attn.head.{}".format(*seen["sweep_best"]) in heads

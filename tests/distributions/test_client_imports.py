@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 from tdb_client.graph import Edge, Graph, Node
 
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "streamlit", "altair", "pandas", "tqdm", "tdb_server", "tdb_client.dap",
          "urllib.request", "email", "xml")
 
@@ -22,6 +24,14 @@ def test_importing_the_client_loads_nothing_heavy():
     loaded = json.loads(r.stdout)
     heavy = sorted({h for h in HEAVY for m in loaded if m == h or m.startswith(h + ".")})
     assert not heavy, f"import tdb_client loads {heavy}"
+
+
+def test_the_client_reports_its_version_when_asked():
+    code = ("import sys, tdb_client; before = 'importlib.metadata' in sys.modules; "
+            "print(before, tdb_client.__version__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", (ROOT / "VERSION").read_text().strip()]
 
 
 def test_graphml_attributes_are_quoted_without_xml_sax():
