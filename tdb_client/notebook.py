@@ -18,7 +18,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .graph import CircuitResult, Graph
-from .results import AblationResult, AttentionResult, LogitLensResult, NodeTable, NodeTableResult, PatchSweepResult
+from ._enums import METRICS
+from .names import node_name
+from .results import (AblationResult, AttentionResult, Comparison, LogitLensResult, NodeTable, NodeTableResult,
+                      PairedNodeTable, PatchSweepResult, Verification)
 from .sae import ActivationRecords, ActivationWindow
 
 # Colour ramps sampled from the Vega schemes the dashboard's Altair charts use.
@@ -171,7 +174,47 @@ def node_table_result_html(r: NodeTableResult) -> str:
     if len(r.bottom):
         body += f"<details><summary>bottom {len(r.bottom)} (pushing the other way)</summary>" \
                 f"{node_rows(r.bottom, scale)}</details>"
+    if r.verification is not None:
+        body += verification_rows(r.verification)
     return _view(f"Node table: {t.description}", notes, body)
+
+
+def _names(ids: np.ndarray) -> list[str]:
+    return [node_name(t, layer, i, k) for t, layer, i, _, k in ids[:, :5].tolist()]
+
+
+def verification_rows(v: Verification) -> str:
+    """The total-effect estimates of the largest nodes beside their exact zero-ablation effects."""
+    scale = _scale(np.concatenate([v.estimate, v.exact]).astype(np.float64))
+    rows = "".join("<tr>" + _cell(escape(n), cls="l") + _cell(_fmt(float(e)), signed_color(float(e), scale))
+                   + _cell(_fmt(float(x)), signed_color(float(x), scale)) + "</tr>"
+                   for n, e, x in zip(_names(v.ids)[:MAX_ROWS], v.estimate.tolist(), v.exact.tolist()))
+    return (f"<details><summary>verified: {len(v.ids)} largest estimates against exact zero-ablation "
+            f"(Spearman {v.spearman:.3f}, largest error {v.max_abs_error:.3g})</summary><table>"
+            '<tr><th class="l">node</th><th>total effect (estimate)</th><th>exact zero-ablation</th></tr>'
+            f"{rows}</table></details>")
+
+
+def paired_rows(table: PairedNodeTable, metric: int = 2) -> str:
+    """Aligned rows of two prompts: a metric on the left, on the right, and their difference coloured."""
+    n = min(len(table), MAX_ROWS)
+    left, right = table.left[:n, metric].astype(np.float64), table.right[:n, metric].astype(np.float64)
+    scale = _scale(np.concatenate([left, right, left - right]))
+    rows = "".join("<tr>" + _cell(escape(name), cls="l") + _cell(_fmt(a), signed_color(a, scale))
+                   + _cell(_fmt(b), signed_color(b, scale)) + _cell(_fmt(a - b), signed_color(a - b, scale)) + "</tr>"
+                   for name, a, b in zip(_names(table.ids[:n]), left.tolist(), right.tolist()))
+    return ('<table><tr><th class="l">node</th><th>left</th><th>right</th><th>left − right</th></tr>'
+            f"{rows}</table>" + _more(len(table), n, "rows"))
+
+
+def comparison_html(r: Comparison) -> str:
+    from_metric = METRICS.index(r.rank_by) if r.rank_by in METRICS else METRICS.index("direct_effect")
+    notes = [f"left: {r.left_target.description} = {r.left_target.value:.4g}; right: {r.right_target.description} "
+             f"= {r.right_target.value:.4g}; {r.rank_by}, largest left − right first"]
+    body = paired_rows(r.top, from_metric)
+    if len(r.bottom):
+        body += f"<details><summary>bottom {len(r.bottom)}</summary>{paired_rows(r.bottom, from_metric)}</details>"
+    return _view(f"Comparison of two prompts ({r.rank_by})", notes, body)
 
 
 def node_table_html(table: NodeTable) -> str:
@@ -322,7 +365,8 @@ def records_html(r: ActivationRecords) -> str:
 
 
 VIEWS: dict[type, Callable[[Any], str]] = {
-    NodeTableResult: node_table_result_html, NodeTable: node_table_html, AblationResult: ablation_html,
+    NodeTableResult: node_table_result_html, NodeTable: node_table_html, Comparison: comparison_html,
+    AblationResult: ablation_html,
     PatchSweepResult: sweep_html, AttentionResult: attention_html, LogitLensResult: logit_lens_html,
     CircuitResult: circuit_html, Graph: graph_html, ActivationRecords: records_html,
 }

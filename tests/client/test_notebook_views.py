@@ -102,3 +102,15 @@ def test_activation_records_shade_each_token(bundled_client):
     html = check_view(r, "Activation records", "top windows", "random windows")
     spans = re.findall(r'<span class="tok"', html)
     assert len(spans) == sum(len(w.tokens) for w in r.top + r.random)
+
+
+def test_node_table_verification_and_comparison(bundled_client):
+    r = bundled_client.node_table(PROMPT, TARGET, top_k=5, node_types=["head"], verify_top=3)
+    html = check_view(r, "verified: 3 largest estimates", "exact zero-ablation")
+    assert all(f"{float(x):+.3g}" in html for x in r.verification.exact)
+    c = bundled_client.compare(PROMPT, CORRUPTED, TARGET, top_k=4, node_types=["head"])
+    html = check_view(c, "Comparison of two prompts", "left − right")
+    first = c.top                                   # the first row's difference, coloured on the view's scale
+    diff = float(first.left[0, 2] - first.right[0, 2])
+    scale = max(np.abs(np.concatenate([first.left[:, 2], first.right[:, 2], first.left[:, 2] - first.right[:, 2]])))
+    assert signed_color(diff, float(scale)) in [col for col, _ in cells(html)]
