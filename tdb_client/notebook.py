@@ -1,10 +1,10 @@
-"""Results as HTML for Jupyter (`_repr_html_`): node tables, ablations, sweeps as heatmaps, attention
-patterns, the logit lens, circuits and activation records, readable at a glance like the dashboard's
-views and coloured the same way (streamlit_app/charts.py): signed values red (negative) through white
-to blue (positive) on a scale symmetric around zero, unsigned values and attention in blues,
-probabilities in greens, circuit edges by the input they feed. Plain HTML and inline CSS, no
-JavaScript: it renders in Jupyter, VS Code, nbconvert exports and GitHub's notebook viewer alike.
-Exact values are in each cell's hover title. Plain `repr` stays compact (tdb_client/_repr.py).
+"""Results as HTML for Jupyter (`_repr_html_`): node tables (with their verification), comparisons of
+two prompts, ablations, sweeps as heatmaps, attention patterns, the logit lens, circuits and activation
+records, readable at a glance like the dashboard's views and coloured the same way
+(streamlit_app/charts.py): signed values red (negative) through white to blue (positive) on a scale
+symmetric around zero, unsigned values and attention in blues, probabilities in greens, circuit edges
+by the input they feed. Plain HTML and CSS, no JavaScript, so a saved notebook keeps its views. Exact
+values are in each cell's hover title. Plain `repr` stays compact (tdb_client/_repr.py).
 
 `install()` (called by tdb_client/__init__.py) gives each result class its view as `_repr_html_`.
 """

@@ -9,7 +9,6 @@ import re
 from html import unescape
 
 import numpy as np
-import pytest
 
 from tdb_client import Ablation, Target
 from tdb_client.notebook import BLUES, GREENS, INPUT_COLORS, REDBLUE, ramp_color, signed_color
