@@ -263,15 +263,33 @@ def sweep_html(r: PatchSweepResult) -> str:
             z, rows, cols, lambda v: signed_color(v, scale), title, values=len(cols) <= 16)
     else:   # layer x head x position: one heatmap (head x position) per layer
         parts = []
-        for li, layer in enumerate(_axis_labels(axes[0], r.tokens)[:MAX_HEADS]):
+        for li, layer in enumerate(_axis_labels(axes[0], r.tokens)[:MAX_GRID]):
             rows, cols = _axis_labels(axes[1], r.tokens), _axis_labels(axes[2], r.tokens)
             zl = z[li]
             parts.append(f"<p>{axes[0].name} {escape(layer)}</p>" + grid(
                 zl, rows, cols, lambda v: signed_color(v, scale),
                 lambda i, j: f"{axes[1].name} {rows[i]}, {axes[2].name} {cols[j]}: normalized {zl[i, j]:.4g}"))
-        body = "".join(parts) + _more(len(axes[0].values), MAX_HEADS, axes[0].name + "s")
+        body = "".join(parts) + _more(len(axes[0].values), MAX_GRID, axes[0].name + "s")
+    if z.size > MAX_GRID * MAX_GRID or any(len(a.values) > MAX_GRID for a in axes):
+        body = _largest_cells(r, z) + body          # a grid too big to see whole: its strongest cells first
     return _view(f"Patching sweep ({' x '.join(a.name for a in axes)})", notes,
                  legend(REDBLUE, -scale, scale, "normalized effect") + body)
+
+
+def _largest_cells(r: PatchSweepResult, z: np.ndarray) -> str:
+    """The MAX_ROWS cells of largest |normalized| effect, with their coordinates on every axis."""
+    flat = np.where(np.isfinite(z), np.abs(z), -1.0).reshape(-1)
+    order = [int(i) for i in np.argsort(-flat, kind="stable")[:MAX_ROWS] if flat[i] >= 0]
+    scale = max(1.0, _scale(z))
+    labels = [_axis_labels(a, r.tokens) for a in r.axes]
+    head = "<tr>" + "".join(f'<th class="l">{escape(a.name)}</th>' for a in r.axes) + "<th>normalized</th></tr>"
+    rows = []
+    for i in order:
+        at = np.unravel_index(i, z.shape)
+        v = float(z[at])
+        rows.append("<tr>" + "".join(_cell(escape(labels[k][j]), cls="l") for k, j in enumerate(at))
+                    + _cell(_fmt(v), signed_color(v, scale), f"value {float(r.values[at]):.4g}") + "</tr>")
+    return f"<p>largest effects</p><table>{head}{''.join(rows)}</table>"
 
 
 # -- attention and the logit lens -------------------------------------------------------------------

@@ -113,3 +113,17 @@ def test_node_table_verification_and_comparison(bundled_client):
     diff = float(first.left[0, 2] - first.right[0, 2])
     scale = max(np.abs(np.concatenate([first.left[:, 2], first.right[:, 2], first.left[:, 2] - first.right[:, 2]])))
     assert signed_color(diff, float(scale)) in [col for col, _ in cells(html)]
+
+
+def test_per_position_and_neuron_sweeps_stay_readable(bundled_client):
+    r = bundled_client.patch_sweep(PROMPT, CORRUPTED, TARGET, kind="head_out", per_position=True)
+    assert len(r.shape) == 3                                   # layer x head x position
+    html = check_view(r, "Patching sweep (layer x head x position)", "<p>layer 0</p>", "<p>layer 1</p>")
+    assert len(cells(html)) == r.values.size and "largest effects" not in html
+    r = bundled_client.patch_sweep(PROMPT, CORRUPTED, TARGET, kind="neuron", method="attribution", verify_top_k=5)
+    n = r.shape[1]
+    html = check_view(r, "largest effects", f"… {n - 64} more columns ({n} in all)")
+    z = r.normalized if r.computed else r.approx_normalized
+    layer, neuron = np.unravel_index(np.nanargmax(np.abs(z)), z.shape)
+    top_row = re.search(r"largest effects</p><table><tr>.*?</tr><tr>(.*?)</tr>", html).group(1)
+    assert top_row.startswith(f'<td class="l">{layer}</td><td class="l">{neuron}</td>')   # the strongest cell first
