@@ -127,3 +127,17 @@ def test_per_position_and_neuron_sweeps_stay_readable(bundled_client):
     layer, neuron = np.unravel_index(np.nanargmax(np.abs(z)), z.shape)
     top_row = re.search(r"largest effects</p><table><tr>.*?</tr><tr>(.*?)</tr>", html).group(1)
     assert top_row.startswith(f'<td class="l">{layer}</td><td class="l">{neuron}</td>')   # the strongest cell first
+
+
+def test_text_from_the_model_is_escaped():
+    """Tokens are text the model's vocabulary holds: a token that looks like markup is shown, never run."""
+    evil = '<script>alert("x")</script>'
+    from tdb_client import AttentionResult, LogitLensResult
+
+    lens = LogitLensResult(tokens=("a", evil), sites=("embed",), positions=(0, 1), top_ids=np.zeros((1, 2, 1), int),
+                           top_logits=np.ones((1, 2, 1)), top_probs=np.full((1, 2, 1), 0.5),
+                           top_tokens=np.array([[[evil], ['" onmouseover="x']]], dtype=object),
+                           target_values=None, target=None)
+    att = AttentionResult(tokens=(evil, "b"), heads=(0,), pattern=np.array([[[1.0, 0.0], [0.5, 0.5]]]))
+    for html in (lens._repr_html_(), att._repr_html_()):
+        assert "<script" not in html and "&lt;script&gt;" in html and '" onmouseover' not in html
