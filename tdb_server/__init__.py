@@ -7,9 +7,10 @@ Layers (imports point one way; tests/test_layering.py checks it):
                   intervention model (interventions.py), tokens, corpus, fingerprint
     engine/ analyses/ sae/ records/ explain/ files.py
                   sessions and runs; analyses as plain functions over the adapter; SAEs; records
-    serde.py wire.py servicer.py analysis_servicer.py sae_servicer.py recording.py security.py
-                  the protobuf / gRPC edge: proto <-> domain, one error conversion
-    server.py cli.py   create_server(addr) -> (server, port); the `tdb` command
+    serde.py wire.py servicer.py analysis_servicer.py sae_servicer.py recording.py security.py aio_bridge.py
+                  the protobuf / gRPC edge: proto <-> domain, one error conversion, plain methods on the
+                  asyncio server
+    server.py cli.py   create_server(addr) -> (server, port) on grpc.aio; the `tdb` command
 """
 
 from importlib.metadata import PackageNotFoundError, version as _installed_version
