@@ -7,7 +7,6 @@ field is validated here (shape of the request) or in the analysis (meaning), wit
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from typing import Any, Iterator
 
@@ -315,11 +314,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         """Header, then a chunk per batched forward (each computed in its own device turn, so debug
         sessions interleave), then the summary. A client that leaves stops the work within one block."""
         a = self.adapter
-        left = threading.Event()
-        context.add_callback(left.set)
-
-        def should_stop() -> bool:
-            return left.is_set() or not context.is_active()
+        should_stop = bounds.stopper(context, self.limits.max_analysis_s, "the patch sweep")
 
         if request.kind == pb.SWEEP_KIND_UNSPECIFIED:
             raise InvalidArgument("give a sweep kind", reason="BAD_SWEEP")
@@ -371,11 +366,7 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         """Progress after each stage (attribution, verify, circuit), each in its own device turn, then
         the result. A client that leaves stops the work between stages and between batched forwards."""
         a = self.adapter
-        left = threading.Event()
-        context.add_callback(left.set)
-
-        def should_stop() -> bool:
-            return left.is_set() or not context.is_active()
+        should_stop = bounds.stopper(context, self.limits.max_analysis_s, "the circuit search")
 
         if not request.HasField("target"):
             raise InvalidArgument("a circuit needs a target", reason="NO_OBJECTIVE")

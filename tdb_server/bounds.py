@@ -1,13 +1,16 @@
-"""Bounds of numeric request fields: every size, count, index and position a request carries is checked
-against its range before any work (INVALID_ARGUMENT, OUT_OF_RANGE, naming the field and its bound), so
-that a number is never an allocation or a loop of its own size. A leaf: no grpc, no torch."""
+"""Bounds of requests: every size, count, index and position a request carries is checked against its
+range before any work (INVALID_ARGUMENT, OUT_OF_RANGE, naming the field and its bound), so that a number
+is never an allocation or a loop of its own size; and a long analysis stops at the server's time limit
+(`stopper`). A leaf: no grpc, no torch."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import threading
+import time
+from typing import Any, Callable, Iterable
 
-from .errors import InvalidArgument
+from .errors import DeadlineExceeded, InvalidArgument
 
 MAX_EVAL_ELEMENTS = 1 << 20     # Evaluate returns the value itself up to this many elements
 MAX_POLL_EVENTS = 1 << 20       # PollEvents.max_events (the event ring holds fewer anyway)
@@ -31,6 +34,22 @@ def all_in_range(field: str, values: Iterable[float], lo: float, hi: float, note
 def finite(field: str, value: float) -> None:
     if not math.isfinite(value):
         raise InvalidArgument(f"{field} = {value} must be a finite number", reason="OUT_OF_RANGE")
+
+
+def stopper(context: Any, limit_s: float, what: str) -> Callable[[], bool]:
+    """The `should_stop` of a long analysis (checked between its batches): True once the client has left;
+    DEADLINE_EXCEEDED (ANALYSIS_TOO_LONG) once it has run `limit_s` seconds (tdb serve --max-analysis-s)."""
+    left = threading.Event()
+    context.add_callback(left.set)
+    deadline = time.monotonic() + limit_s
+
+    def should_stop() -> bool:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{what} ran past {limit_s:g} s, the longest this server lets one analysis run "
+                                   "(tdb serve --max-analysis-s): ask for less (fewer layers, positions or windows)",
+                                   reason="ANALYSIS_TOO_LONG")
+        return left.is_set() or not context.is_active()
+    return should_stop
 
 
 def _num(x: float) -> str:

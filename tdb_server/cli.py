@@ -38,6 +38,14 @@ LIMIT_FLAGS = [
     ("--max-read-mib", "max_read_bytes", MiB, "one ReadTensor or Evaluate result"),
     ("--max-expr-mib", "max_expr_bytes", MiB, "what one operation of an expression (Evaluate, reads, breakpoint "
      "conditions, log points) may allocate; four times this in all"),
+    ("--max-sessions-per-client", "max_sessions_per_client", 1, "sessions one client may hold at once (a remote "
+     "client: its address; on this host: its connection); RESOURCE_EXHAUSTED beyond"),
+    ("--max-idle-timeout", "max_idle_timeout_s", 1, "the longest idle timeout (seconds) a client may ask for its "
+     "session"),
+    ("--max-analysis-s", "max_analysis_s", 1, "seconds one analysis (patch sweep, circuit, activation records) may "
+     "run before DEADLINE_EXCEEDED"),
+    ("--records-cache-mib", "records_cache_bytes", MiB, "the activation-records disk cache ($TDB_CACHE/records); the "
+     "least recently used files are removed beyond it"),
     ("--max-patch-mib", "max_patch_bytes", MiB, "a tensor sent with Patch (also the largest request accepted)"),
     ("--max-streams", "max_streams", 1, "open event streams and long polls at once (they hold no thread: other calls "
      "keep answering); beyond, RESOURCE_EXHAUSTED at once"),

@@ -14,6 +14,10 @@ class Limits:
     max_batch: int = 256
     max_read_bytes: int = 4 * GiB          # one ReadTensor / Evaluate result
     max_expr_bytes: int = 1 * GiB          # one operation of an expression (Evaluate, reads, conditions, log points)
+    max_sessions_per_client: int = 32      # sessions one client may hold at once (servicer.client_of says who)
+    max_idle_timeout_s: float = 3600.0     # the longest idle timeout a client may ask for its session
+    max_analysis_s: float = 600.0          # one analysis (sweep, circuit, activation records) runs at most this long
+    records_cache_bytes: int = 1 * GiB     # the activation-records disk cache; least recently used files go first
     session_capture_bytes: int = 4 * GiB   # activations a session may keep (current + retained runs)
     total_capture_bytes: int = 16 * GiB    # across all sessions
     idle_timeout_s: float = 600.0          # sessions with no request (and no open event stream)

@@ -196,7 +196,8 @@ def _request(i: int, action: dict) -> Any:
         raise InvalidArgument(f"action {i} ({action['rpc']}): {str(e)[:300]}", reason="BAD_RECORDING") from None
 
 
-def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_session: bool = False) -> pb.ReplayReport:
+def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_session: bool = False,
+           owner: str = "") -> pb.ReplayReport:
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError) as e:     # JSONDecodeError is a ValueError; absurd nesting recurses
@@ -212,7 +213,7 @@ def replay(servicer: Any, text: str, stop_on_mismatch: bool = False, keep_sessio
                 reason="MODEL_MISMATCH")
     requests = [_request(i, a) for i, a in enumerate(actions)]    # every request parses, before anything runs
     forced = _forced_pauses(actions)
-    session = servicer.sessions.create("replay")
+    session = servicer.sessions.create("replay", owner=owner)
     try:
         return _replay_into(servicer, session, actions, requests, forced, stop_on_mismatch)
     finally:

@@ -12,10 +12,11 @@ import torch
 
 from tdb.v1 import analysis_pb2 as pb
 
-from . import explain, wire
+from . import bounds, explain, wire
 from .engine.scheduler import scheduler_for
 from .errors import Cancelled, InvalidArgument
 from .files import FileAccess
+from .limits import Limits
 from .records import Records, Window, activation_records
 from .analyses.registry import REGISTRY, register
 from .sae import AttachedSae, attach, attached, detach
@@ -44,11 +45,11 @@ def records_proto(r: Records) -> pb.ActivationRecordsResult:
         max_act=r.max_act, mean_max=r.mean_max, frac_windows_active=r.frac_windows_active, cached=r.cached)
 
 
-def _record_args(request: Any) -> dict[str, Any]:
+def _record_args(request: Any, cache_bytes: int) -> dict[str, Any]:
     for name in ("n_top", "window"):
         if getattr(request, name) < 0:
             raise InvalidArgument(f"{name} must be >= 0 (0 = the default)", reason="OUT_OF_RANGE")
-    kw = {"n_top": request.n_top or 20, "window": request.window or 64}
+    kw: dict[str, Any] = {"n_top": request.n_top or 20, "window": request.window or 64, "cache_bytes": cache_bytes}
     if hasattr(request, "n_random"):
         if request.n_random < 0 or request.batch < 0:
             raise InvalidArgument("n_random and batch must be >= 0 (0 = the default)", reason="OUT_OF_RANGE")
@@ -65,6 +66,7 @@ def explanations(adapter: Any, node_names: list[str]) -> list[str]:
 class SaeServicerMixin:
     adapter: Any
     files: FileAccess
+    limits: Limits
 
     def _corpus(self, path: str) -> str | None:
         """A client's corpus file, if it may read it (None: the bundled held-out slice)."""
@@ -92,10 +94,11 @@ class SaeServicerMixin:
     def ActivationRecords(self, request: pb.ActivationRecordsRequest,
                           context: grpc.ServicerContext) -> Iterator[pb.ActivationRecordsChunk]:
         """Progress chunks while the corpus pass runs (in a worker, holding the device), then the records."""
-        kw = _record_args(request)
+        kw = _record_args(request, self.limits.records_cache_bytes)
         corpus = self._corpus(request.corpus_path)
         left = threading.Event()
         context.add_callback(left.set)
+        stop = bounds.stopper(context, self.limits.max_analysis_s, "the activation records' corpus pass")
         events: queue.Queue = queue.Queue()
         box: dict[str, Any] = {}
 
@@ -105,7 +108,7 @@ class SaeServicerMixin:
                     box["records"] = activation_records(
                         self.adapter, request.unit, corpus,
                         progress=lambda d, t, s: events.put(pb.RecordsProgress(stage=s, done=d, total=t)),
-                        should_stop=left.is_set, **kw)
+                        should_stop=stop, **kw)
             except BaseException as e:  # noqa: BLE001 - re-raised in the RPC thread
                 box["error"] = e
             finally:
@@ -122,7 +125,7 @@ class SaeServicerMixin:
 
     @_rpc
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
-        kw = _record_args(request)
+        kw = _record_args(request, self.limits.records_cache_bytes)
         corpus = self._corpus(request.corpus_path)
         with scheduler_for(self.adapter).turn():
             exp, records = explain.explain(self.adapter, request.unit, corpus,

@@ -139,6 +139,12 @@ class _StreamSlots:
 SESSION_SECRET = "tdb-session-secret"     # the metadata key of CreateSessionResponse.session_secret
 
 
+def client_of(peer: str) -> str:
+    """Who a session counts against in the per-client quota: a remote client's address (without its port);
+    on this host, where every process of every local user connects from the same address, the connection."""
+    return peer if shm.local_peer(peer) else peer.rsplit(":", 1)[0]
+
+
 def _secret(context: Any) -> str:
     """The session secret the caller sent (metadata), or ""."""
     for key, value in context.invocation_metadata() or ():
@@ -177,7 +183,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
-        s = self.sessions.create(request.name, request.idle_timeout_s)
+        s = self.sessions.create(request.name, request.idle_timeout_s, owner=client_of(context.peer()))
         return pb.CreateSessionResponse(session_id=s.id, idle_timeout_s=s.idle_timeout_s, session_secret=s.secret)
 
     def _session(self, request: Any, context: Any) -> Session:
@@ -405,4 +411,5 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def ReplayRecording(self, request: pb.ReplayRecordingRequest, context: grpc.ServicerContext) -> pb.ReplayReport:
         if len(request.json) > 64 << 20:
             raise InvalidArgument("recording larger than 64 MiB", reason="BAD_RECORDING")
-        return recording.replay(self, request.json, request.stop_on_mismatch, request.keep_session)
+        return recording.replay(self, request.json, request.stop_on_mismatch, request.keep_session,
+                                owner=client_of(context.peer()))

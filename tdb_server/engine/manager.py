@@ -57,18 +57,25 @@ class SessionManager:
         self._reaper = threading.Thread(target=self._reap, args=(reap_interval_s,), name="tdb-reaper", daemon=True)
         self._reaper.start()
 
-    def create(self, name: str = "", idle_timeout_s: float = 0.0) -> Session:
-        if not (0 <= idle_timeout_s <= 7 * 86400):   # also rejects NaN
-            raise InvalidArgument("idle_timeout_s must be between 0 (the server's default) and 7 days",
-                                  reason="BAD_TIMEOUT")
+    def create(self, name: str = "", idle_timeout_s: float = 0.0, owner: str = "") -> Session:
+        """A new session for `owner` (who it counts against: at most limits.max_sessions_per_client each)."""
+        longest = self.limits.max_idle_timeout_s
+        if not (0 <= idle_timeout_s <= longest):   # also rejects NaN
+            raise InvalidArgument(f"idle_timeout_s = {idle_timeout_s} is out of range: it must be in 0..{longest:g} "
+                                  "(0 = the server's default; tdb serve --max-idle-timeout)", reason="BAD_TIMEOUT")
+        quota = self.limits.max_sessions_per_client
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one",
                                         reason="TOO_MANY_SESSIONS")
+            if owner and sum(s.owner == owner for s in self._sessions.values()) >= quota:
+                raise ResourceExhausted(f"this client holds {quota} sessions already, as many as one client may "
+                                        "(tdb serve --max-sessions-per-client); close one", reason="TOO_MANY_SESSIONS")
             sid = uuid.uuid4().hex[:16]
             s = Session(self.adapter, sid, name, idle_timeout_s or self.default_idle_timeout_s, limits=self.limits,
                         total_captured=self.total_captured_bytes, run_pool=self.run_pool)
             s.secret = secrets.token_urlsafe(24)       # 192 random bits, told only to the creator
+            s.owner = owner
             self._sessions[sid] = s
             return s
 

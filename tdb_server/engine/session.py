@@ -49,6 +49,7 @@ class Session:
                  run_pool: ThreadPoolExecutor | None = None):
         self.adapter, self.id, self.name = adapter, session_id, name
         self.secret = ""            # the creator's proof of ownership (SessionManager.create sets it)
+        self.owner = ""             # who it counts against in the per-client quota
         # Runs execute on long-lived pool threads: a new OS thread per run would leave per-thread native
         # buffers (BLAS/OpenMP) behind at every run.
         self.run_pool = run_pool or _shared_pool()

@@ -10,7 +10,9 @@ random sample of windows, each with the unit's activation at every token.
 One pass over the corpus (batched, with progress) computes the maximum of every unit of a site in
 every window; it is cached on disk (`$TDB_CACHE` or `~/.cache/tdb`, under `records/`) keyed by the
 model's fingerprint, the site (and the SAE's weights for latents), the corpus hash and the window
-length. A unit's records are then its top windows by maximum (ties: earlier window first) and a
+length. The cache holds at most `cache_bytes` (tdb serve --records-cache-mib): after each write, the least
+recently used files (by modification time; a hit touches its file) go first. A unit's records are then
+its top windows by maximum (ties: earlier window first) and a
 seeded random sample of windows (seed from the unit's name), recomputed per token in one batch.
 Everything is deterministic, so two calls (or two servers with the same model) give the same records.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,15 +145,43 @@ def _cache_key(adapter: Any, ref: UnitRef, corpus: Corpus, window: int) -> Path:
     return cache_dir() / "records" / model / f"{corpus.sha256[:16]}-w{window}" / f"{what}.npz"
 
 
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+def evict(root: Path, cap: int) -> int:
+    """Remove the least recently used cache files under `root` until they hold at most `cap` bytes; returns
+    the bytes left."""
+    files = []
+    for p in root.rglob("*.npz"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue          # removed meanwhile (another server on the same cache)
+        files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    for _, size, p in sorted(files):
+        if total <= cap:
+            break
+        try:
+            p.unlink()
+            total -= size
+        except OSError:
+            pass
+    return total
+
+
 def site_maxima(adapter: Any, ref: UnitRef, corpus: Corpus, window: int = DEFAULT_WINDOW,
                 batch: int = DEFAULT_BATCH, progress: Progress | None = None,
-                should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+                should_stop: Callable[[], bool] | None = None,
+                cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[np.ndarray, np.ndarray, bool]:
     """(maxima [n_windows, units], argmax positions [n_windows, units], from_cache) for the site of `ref`."""
     path = _cache_key(adapter, ref, corpus, window)
     if path.is_file():
         try:
             with np.load(path) as f:
-                return f["max"], f["argmax"], True
+                mx, am = f["max"], f["argmax"]
+            os.utime(path)     # recently used: the last to be evicted
+            return mx, am, True
         except (OSError, ValueError, KeyError):
             pass   # a damaged cache file is recomputed
     ids = windows(adapter, corpus, window)
@@ -172,6 +203,7 @@ def site_maxima(adapter: Any, ref: UnitRef, corpus: Corpus, window: int = DEFAUL
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, max=mx, argmax=am)
     tmp.replace(path)
+    evict(cache_dir() / "records", cache_bytes)
     return mx, am, False
 
 
@@ -197,7 +229,8 @@ def _check_sizes(adapter: Any, window: int, batch: int) -> None:
 
 def activation_records(adapter: Any, unit: str, corpus: Corpus | str | None = None, *, n_top: int = 20,
                        n_random: int = 20, window: int = DEFAULT_WINDOW, batch: int = DEFAULT_BATCH,
-                       progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Records:
+                       progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                       cache_bytes: int = DEFAULT_CACHE_BYTES) -> Records:
     """Top-activating and random windows of `corpus` (default: the bundled held-out slice) for a unit."""
     if not 0 <= n_top <= MAX_RECORDS or not 0 <= n_random <= MAX_RECORDS:
         raise InvalidArgument(f"n_top and n_random must be in 0..{MAX_RECORDS}", reason="OUT_OF_RANGE")
@@ -205,7 +238,7 @@ def activation_records(adapter: Any, unit: str, corpus: Corpus | str | None = No
     ref = unit_ref(adapter, unit)
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus)
-    mx, am, cached = site_maxima(adapter, ref, corpus, window, batch, progress, should_stop)
+    mx, am, cached = site_maxima(adapter, ref, corpus, window, batch, progress, should_stop, cache_bytes)
     col = mx[:, ref.index]                                                            # [n_windows]
     n = len(col)
     order = np.lexsort((np.arange(n), -col))                                          # max desc, then index
