@@ -17,7 +17,8 @@ as JSON (`--json`, default benchmarks/results/latest.json).
         first (the `bench` extra; missing peers get a row saying so; benchmarks/bench_peers.py)
 
 P1, P2, P3, P5 and P6 run on the bundled model (`--model`); P4 and P7 on one random-weight
-GPT-2-small saved to a temporary directory. The GPU run is `python -m benchmarks.gpu`.
+GPT-2-small saved to a temporary directory. `--tokens 20,128` runs P7 at each length (the others at the
+first). The GPU run is `python -m benchmarks.gpu`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import measures  # noqa: E402
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import report, use_clock  # noqa: E402
 from tdb_server.model import load_model  # noqa: E402
 from tdb_server.paths import resolve_model  # noqa: E402
 from tdb_server.server import create_server  # noqa: E402
@@ -44,7 +45,8 @@ ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
 def bundled_rows(which: set[str], args) -> tuple[str, list[dict]]:
     """P1, P2, P3, P5, P6 on the bundled (or --model) model: (header, rows)."""
     adapter = load_model(resolve_model(args.model), device="cpu", dtype="float32")
-    ids = [int(i) % adapter.info.vocab_size for i in range(7, 7 + 31 * args.tokens, 31)][:args.tokens]
+    n = args.tokens[0]
+    ids = [int(i) % adapter.info.vocab_size for i in range(7, 7 + 31 * n, 31)][:n]
     rows: list[dict] = []
     if "P1" in which:
         rows += measures.p1(adapter, ids, args.repeat)
@@ -77,7 +79,8 @@ def gpt2_rows(which: set[str], args) -> list[dict]:
         if "P7" in which:
             from benchmarks.bench_peers import run
 
-            rows += run(str(path), args.tokens, args.repeat)
+            for tokens in args.tokens:           # each prompt length side by side with the peers
+                rows += run(str(path), tokens, args.repeat)
         if "P4" in which:
             rows += measures.p4(str(path))
     return rows
@@ -87,17 +90,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="*", default=["all"], help="all, or any of " + " ".join(ALL))
     ap.add_argument("--model", default=None, help="model directory or bundled name (default: the bundled model)")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32],
+                    help="prompt length; P7 takes a list (e.g. 20,128: one block of rows each), the rest the first")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--read-mib", default="1,16,256")
     ap.add_argument("--json", default=str(measures.RESULTS / "latest.json"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch's default); 1 keeps ratios steady on a shared 2-core machine, "
+                         "where two threads spend much of their time waiting for each other")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (steadier on a loaded machine; CPU only)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_clock(args.clock)
     which = set(ALL) if "all" in args.which else {w.upper() for w in args.which}
 
     header, rows = bundled_rows(which, args) if which & {"P1", "P2", "P3", "P5", "P6"} else ("", [])
     rows += gpt2_rows(which, args) if which & {"P4", "P7"} else []
-    header = "; ".join(x for x in (header, f"torch {torch.__version__}, {torch.get_num_threads()} threads") if x)
+    header = "; ".join(x for x in (header, f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                                           f"{args.clock} clock") if x)
     report(header, sorted(rows, key=lambda r: r["id"]), args.json)
     return 0
 

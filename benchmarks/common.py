@@ -12,21 +12,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = {"now": time.perf_counter}
+
+
+def use_clock(name: str) -> None:
+    """Time with the wall clock (default) or this process's CPU time ("cpu": every thread of the process,
+    server and workers included; what the work costs, not how long it waited for a core on a shared
+    machine — meaningless for a GPU, whose work the CPU only waits for)."""
+    _clock["now"] = CLOCKS[name]
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int,
                 sync: Callable[[], None] | None = None) -> dict[str, float]:
     """Median seconds of each function, alternating them so drift in machine load hits all alike.
     `sync` (e.g. torch.cuda.synchronize) runs after each call, inside its timing."""
     sync = sync or (lambda: None)
+    now = _clock["now"]
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()                                      # warm-up
         sync()
     for _ in range(repeat):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

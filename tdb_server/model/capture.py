@@ -8,7 +8,7 @@ A `Capture` may also
 - apply an edit before it keeps a value (`edit(site, value) -> new value | None`: the interventions of
   `model/interventions.py`), so that an analysis reads the patched forward;
 - keep the autograd graph for `grad_sites` (a forward with gradients, for attribution): the
-  embedding becomes a leaf that requires grad, every grad site is replaced by a clone whose `.grad`
+  embedding becomes a leaf that requires grad, every grad site is replaced by a view whose `.grad`
   is retained, and the other sites are kept as they are (still in the graph).
 
 The engine's debug runs (breakpoints, stepping) have their own handler, `engine/run.py`'s `DebugRun`;
@@ -43,7 +43,9 @@ class Capture:
         new = self.edit(site, value) if self.edit is not None else None
         out = value if new is None else new
         if site in self.grad_sites:
-            out = out.detach().clone().requires_grad_(True) if site == "embed" else out.clone()
+            # a fresh leaf for the embedding; elsewhere a view (no copy) that is its own tensor in the graph,
+            # so that its `.grad` is this site's alone
+            out = out.detach().clone().requires_grad_(True) if site == "embed" else out.view_as(out)
             if out.requires_grad and site != "embed":
                 out.retain_grad()
             new = out

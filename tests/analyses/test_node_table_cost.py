@@ -154,3 +154,23 @@ def test_verify_top_over_the_wire(induction, make_server):
         with pytest.raises(TdbError) as e:
             c.node_table(demo["prompt"], Target(demo["answer"], demo["distractor"]), verify_top=5000)
         assert e.value.reason == "OUT_OF_RANGE"
+
+
+def test_latent_rows_at_the_target_position_are_the_full_tables():
+    if "austen" not in bundled_models():
+        pytest.skip("no bundled austen model")
+    from tdb_server.sae import attach_bundled
+
+    path = bundled_models()["austen"]
+    adapter = load_model(str(path), device="cpu", dtype="float32")
+    attach_bundled(adapter)
+    demo = json.loads((path / "ground_truth.json").read_text())["demo"]
+    ids = encode(adapter, Prompt(demo["prompt"]), "input")
+    spec = TargetSpec(tokens=(demo["answer"],), distractors=(demo["distractor"],), position=len(ids) - 3)
+    target, ids = resolve_target(adapter, spec, ids)
+    full = nt.compute_node_table(adapter, ids, nt.TargetObjective(target))
+    rows = (full.table.ids[:, 3] == target.position) | (full.table.ids[:, 3] == -1)
+    cut = nt.compute_node_table(adapter, ids, nt.TargetObjective(target), target_position_only=True)
+    assert int((cut.table.ids[:, 0] == nt.SAE_LATENT).sum()) > 0
+    assert torch.equal(cut.table.ids, full.table.ids[rows])
+    torch.testing.assert_close(cut.table.metrics, full.table.metrics[rows], atol=1e-5, rtol=0)
