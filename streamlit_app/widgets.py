@@ -82,11 +82,11 @@ def prompt_input(ctx: Context, key: str = state.PROMPT, label: str = "Prompt", *
         return None
 
 
-def show_tokens(prompt: Prompt) -> None:
+def show_tokens(prompt: Prompt, label: str = "") -> None:
     """The token strip; a token the tokenizer wrote for text it cannot represent is marked, and a warning
     says how many there are."""
     unknown = set(prompt.unknown)
-    st.caption(f"{len(prompt)} tokens: " + " ".join(
+    st.caption((f"{label}: " if label else "") + f"{len(prompt)} tokens: " + " ".join(
         f":red-background[`{show_token(t)}`]" if i in unknown else f"`{show_token(t)}`"
         for i, t in enumerate(prompt.tokens)))
     if unknown:

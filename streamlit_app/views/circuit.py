@@ -111,9 +111,11 @@ def graph_chart(g: Graph, n_heads: int, tokens: list[str] | None = None) -> alt.
         x=x, y=y, x2="x2:Q", y2="y2:Q",
         strokeWidth=alt.StrokeWidth("width:Q", scale=alt.Scale(domain=[0, top], range=[0.5, 8]), legend=None),
         color=alt.Color("input:N", scale=alt.Scale(domain=list(INPUT_COLORS), range=list(INPUT_COLORS.values())),
-                        title="edge feeds", legend=alt.Legend(labelExpr=_legend_expr())),
+                        title="edge feeds", legend=alt.Legend(labelExpr=_legend_expr(), orient="bottom",
+                                                              columns=3, labelLimit=220)),
         strokeDash=alt.StrokeDash("sign:N", scale=alt.Scale(domain=["raises the target", "lowers the target"],
-                                                            range=[[1, 0], [5, 3]]), title="effect"),
+                                                            range=[[1, 0], [5, 3]]), title="effect",
+                                   legend=alt.Legend(orient="bottom")),
         tooltip=["source", "target", "input", alt.Tooltip("effect:Q", format=".4f"), "via",
                  alt.Tooltip("exact:Q", format=".4f")])
     pick = alt.selection_point(fields=["id"], name="node", on="click")
@@ -122,7 +124,7 @@ def graph_chart(g: Graph, n_heads: int, tokens: list[str] | None = None) -> alt.
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.5))).add_params(pick)
     labels = alt.Chart(nodes).mark_text(dy=-13, fontSize=10).encode(x=x, y="y:Q", text="short:N")
     height = max(260, 90 * (int(nodes["y"].max() - nodes["y"].min()) + 2)) if len(nodes) else 260
-    return alt.layer(lines, points, labels).properties(height=height, width=640, autosize=PAD)
+    return alt.layer(lines, points, labels).properties(height=height, width=600, autosize=PAD)
 
 
 def _label_expr(tokens: list[str]) -> str:

@@ -13,7 +13,7 @@ import streamlit as st
 from .. import charts, state
 from ..connection import Context
 from ..runs import run, show_token
-from ..widgets import markdown_text, prompt_input, resolved_target, show_tokens
+from ..widgets import default_tokens, markdown_text, prompt_input, resolved_target, show_tokens
 
 TITLE, ICON = "Logit lens", ":material/layers:"
 
@@ -54,9 +54,12 @@ def render(ctx: Context) -> None:
     a, b, c, d = st.columns([2, 1, 2, 2])
     pos = state.url_selectbox("Position", state.POS, range(n), n - 1, parse=int, widget=a.selectbox,
                               format_func=lambda i: prompt.labels[i])
-    k = state.url_number_input("Top k", state.TOPK, 5, min_value=1, max_value=20)
-    target_text = state.url_text_input("Track a token (optional)", state.TARGET, "", placeholder="␣Darcy",
-                                       help="Its probability across layers. Mind the leading space.")
+    with b:
+        k = state.url_number_input("Top k", state.TOPK, 5, min_value=1, max_value=20)
+    with c:
+        target_text = state.url_text_input("Track a token (optional)", state.TARGET, "",
+                                           placeholder=default_tokens(ctx)[0].replace(" ", "␣"),
+                                           help="Its probability across layers. Mind the leading space.")
     with d:
         st.write("")
         with_mid = st.checkbox("also after attention (resid_mid)", key="lens.mid")

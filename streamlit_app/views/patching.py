@@ -93,15 +93,15 @@ def render(ctx: Context) -> None:
     with a:
         clean = state.url_text_input("Clean prompt", state.PROMPT, example_prompt(ctx), area=True, height=80)
     with b:
-        corrupted = state.url_text_input("Corrupted prompt", state.PROMPT2, "", area=True, height=80,
-                                         placeholder=corrupted_example(ctx))
+        corrupted = state.url_text_input("Corrupted prompt", state.PROMPT2, corrupted_example(ctx), area=True,
+                                         height=80, help="By default the demo with its answer swapped for the "
+                                                         "distractor")
     prompts = {}
     for label, text in (("clean", clean), ("corrupted", corrupted)):
         try:
             p = make_prompt(ctx, text)
             if p is not None:
-                st.caption(f"{label} prompt:")
-                show_tokens(p)
+                show_tokens(p, label)
                 prompts[label] = p
         except ValueError as e:
             st.error(f"{label} prompt: {e}", icon=":material/warning:")

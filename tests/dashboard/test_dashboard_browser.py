@@ -173,7 +173,9 @@ def test_browser_explore_debugger_and_views(dash, browser):
         box = d.find_element(By.CSS_SELECTOR, 'textarea[aria-label="Prompt"]')
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys(Keys.DELETE)
-        prompt = (dash.ground_truth or {}).get("demo", {}).get("prompt", TYPED_BUNDLED) if dash.bundled else TYPED_IDS
+        # a prompt other than the page's default (the demo), so that typing it changes the URL
+        variants = (dash.ground_truth or {}).get("demo", {}).get("variants") or [{"prompt": TYPED_BUNDLED}]
+        prompt = variants[0]["prompt"] if dash.bundled else TYPED_IDS
         box.send_keys(prompt)
         box.send_keys(Keys.CONTROL, Keys.ENTER)
         n_tokens = len(prompt.split()) if not dash.bundled else None
