@@ -123,7 +123,10 @@ def token_strip(tokens: Sequence[str], values: Sequence[float], *, title: str = 
     box = alt.Chart(df).mark_rect(stroke="white").encode(
         x=x, y=y, color=_color(v, signed=signed),
         tooltip=["pos:O", "token:N", alt.Tooltip("value:Q", title=value_title, format=".4g")])
-    text = alt.Chart(df).mark_text(fontSize=12, limit=STRIP_CELL - 4).encode(x=x, y=y, text="token:N")
+    dark = 0.6 * float(np.abs(v).max()) if v.size else 0.0          # text stays readable on dark boxes
+    df["dark"] = np.abs(v) > dark if dark > 0 else False
+    text = alt.Chart(df).mark_text(fontSize=12, limit=STRIP_CELL - 4).encode(
+        x=x, y=y, text="token:N", color=alt.condition("datum.dark", alt.value("white"), alt.value("black")))
     rows = max(1, -(-n // per_row))
     return alt.layer(box, text, title=title or alt.Undefined).properties(
         width=STRIP_CELL * max(1, min(n, per_row)), height=30 * rows, autosize=PAD)

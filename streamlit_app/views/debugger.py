@@ -90,7 +90,7 @@ def _controls(s: Session, status: RunStatus, prompt: Prompt | None, generate: Ge
     paused = status.state == "paused"
     live = status.state in ("paused", "running")
     generating = bool(st.session_state.get(K_GENERATING)) and live
-    cols = st.columns([1, 1, 1, 1, 1, 1, 1, 2], vertical_alignment="center")
+    cols = st.columns([1.1, 1.35, 1, 1, 1, 1.1, 1, 1.6], vertical_alignment="center")   # labels fit at 1280 px
     stop_on_entry = cols[7].checkbox("stop on entry", key="dbg.entry", help="Pause before the first site runs.")
     clicked = {
         "launch": cols[0].button("Launch", icon=":material/play_arrow:", type="primary", disabled=prompt is None, key="dbg.launch"),
