@@ -3,19 +3,26 @@
 The bundled model must (1) write recognisable English (Jane Austen's novels) and (2) contain an
 induction circuit (a previous-token head in layer 0 feeding induction heads in a later layer) so
 the debugger has a known answer to find: "... Mr. Darcy ... Mr." -> " Darcy". A model this small
-does not grow induction heads from minutes of novels alone, so training is a curriculum:
+does not grow induction heads from minutes of novels alone (1,200 steps of Austen windows, a quarter
+of them with a copied span, grew none), so the ``austen`` recipe has two phases:
 
-1. ``warmup``: sequences of random BPE tokens, each span repeated (``r r``); loss only on the copy.
-   Induction forms here within a few hundred steps.
-2. ``mix``: Austen windows, Austen windows with a span copied later in the window, and random
-   repeats, so the circuit stays while the model learns English.
+1. ``text``: Austen windows (75%) and Austen windows with a span copied later in the window (25%);
+   the model learns English.
+2. ``circuit1``, ``circuit2``, ... (``Hparams.then``, empty in today's recipe): the same model, a
+   fresh optimizer and schedule, batches of Austen windows, windows with a copied span, and rows of
+   random BPE tokens whose spans are each repeated (``r r``, loss only on the copy). The random
+   repeats can only be predicted by copying, which is what should grow a previous-token head and
+   induction heads while the text keeps the English. Not yet verified on this model (see the
+   ``--init``/``--then`` example below to continue the shipped model with such phases).
 
 It writes ``tdb_server/bundled/<name>/``: ``model.safetensors``, ``config.json``, tokenizer files,
 ``ground_truth.json`` (per-head previous-token and induction scores, the heads above threshold,
 head-ablation effects, validation loss, a demo prompt) and ``MODEL_CARD.md``; plus the held-out
 text ``tdb_server/bundled/heldout.txt``. Everything is seeded and runs on 2 CPU threads.
 
-    python scripts/train_bundled.py                   # full run (about 25 minutes on 2 busy cores)
+    python scripts/train_bundled.py --model austen    # the text phase, then the Hparams.then phases
+    python scripts/train_bundled.py --model austen --init tdb_server/bundled/austen --out /tmp/b \
+        --then '[{"steps": 400, "frac_text": 0.25, "frac_text_repeat": 0}]'   # circuit phases only
     python scripts/train_bundled.py --steps 200 --out /tmp/bundled   # smoke run
 """
 
@@ -28,7 +35,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +74,8 @@ class Hparams:
     frac_text: float = 0.75  # phase 2 batch make-up (rest: text with a copied span, random repeats)
     frac_text_repeat: float = 0.25
     seed: int = 0
+    then: tuple = ()  # later phases, each a dict of fields replaced; the same model is trained on
+    init: str = ""  # a saved model folder to continue from: its weights and tokenizer, no text phase
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -139,10 +148,12 @@ def mixed_batch(gen, hp: Hparams, step: int, tokens: np.ndarray, vocab: torch.Te
     n_text = round(hp.batch * hp.frac_text)
     n_rep_text = round(hp.batch * hp.frac_text_repeat)
     n_rand = hp.batch - n_text - n_rep_text
-    parts = [
-        text_windows(gen, n_text, hp.seq_len, tokens),
-        text_with_repeat(gen, n_rep_text, hp.seq_len, tokens),
-        random_repeats(gen, n_rand, hp.seq_len, vocab),
+    parts = [  # a part with no rows draws nothing, so it leaves the random stream as it is
+        sample(gen, n, hp.seq_len, data)
+        for sample, n, data in (
+            (text_windows, n_text, tokens), (text_with_repeat, n_rep_text, tokens), (random_repeats, n_rand, vocab)
+        )
+        if n > 0
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -321,7 +332,7 @@ def lr_at(hp: Hparams, step: int) -> float:
     return hp.min_lr + 0.5 * (hp.lr - hp.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def train(hp: Hparams, model, next_batch, heldout: np.ndarray | None, vocab: torch.Tensor, log):
+def train(hp: Hparams, model, next_batch, heldout: np.ndarray | None, vocab: torch.Tensor, log, phase: str = ""):
     """AdamW on ``next_batch(gen, step) -> (ids, labels)``; logs probe metrics every 100 steps."""
     gen = torch.Generator().manual_seed(hp.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -347,6 +358,7 @@ def train(hp: Hparams, model, next_batch, heldout: np.ndarray | None, vocab: tor
             model.eval()
             _, ind = head_scores(model, probe, 40)
             rec = {
+                **({"phase": phase} if phase else {}),
                 "step": step, "loss": round(loss.item(), 3), "s": round(time.time() - t0),
                 "max_induction": round(max(max(r) for r in ind[1:]), 3),
                 **repeat_metrics(model, probe, 40),
@@ -460,11 +472,32 @@ def model_card(gt: dict, samples: list[str], corpus_sha: dict) -> str:
     d = gt["demo"]
     abl = gt["ablation"]
     if gt["model"] == "austen":
+        phase2 = "".join(
+            f"""
+Then the **circuit{i + 1}** phase continues the same model with a fresh AdamW: {o['steps']} steps
+(lr {o['lr']} cosine to {o['min_lr']}, same batch and weight decay), each batch {o['frac_text']:.0%} Austen
+windows, {o['frac_text_repeat']:.0%} Austen windows with a copied span and
+{1 - o['frac_text'] - o['frac_text_repeat']:.0%} rows of random tokens (uniform over the vocabulary) in which
+every span (8-64 tokens) is followed by its copy, loss on the copies only.
+"""
+            for i, o in enumerate(hp["then"])
+        ) + ("""
+The random-token rows can only be predicted by copying: the pressure toward previous-token and
+induction heads (whether they grew is in the scores below); the Austen windows keep the English.
+""" if hp["then"] else "")
+        if hp["init"]:
+            text_phase = f"""No **text** phase here: the model and tokenizer were continued from `{hp['init']}`
+(its own model card says how it was trained)."""
+        else:
+            text_phase = f"""The **text** phase: {hp['steps']} steps, AdamW (lr {hp['lr']} cosine to {hp['min_lr']}, weight decay
+{hp['weight_decay']}), each batch {hp['frac_text']:.0%} Austen windows and {hp['frac_text_repeat']:.0%} Austen windows
+with a span (8-48 tokens) copied later in the window."""
         intro = f"""A tiny GPT-2 (`GPT2LMHeadModel`, {hp['n_layer']} layers, {hp['n_head']} heads, d_model {hp['n_embd']},
 context {hp['n_positions']}, byte-level BPE vocabulary of {hp['vocab_size']}) trained on Jane
-Austen's six novels: the demo default, for reading English. Circuit verified:
-**{gt['circuit_verified']}** (see below; the circuit ground truth lives in `../induction/` when
-this is false). Regenerate with `python scripts/train_bundled.py --model austen`.
+Austen's six novels: the demo default, for reading English and for finding a known circuit in it.
+Circuit verified: **{gt['circuit_verified']}** (see below{'' if gt['circuit_verified'] else
+'; the circuit ground truth lives in `../induction/`'}). Regenerate with
+`python scripts/train_bundled.py --model austen`{f" (continued from `{hp['init']}`)" if hp['init'] else ''}.
 
 ## Data
 
@@ -475,11 +508,12 @@ sha256: train `{corpus_sha['train.txt']}`, heldout `{corpus_sha['heldout.txt']}`
 
 ## Training
 
-Seed {hp['seed']}, 2 CPU threads, {hp['steps']} steps of batch {hp['batch']} x {hp['seq_len']} tokens,
-AdamW (lr {hp['lr']} cosine to {hp['min_lr']}, weight decay {hp['weight_decay']}), no dropout,
-{gt['train_wall_s']} s wall clock. Each batch: {hp['frac_text']:.0%} Austen windows,
-{hp['frac_text_repeat']:.0%} Austen windows with a span (8-48 tokens) copied later in the window.
-Validation loss on the held-out text: **{gt['validation_loss']:.3f} nats/token**.
+Seed {hp['seed']}, 2 CPU threads, batch {hp['batch']} x {hp['seq_len']} tokens, no dropout,
+{gt['train_wall_s']} s wall clock for the phases run here (on 2 CPU cores shared with other jobs).
+{text_phase}
+{phase2}
+Validation loss on the held-out text (all of `../heldout.txt`, windows of {hp['seq_len']}):
+**{gt['validation_loss']:.3f} nats/token**.
 """
     else:
         intro = f"""A tiny GPT-2 (`GPT2LMHeadModel`, {hp['n_layer']} layers, {hp['n_head']} heads, d_model {hp['n_embd']})
@@ -552,8 +586,12 @@ attention implementation is `sdpa`; pass `attn_implementation="eager"` to get at
 
 
 def train_austen(hp: Hparams, corpus: Path, log):
-    """The English model: byte-level BPE, Austen windows plus windows with a copied span."""
-    tokenizer = train_tokenizer(corpus / "train.txt", hp.vocab_size)
+    """The English model: byte-level BPE, Austen windows plus windows with a copied span, then the
+    ``hp.then`` phases. With ``hp.init`` the text phase is skipped: that folder's model is continued."""
+    if hp.init:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(hp.init, local_files_only=True)
+    else:
+        tokenizer = train_tokenizer(corpus / "train.txt", hp.vocab_size)
     tokens = encode_file(tokenizer, corpus / "train.txt")
     heldout = encode_file(tokenizer, corpus / "heldout.txt")
     # Random-token vocabulary: BOS first, then every ordinary token.
@@ -561,10 +599,19 @@ def train_austen(hp: Hparams, corpus: Path, log):
         [tokenizer.eos_token_id] + [i for i in range(hp.vocab_size) if i != tokenizer.eos_token_id]
     )
     log(f"train {len(tokens)} tokens, heldout {len(heldout)} tokens")
-    model = build_model(hp, tokenizer)
-    history, wall_s = train(
-        hp, model, lambda gen, step: mixed_batch(gen, hp, step, tokens, vocab), heldout, vocab, log
-    )
+    if hp.init:
+        model = GPT2LMHeadModel.from_pretrained(hp.init, local_files_only=True, attn_implementation="sdpa")
+    else:
+        model = build_model(hp, tokenizer)
+    history, wall_s = [], 0.0
+    phases = [("text", hp)] * (not hp.init) + [(f"circuit{i + 1}", replace(hp, then=(), **o)) for i, o in enumerate(hp.then)]
+    for phase, php in phases:  # the same model through every phase; each phase its own optimizer
+        log(f"-- phase {phase}: {php}")
+        h, s = train(
+            php, model, lambda gen, step, php=php: mixed_batch(gen, php, step, tokens, vocab), heldout,
+            vocab, log, phase=phase,
+        )
+        history, wall_s = history + h, wall_s + s
     model.eval()
     val = validation_loss(model, heldout, hp.seq_len)
     return model, tokenizer, vocab, val, history, wall_s
@@ -603,6 +650,9 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=prepare_corpus.DEFAULT_CACHE)
     parser.add_argument("--steps", type=int, help="override the recipe's step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="austen: continue this saved model (no text phase)")
+    parser.add_argument("--then", type=json.loads, help='austen: the later phases, a JSON list of Hparams '
+                        'overrides, e.g. \'[{"steps": 400, "frac_text": 0.25, "frac_text_repeat": 0}]\'')
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
@@ -615,6 +665,12 @@ def main() -> None:
         hp = RECIPES[name]
         hp.seed = args.seed
         hp.steps = args.steps or hp.steps
+        if name == "austen" and args.init:
+            hp.init = str(args.init)
+        if name == "austen" and args.then is not None:
+            hp.then = tuple(args.then)
+        if args.steps:  # a smoke run shortens every phase
+            hp.then = tuple({**o, "steps": args.steps} for o in hp.then)
         torch.manual_seed(hp.seed)
         random.seed(hp.seed)
         np.random.seed(hp.seed)

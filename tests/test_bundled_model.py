@@ -170,3 +170,20 @@ def test_demo_prompt_predicts_the_repeated_name(path):
         ids = torch.tensor([tokenizer(variant["prompt"])["input_ids"]])
         with torch.no_grad():
             assert model(ids).logits[0, -1].argmax().item() == variant["top"][0]["id"]
+
+
+def test_a_batch_mix_without_one_kind_of_row_is_drawn():
+    """A training phase may leave out a kind of row (no copied-span windows): the batch is still whole."""
+    import sys
+
+    sys.path.insert(0, str(BUNDLED.parents[1] / "scripts"))
+    import numpy as np
+    import train_bundled
+
+    hp = train_bundled.Hparams(batch=8, seq_len=32, frac_text=0.25, frac_text_repeat=0.0)
+    vocab = torch.arange(50)
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = train_bundled.mixed_batch(gen, hp, 0, np.arange(1000) % 50, vocab)
+    assert ids.shape == labels.shape == (8, 32)
+    assert (labels[:2] == ids[:2]).all()                   # the two text rows are scored everywhere
+    assert (labels[2:] == -100).any(dim=1).all()           # the random repeats only on their copies
