@@ -176,6 +176,13 @@ class Session:
         self.metadata: tuple[tuple[str, str], ...] = (("tdb-session-secret", secret),)
         self._rpc = client._rpc.with_metadata(*self.metadata)
         self.closed = False
+        self._live_run = ""      # the run this client last saw running or paused: where a patch goes
+
+    def _saw(self, msg: Any) -> RunStatus:
+        """A run status, remembered: a patch is sent for the run this client last saw live."""
+        st = _status(msg)
+        self._live_run = st.run_id if st.state in ("running", "paused") else ""
+        return st
 
     def __enter__(self) -> "Session":
         return self
@@ -217,29 +224,29 @@ class Session:
         if generate is not None:
             options = Generate(generate) if isinstance(generate, int) else generate
             req.generate.CopyFrom(serde.generate_to_proto(options))
-        return _status(self._rpc("Launch", req, timeout=timeout + 30))
+        return self._saw(self._rpc("Launch", req, timeout=timeout + 30))
 
     def continue_(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
-        return _status(self._rpc("Continue", pb.ContinueRequest(session_id=self.id, wait=wait,
+        return self._saw(self._rpc("Continue", pb.ContinueRequest(session_id=self.id, wait=wait,
                                                                 wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def step(self, kind: str = "into", wait: bool = True, timeout: float = 60.0) -> RunStatus:
         """kind: "into" (next site), "over" (past the current block), "out" (end of the enclosing module),
         "token" (generation: to the next token boundary)."""
         step = serde.choice(kind, enums.STEP_KIND, "step kind")
-        return _status(self._rpc("Step", pb.StepRequest(session_id=self.id, kind=step, wait=wait,
+        return self._saw(self._rpc("Step", pb.StepRequest(session_id=self.id, kind=step, wait=wait,
                                                         wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def pause(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
-        return _status(self._rpc("Pause", pb.PauseRequest(session_id=self.id, wait=wait,
+        return self._saw(self._rpc("Pause", pb.PauseRequest(session_id=self.id, wait=wait,
                                                           wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def terminate(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
-        return _status(self._rpc("Terminate", pb.TerminateRequest(session_id=self.id, wait=wait,
+        return self._saw(self._rpc("Terminate", pb.TerminateRequest(session_id=self.id, wait=wait,
                                                                   wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def status(self, wait: bool = False, timeout: float = 60.0) -> RunStatus:
-        return _status(self._rpc("GetRunStatus", pb.GetRunStatusRequest(session_id=self.id, wait=wait,
+        return self._saw(self._rpc("GetRunStatus", pb.GetRunStatusRequest(session_id=self.id, wait=wait,
                                                                         wait_timeout_ms=int(timeout * 1000)), timeout=timeout + 30))
 
     def result(self, run_id: str = "", top_k: int = 10, include_logits: bool = True) -> RunResult:
@@ -366,14 +373,18 @@ class Session:
     def patch(self, site: str, op: str = "zero", value: Any = None, *, scalar: float = 0.0,
               positions: Sequence[int] = (), heads: Sequence[int] = (), neurons: Sequence[int] = (),
               batch: Sequence[int] = (), source_run_id: str = "", mean_over: str = "",
-              tokens: Sequence[int] = ()) -> PatchResult:
+              tokens: Sequence[int] = (), run_id: str | None = None) -> PatchResult:
         """Patch a site or unit: op in set | add | scale | zero | mean | copy_from_run.
 
         At a stop on `site` the value is replaced now; a site that has not run yet gets the patch when it
-        runs; with no active run the patch applies to every following run (until clear_patches)."""
+        runs; with no active run the patch applies to every following run (until clear_patches).
+        run_id: the run the patch is for (default: the run this session last reported running or paused,
+        or none; "": the server's choice, the live run if any). Should that run end first (a Continue from
+        another thread won the race), the server refuses (FAILED_PRECONDITION, RUN_ENDED) rather than
+        patching every later run."""
         req = serde.patch_to_proto(self.id, site, op, value, scalar=scalar, positions=positions, heads=heads,
                                    neurons=neurons, batch=batch, source_run_id=source_run_id, mean_over=mean_over,
-                                   tokens=tokens)
+                                   tokens=tokens, run_id=self._live_run if run_id is None else run_id)
         return serde.patch_result_from_proto(self._rpc("Patch", req))
 
     def clear_patches(self) -> int:

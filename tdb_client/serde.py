@@ -106,10 +106,10 @@ def generate_to_proto(g: Generate) -> pb.GenerateOptions:
 
 def patch_to_proto(session_id: str, site: str, op: str, value: Any, *, scalar: float, positions: Sequence[int],
                    heads: Sequence[int], neurons: Sequence[int], batch: Sequence[int], source_run_id: str,
-                   mean_over: str, tokens: Sequence[int]) -> pb.PatchRequest:
+                   mean_over: str, tokens: Sequence[int], run_id: str = "") -> pb.PatchRequest:
     """A Patch request; a scalar `value` of add / scale travels as `scalar`, any other as a tensor."""
     req = pb.PatchRequest(session_id=session_id, site=site, op=choice(op, enums.PATCH_OP, "op"), scalar=float(scalar),
-                          source_run_id=source_run_id, mean_over=mean_over, tokens=list(tokens),
+                          source_run_id=source_run_id, mean_over=mean_over, tokens=list(tokens), run_id=run_id,
                           selector=pb.Selector(batch=list(batch), positions=list(positions), heads=list(heads),
                                                neurons=list(neurons)))
     if value is not None:

@@ -131,7 +131,8 @@ def patch_from_proto(msg: pb.PatchRequest, max_value_bytes: int) -> PatchRequest
                               f"({max_value_bytes})", reason="PATCH_TOO_LARGE")
     value = wire.from_wire(msg.value) if msg.HasField("value") else None
     return PatchRequest(name=msg.site, op=op, selector=selector, value=value, scalar=msg.scalar,
-                        source_run_id=msg.source_run_id, mean_over=msg.mean_over, tokens=tuple(msg.tokens))
+                        source_run_id=msg.source_run_id, mean_over=msg.mean_over, tokens=tuple(msg.tokens),
+                        run_id=msg.run_id[:64])
 
 
 # -- runs --------------------------------------------------------------------------------------------

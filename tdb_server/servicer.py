@@ -389,7 +389,8 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
     def Patch(self, request: pb.PatchRequest, context: grpc.ServicerContext) -> pb.PatchResponse:
         s = self._session(request, context)
         p = serde.patch_from_proto(request, self.sessions.limits.max_patch_bytes)
-        spec, now = s.patch(p.name, p.op, p.selector, p.value, p.scalar, p.source_run_id, p.mean_over, p.tokens)
+        spec, now = s.patch(p.name, p.op, p.selector, p.value, p.scalar, p.source_run_id, p.mean_over, p.tokens,
+                            run_id=p.run_id)
         recording.record(s, "Patch", request, {})
         return pb.PatchResponse(patch_id=spec.id, applied_now=now, scope=spec.scope,
                                 message=f"{spec.describe()}: {'applied at this stop' if now else 'registered'}")

@@ -612,7 +612,8 @@ def test_long_waits_answer_before_the_client_deadline(client):
         _, last, _ = s.poll_events()
         stub = debugger_pb2_grpc.DebuggerStub(client._channel)
         t0 = time.monotonic()
-        r = stub.PollEvents(pb.PollEventsRequest(session_id=s.id, after_seq=last, timeout_ms=20_000), timeout=1.0)
+        r = stub.PollEvents(pb.PollEventsRequest(session_id=s.id, after_seq=last, timeout_ms=20_000), timeout=1.0,
+                            metadata=s.metadata)
         assert not r.events and r.last_seq == last and time.monotonic() - t0 < 2.0
 
 

@@ -672,7 +672,7 @@ class Selector(_message.Message):
     def __init__(self, batch: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., neurons: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PatchRequest(_message.Message):
-    __slots__ = ("session_id", "site", "op", "selector", "value", "scalar", "source_run_id", "mean_over", "tokens")
+    __slots__ = ("session_id", "site", "op", "selector", "value", "scalar", "source_run_id", "mean_over", "tokens", "run_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -682,6 +682,7 @@ class PatchRequest(_message.Message):
     SOURCE_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MEAN_OVER_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     site: str
     op: PatchOp
@@ -691,7 +692,8 @@ class PatchRequest(_message.Message):
     source_run_id: str
     mean_over: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., site: _Optional[str] = ..., op: _Optional[_Union[PatchOp, str]] = ..., selector: _Optional[_Union[Selector, _Mapping]] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scalar: _Optional[float] = ..., source_run_id: _Optional[str] = ..., mean_over: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    run_id: str
+    def __init__(self, session_id: _Optional[str] = ..., site: _Optional[str] = ..., op: _Optional[_Union[PatchOp, str]] = ..., selector: _Optional[_Union[Selector, _Mapping]] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scalar: _Optional[float] = ..., source_run_id: _Optional[str] = ..., mean_over: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class PatchResponse(_message.Message):
     __slots__ = ("patch_id", "applied_now", "scope", "message")

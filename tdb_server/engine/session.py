@@ -383,9 +383,10 @@ class Session:
     # -- patching --------------------------------------------------------------------------------
 
     def patch(self, name: str, op: str, selector: Selector, value: torch.Tensor | None, scalar: float,
-              source_run_id: str, mean_over: str, tokens: tuple[int, ...] = ()) -> tuple[Patch, bool]:
+              source_run_id: str, mean_over: str, tokens: tuple[int, ...] = (), run_id: str = "") -> tuple[Patch, bool]:
         """Register a patch: on the session (no live run), on the live run, or applied now at its stop.
-        Returns the patch and whether it was applied now."""
+        With `run_id`, for that run only: once it has ended, RUN_ENDED (a patch meant for a run never becomes
+        a session patch because a Continue won the race). Returns the patch and whether it was applied now."""
         name = name.strip()
         self._check_selector(selector, tokens)
         ivs = patching.interventions(self.adapter, name, op, selector, value, scalar, mean_over, tuple(tokens))
@@ -394,8 +395,12 @@ class Session:
             for iv in ivs:
                 patching.bind_source(iv, src)
         patch = Patch(next(self._patch_ids), name, ivs, tokens=tuple(tokens))
-        run = self.current
-        with self.cv:
+        with self.cv:          # which run is live, and its state, are read under the lock that changes them
+            run = self.current
+            if run_id and (run is None or run.run_id != run_id or run.state not in ACTIVE):
+                state = self.runs[run_id].state.value if run_id in self.runs else "not in this session"
+                raise FailedPrecondition(f"run {run_id} is {state}, not live: the patch was not applied (patch "
+                                         "without a run to patch the session's next runs)", reason="RUN_ENDED")
             if run is None or run.state not in ACTIVE:
                 patch.scope = "session"
                 self.patches.append(patch)

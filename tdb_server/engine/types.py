@@ -86,6 +86,7 @@ class PatchRequest:
     source_run_id: str = ""
     mean_over: str = ""
     tokens: tuple[int, ...] = ()
+    run_id: str = ""             # the run it is for ("" = the live run, else the session)
 
 
 @dataclass(frozen=True)
