@@ -230,7 +230,8 @@ def main() -> int:
     py = sys.executable
     idle = args.streams - args.drivers
     server = subprocess.Popen([py, "-m", "tdb_server", "serve", "--port", "0", "--device", "cpu", "--dtype", "float32",
-                               "--max-streams", str(args.streams), "--max-sessions", str(args.streams + 16)],
+                               "--max-streams", str(args.streams), "--max-sessions", str(args.streams + 16),
+                               "--max-sessions-per-client", str(args.streams + 16)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     children: list[subprocess.Popen] = []
     try:
