@@ -27,7 +27,7 @@ from .. import state
 from ..connection import Context, describe, get_client, show_error, shown_errors
 from ..runs import CACHE, Prompt, show_token
 from ..widgets import markdown_text, show_notes
-from . import explore_tokens
+from . import explore_tokens, explore_verify
 from .explore_tokens import token_effects
 
 NEEDS = ("node_table",)
@@ -329,3 +329,5 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
         df, desc = _frame(result, "diff" if diff else "single")
         _heading(_objective(result, desc, mode, trace), prompt2 is not None, mode, ablated, trace)
         _table(ctx, shown, df, add_ablation)
+    if not trace and not diff:
+        explore_verify.render(ctx, shown.ids, t, d, ablated)

@@ -64,3 +64,10 @@ def button(at, label: str):
 
 def frame(at, index: int = 0) -> pd.DataFrame:
     return at.dataframe[index].value
+
+
+def node_frame(at) -> pd.DataFrame:
+    """The Explore page's node table (the frame with a rank column)."""
+    frames = [df.value for df in at.dataframe if "rank" in df.value.columns and "node" in df.value.columns]
+    assert frames, [list(df.value.columns) for df in at.dataframe]
+    return frames[0]

@@ -7,7 +7,7 @@ directly with TdbClient), never from strings written into the test."""
 from __future__ import annotations
 
 import pytest
-from dash_helpers import charts, frame, run_page
+from dash_helpers import charts, frame, node_frame, run_page
 
 from tdb_client import Target, TdbClient, TdbError
 
@@ -82,7 +82,7 @@ def test_explore_computes_with_the_token_the_server_resolved(austen):
                             node_types=["head", "neuron", "sae_latent"])
     at = run_page(austen, "explore", prompt=demo.prompt, target="Darcy", distractor=demo.distractor)
     assert want.target.description in _page_text(at)
-    assert list(frame(at, -1)["node"][:10]) == want.top.nodes
+    assert list(node_frame(at)["node"][:10]) == want.top.nodes
 
 
 # -- 2. prompt words the tokenizer cannot represent; each model's own demo ---------------------------------
@@ -163,7 +163,7 @@ def test_a_mistyped_ablation_in_a_link_is_left_out_with_one_warning(dash):
                             Target(dash.target, distractors=dash.distractor) if dash.bundled
                             else Target([int(dash.target)], [int(dash.distractor)]),
                             top_k=10, node_types=["head", "neuron"])
-    assert list(frame(at, -1)["node"][:10]) == want.top.nodes           # computed with no ablation
+    assert list(node_frame(at)["node"][:10]) == want.top.nodes           # computed with no ablation
 
 
 # -- 5. headers say what they show ---------------------------------------------------------------------------

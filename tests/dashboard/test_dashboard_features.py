@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dash_helpers import assert_clean, button, charts, frame, run_page
+from dash_helpers import assert_clean, button, charts, frame, node_frame, run_page
 
 from tdb_client import Breakpoint, Generate, Target, TdbClient
 
@@ -87,7 +87,7 @@ def test_explore_offers_sae_latents_when_an_sae_is_attached(austen):
     at = run_page(austen, "explore", prompt=demo.prompt)
     assert_clean(at)
     assert "sae_latent" in at.multiselect(key="url.types").value
-    nodes = list(frame(at, -1)["node"][:10])
+    nodes = list(node_frame(at)["node"][:10])
     assert nodes == want.top.nodes
     assert any(n.startswith(sae.unit_prefix) for n in nodes), nodes
     sidebar = " ".join(c.value for c in at.sidebar.caption)
@@ -128,7 +128,7 @@ def test_tracing_through_k_defaults_to_the_key_the_head_attends_to_most(dash):
     at = run_page(dash.address, "explore", prompt=dash.prompt, target=dash.target, distractor=dash.distractor,
                   types="head")
     assert_clean(at)
-    rows = frame(at, -1)
+    rows = node_frame(at)
     pick = at.selectbox(key="explore.node")
     pick.set_value(pick.options[0]).run()
     at.selectbox(key="explore.act.part").set_value("k").run()
@@ -160,3 +160,21 @@ def test_integrated_gradients_on_explore_show_their_completeness_gap(dash):
     np.testing.assert_allclose(strip["value"].to_numpy(), want.integrated_gradients, rtol=1e-4, atol=1e-5)
     said = " ".join(x.value for x in [*at.caption, *at.warning])
     assert f"completeness gap {want.completeness_gap:+.4f}" in said and f"{want.steps} steps" in said
+
+
+# -- the node table's estimate beside the exact ablation effect ----------------------------------------------
+
+def test_explore_shows_the_estimate_beside_the_exact_ablation_effect(dash):
+    at = run_page(dash.address, "explore", prompt=dash.prompt, target=dash.target, distractor=dash.distractor,
+                  verify="8")
+    assert_clean(at)
+    with TdbClient(dash.address) as c:
+        ids = c.tokenize(dash.prompt)[0] if c.model_info().has_tokenizer else [int(t) for t in dash.prompt.split()]
+        t = c.logit_lens(ids, ["embed"], top_k=1, target=Target(dash.target, distractors=dash.distractor)).target
+        want = c.node_table(ids, Target([int(t.token_ids[0])], [int(t.distractor_ids[0])]), top_k=1,
+                            node_types=["head", "neuron"], verify_top=8).verification
+    table = frame(at, -1)
+    assert list(table.columns[3:5]) == ["estimate (activation × gradient)", "exact (zero ablation)"]
+    np.testing.assert_allclose(table["exact (zero ablation)"], want.exact, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(table["estimate (activation × gradient)"], want.estimate, rtol=1e-4, atol=1e-5)
+    assert any(f"Spearman {want.spearman:.3f}" in cap.value for cap in at.caption)

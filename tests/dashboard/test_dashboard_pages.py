@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dash_helpers import RANDOM_IDS, button, charts, frame, open_page, run_page
+from dash_helpers import RANDOM_IDS, button, charts, frame, node_frame, open_page, run_page
 
 from tdb_client import Target, TdbClient, TdbError
 
@@ -146,7 +146,7 @@ def test_explore_whole_layer_ablations_are_left_out_of_the_node_table_with_the_s
     assert "with 2 ablated" in " ".join(m.value for m in at.markdown)
     [metric] = [m for m in at.metric if m.label.startswith("logit(target)")]
     assert float(metric.value) == pytest.approx(joint.results[0].after, abs=1e-3)   # the page's run: both ablated
-    nodes = frame(at, -1)                           # the node table (the per-ablation effects come first)
+    nodes = node_frame(at)                         # the node table (the per-ablation effects come first)
     assert list(nodes["node"][:10]) == table.top.nodes
 
 
