@@ -29,6 +29,18 @@ METRICS = ("activation", "write_norm", "direct_effect", "total_effect")  # colum
 ID_COLUMNS = ("node_type", "layer", "index", "query_pos", "key_pos")    # columns of `ids`
 
 
+def _broadcast(*shapes: torch.Size) -> torch.Size:
+    """torch.broadcast_shapes for a few small shapes (that one costs ~0.1 ms a call, a table has dozens)."""
+    out = [1] * max(len(s) for s in shapes)
+    for s in shapes:
+        for i, d in enumerate(s, len(out) - len(s)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    raise ValueError(f"shapes {list(shapes)} do not broadcast")
+                out[i] = d
+    return torch.Size(out)
+
+
 @dataclass
 class Part:
     """Rows of one node type in one layer: id columns (index, query_pos, key_pos) and metric columns
@@ -44,10 +56,8 @@ class Part:
     direct: torch.Tensor
     total: torch.Tensor | None
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.broadcast_shapes(self.index.shape, self.qpos.shape, self.kpos.shape, self.act.shape,
-                                      self.direct.shape)
+    def __post_init__(self) -> None:
+        self.shape = _broadcast(self.index.shape, self.qpos.shape, self.kpos.shape, self.act.shape, self.direct.shape)
 
     @property
     def n_rows(self) -> int:
