@@ -31,6 +31,7 @@ def test_an_8_gib_evaluate_is_refused_with_its_estimate_before_allocating():
             assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.reason == "EXPR_TOO_LARGE"
             assert "8,192.0 MiB" in e.value.message and "[262144, 8192]" in e.value.message
             assert float(s.evaluate("W_E.flatten()[:8192].sum()").text)  # the server answers on, evaluating
+        print(f"\n8 GiB Evaluate refused; the server's peak RSS {srv.peak_rss_mib():.0f} MiB")
         assert srv.alive() and srv.peak_rss_mib() < 1500
         assert c.initialize().limits["max_expr_bytes"] == float(Limits().max_expr_bytes)
 

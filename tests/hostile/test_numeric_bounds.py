@@ -212,5 +212,6 @@ def test_an_extreme_number_is_answered_at_once_never_internal(hostile, rpc, buil
 
 def test_the_server_stays_small_after_the_table(hostile):
     srv, dbg, _ = hostile
+    print(f"\nnumeric bounds: {len(CASES)} cases; the server's peak RSS {srv.peak_rss_mib():.0f} MiB")
     assert srv.alive() and srv.peak_rss_mib() < 2000
     dbg.Initialize(pb.InitializeRequest(), timeout=10)
