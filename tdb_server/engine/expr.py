@@ -551,5 +551,9 @@ def format_template(template: str, env: Env) -> str:
             return render(evaluate(inner, env), max_elements=16)
         except InvalidArgument as e:
             return f"<{e.message}>"
+        except ResourceExhausted as e:
+            if e.reason != "EXPR_TOO_LARGE":
+                raise
+            return f"<{e.message}>"     # refused before allocating: the line says so, the run goes on
     text = re.sub(r"\{([^{}]+)\}", sub, template)
     return text if len(text) <= MAX_OUTPUT_CHARS else text[:MAX_OUTPUT_CHARS] + f"… ({len(text)} characters)"

@@ -91,3 +91,14 @@ def test_a_condition_over_run_values_past_the_budget_stops_as_a_condition_error(
         assert st.state == "paused" and st.stop.reason == "condition error"
         assert "6.2 MiB" in st.stop.description and "EXPR_TOO_LARGE" not in st.stop.description
         assert s.continue_().state == "exited"
+
+
+def test_a_log_point_over_the_budget_logs_the_refusal_and_the_run_goes_on(make_server, bundled_adapter):
+    _, addr = make_server(bundled_adapter, limits=Limits(max_expr_bytes=1 << 20))
+    with TdbClient(addr, timeout=60) as c, c.session() as s:
+        s.set_breakpoints([Breakpoint("blocks.0.resid_post",
+                                      log_message="outer {(x.flatten()[:, None] * x.flatten()[None, :]).sum()}")])
+        st = s.launch(token_ids=[list(range(1, 11))])
+        assert st.state == "exited"
+        lines = [e.text for e in s.poll_events()[0] if e.kind == "output"]
+        assert len(lines) == 1 and "would allocate up to" in lines[0] and "6.2 MiB" in lines[0]
