@@ -65,11 +65,12 @@ def fresh_venv(path: Path) -> Path:
 
 
 def pip_install(python: Path, *requirements: str, find_links: list[Path]) -> float:
-    """Install from wheels on disk only; returns the seconds it took."""
+    """Install from wheels on disk only; returns the seconds it took. No byte-compiling of every file
+    (torch has thousands): Python compiles what it imports."""
     links = [a for d in find_links for a in ("--find-links", str(d))]
     t0 = time.monotonic()
     run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-index", "--no-cache-dir",
-         "--disable-pip-version-check", *links, *requirements], timeout=600)
+         "--no-compile", "--disable-pip-version-check", *links, *requirements], timeout=600)
     return time.monotonic() - t0
 
 
