@@ -327,12 +327,13 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
             raise InvalidArgument(f"chunk_bytes must be in [0, {MAX_CHUNK_BYTES}]", reason="BAD_CHUNK_SIZE")
         session = self._session(request, context)
         t = session.read_value(request.expression, request.run_id)
-        if request.dtype:
-            t = t.to(wire.torch_dtype(request.dtype))
+        dtype = wire.torch_dtype(request.dtype) if request.dtype else t.dtype
+        size_bytes = t.numel() * torch.empty((), dtype=dtype).element_size()   # sized before any conversion
         limit = self.sessions.limits.max_read_bytes
-        if t.numel() * t.element_size() > limit:
-            raise ResourceExhausted(f"{request.expression!r} is {t.numel() * t.element_size() / 2**20:.1f} MiB; reads are "
+        if size_bytes > limit:
+            raise ResourceExhausted(f"{request.expression!r} is {size_bytes / 2**20:.1f} MiB; reads are "
                                     f"limited to {limit / 2**20:.1f} MiB: read a slice", reason="READ_TOO_LARGE")
+        t = t.to(dtype)
         if request.shared_memory:
             shm.check_peer(context.peer())
         data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once

@@ -102,3 +102,14 @@ def test_a_log_point_over_the_budget_logs_the_refusal_and_the_run_goes_on(make_s
         assert st.state == "exited"
         lines = [e.text for e in s.poll_events()[0] if e.kind == "output"]
         assert len(lines) == 1 and "would allocate up to" in lines[0] and "6.2 MiB" in lines[0]
+
+
+def test_a_read_is_sized_in_the_dtype_asked_before_converting(make_server, bundled_adapter):
+    d, v = bundled_adapter.info.d_model, bundled_adapter.info.vocab_size
+    _, addr = make_server(bundled_adapter, limits=Limits(max_read_bytes=v * d * 4 + 1))   # W_E fits as float32
+    with TdbClient(addr, timeout=60) as c, c.session() as s:
+        s.launch(token_ids=[[1, 2, 3]])
+        assert s.read("W_E").shape == (v, d)
+        with pytest.raises(TdbError) as e:                   # as float64 it would not: refused unconverted
+            s.read("W_E", dtype="float64")
+        assert e.value.reason == "READ_TOO_LARGE" and f"{v * d * 8 / 2**20:.1f} MiB" in e.value.message
