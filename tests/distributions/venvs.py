@@ -64,13 +64,14 @@ def fresh_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
-def pip_install(python: Path, *requirements: str, find_links: list[Path]) -> float:
-    """Install from wheels on disk only; returns the seconds it took. No byte-compiling of every file
-    (torch has thousands): Python compiles what it imports."""
+def pip_install(python: Path, *requirements: str, find_links: list[Path], compile: bool = True) -> float:
+    """Install from wheels on disk only; returns the seconds it took. `compile=False` skips pip's
+    byte-compiling of every file (torch has thousands; Python compiles what it imports), for installs
+    whose import times are not measured."""
     links = [a for d in find_links for a in ("--find-links", str(d))]
     t0 = time.monotonic()
     run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-index", "--no-cache-dir",
-         "--no-compile", "--disable-pip-version-check", *links, *requirements], timeout=600)
+         *([] if compile else ["--no-compile"]), "--disable-pip-version-check", *links, *requirements], timeout=600)
     return time.monotonic() - t0
 
 
