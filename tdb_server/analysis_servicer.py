@@ -320,6 +320,8 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
             raise InvalidArgument("give a sweep kind", reason="BAD_SWEEP")
         if not request.HasField("target"):
             raise InvalidArgument("a sweep needs a target", reason="NO_OBJECTIVE")
+        bounds.in_range("max_batch", request.max_batch, 0, bounds.MAX_SWEEP_BATCH, "0 = from the memory budget")
+        bounds.in_range("verify_top_k", request.verify_top_k, 0, MAX_TOP_K, f"0 = {DEFAULT_TOP_K}")
         spec = sweeps.SweepSpec(_enum(request.kind, _SWEEP_KINDS, "sweep kind"),
                                 _enum(request.direction, _SWEEP_DIRECTIONS, "sweep direction"),
                                 request.per_position, tuple(request.layers), tuple(request.positions),
@@ -333,8 +335,6 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
             sweep = sweeps.PatchSweep(a, clean, corrupted, target, spec)
         target.value = sweep.clean_value
         yield pb.PatchSweepChunk(
-        bounds.in_range("max_batch", request.max_batch, 0, bounds.MAX_SWEEP_BATCH, "0 = from the memory budget")
-        bounds.in_range("verify_top_k", request.verify_top_k, 0, MAX_TOP_K, f"0 = {DEFAULT_TOP_K}")
             header=pb.PatchSweepHeader(
                 tokens=decode(a, clean[:sweep.seq]), corrupted_tokens=decode(a, corrupted[:sweep.seq]),
                 target=_resolved(target), clean_value=sweep.clean_value, corrupted_value=sweep.corrupted_value,
@@ -371,6 +371,9 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         if not request.HasField("target"):
             raise InvalidArgument("a circuit needs a target", reason="NO_OBJECTIVE")
         ablation_ = _enum(request.ablation, _CIRCUIT_ABLATIONS, "circuit ablation")
+        bounds.in_range("verify_top_k", request.verify_top_k, -1, MAX_TOP_K, f"0 = {DEFAULT_TOP_K}, -1 = none")
+        bounds.in_range("max_edges", request.max_edges, 0, bounds.MAX_EDGES, "0 = all")
+        bounds.in_range("fraction", request.fraction, 0.0, 1.0, "0 = 0.8")
         fraction = request.fraction or 0.8
         top_k = DEFAULT_TOP_K if request.verify_top_k == 0 else max(request.verify_top_k, 0)
         stages = ["attribution"] + (["verify"] if top_k else []) + ([] if request.skip_circuit else ["circuit"])
@@ -384,9 +387,6 @@ class AnalysisServicer(SaeServicerMixin, analysis_pb2_grpc.AnalysisServicer):
         with scheduler_for(a).turn():
             if should_stop():
                 raise Cancelled("the client cancelled the request")
-        bounds.in_range("verify_top_k", request.verify_top_k, -1, MAX_TOP_K, f"0 = {DEFAULT_TOP_K}, -1 = none")
-        bounds.in_range("max_edges", request.max_edges, 0, bounds.MAX_EDGES, "0 = all")
-        bounds.in_range("fraction", request.fraction, 0.0, 1.0, "0 = 0.8")
             clean = self._ids(request.clean, "clean")
             target, run_ids = _target(a, request.target, clean)
             if target.appended_ids:
