@@ -261,7 +261,7 @@ def sweep_html(r: PatchSweepResult) -> str:
                     f"value {r.values[i, j]:.4g}")
         body = f'<p class="tdb-note">rows: {axes[0].name}; columns: {axes[1].name}</p>' + grid(
             z, rows, cols, lambda v: signed_color(v, scale), title, values=len(cols) <= 16)
-    else:   # layer x head x position: one heatmap (head x position) per layer
+    elif len(axes) == 3:   # layer x head x position: one heatmap (head x position) per layer
         parts = []
         for li, layer in enumerate(_axis_labels(axes[0], r.tokens)[:MAX_GRID]):
             rows, cols = _axis_labels(axes[1], r.tokens), _axis_labels(axes[2], r.tokens)
@@ -270,7 +270,9 @@ def sweep_html(r: PatchSweepResult) -> str:
                 zl, rows, cols, lambda v: signed_color(v, scale),
                 lambda i, j: f"{axes[1].name} {rows[i]}, {axes[2].name} {cols[j]}: normalized {zl[i, j]:.4g}"))
         body = "".join(parts) + _more(len(axes[0].values), MAX_GRID, axes[0].name + "s")
-    if z.size > MAX_GRID * MAX_GRID or any(len(a.values) > MAX_GRID for a in axes):
+    else:                  # no grid to draw: the strongest cells alone
+        body = ""
+    if not body or z.size > MAX_GRID * MAX_GRID or any(len(a.values) > MAX_GRID for a in axes):
         body = _largest_cells(r, z) + body          # a grid too big to see whole: its strongest cells first
     return _view(f"Patching sweep ({' x '.join(a.name for a in axes)})", notes,
                  legend(REDBLUE, -scale, scale, "normalized effect") + body)

@@ -141,3 +141,15 @@ def test_text_from_the_model_is_escaped():
     att = AttentionResult(tokens=(evil, "b"), heads=(0,), pattern=np.array([[[1.0, 0.0], [0.5, 0.5]]]))
     for html in (lens._repr_html_(), att._repr_html_()):
         assert "<script" not in html and "&lt;script&gt;" in html and '" onmouseover' not in html
+
+
+def test_a_sweep_without_a_grid_lists_its_cells():
+    from tdb_client import PatchSweepResult, ResolvedTarget, SweepAxis
+
+    target = ResolvedTarget("logit('a')", "logit", (1,), (), 2, 1.0, True, (), ())
+    values = np.array([0.5, np.nan, 2.0], dtype=np.float32)
+    r = PatchSweepResult("resid_pre", "denoising", "exact", "blocks.{L}.resid_pre", ("a", "b", "c"), ("a", "b", "d"),
+                         target, 2.0, 0.0, (SweepAxis("layer", np.arange(3)),), values, values / 2)
+    html = check_view(r, "Patching sweep (layer)", "largest effects", "2 of 3 cells exact")
+    assert re.search(r'largest effects</p><table><tr>.*?</tr><tr><td class="l">2</td>', html)   # 2.0 first, NaN left out
+    assert html.count('<td class="l">') == 2
