@@ -265,9 +265,17 @@ class HookManager:
         self.attn_layer: dict[int, int] = {
             id(get_path(block, spec.attn)): layer for layer, block in enumerate(blocks)}
         self._unembed = model.get_output_embeddings()
+        self._points_of: dict[str, list[HookPoint]] = {}   # site -> its hook points (valid names only)
 
     # which hook points a site needs
     def points_for(self, site: str) -> list[HookPoint]:
+        """The hook points of a site (parsed once per name: a run asks for every site it hooks)."""
+        points = self._points_of.get(site)
+        if points is None:
+            points = self._points_of[site] = self._parse_points(site)
+        return points
+
+    def _parse_points(self, site: str) -> list[HookPoint]:
         s = parse_site(site, self.n_layers)
         if s.layer is None:
             path = {"embed": self.spec.embed, "final_norm": self.spec.final_norm}.get(s.kind)
