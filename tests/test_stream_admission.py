@@ -103,6 +103,33 @@ def test_hundreds_of_open_streams_leave_initialize_health_and_runs_answering(gpt
             c.close()
 
 
+def test_forty_long_polls_on_four_threads_leave_calls_answering(gpt2_adapter, make_server):
+    """Issue 21 saw 40 long polls hang the server; each is a waiter now, and a run's events end them."""
+    _, address = make_server(gpt2_adapter, limits=Limits(max_streams=64), max_workers=4)
+    with TdbClient(address, timeout=30) as c:
+        sessions = [c.session() for _ in range(10)]
+        results: list = []
+
+        def long_poll(s) -> None:
+            results.append(s.poll_events(timeout=20.0))
+
+        polls = [threading.Thread(target=long_poll, args=(s,), daemon=True) for s in sessions for _ in range(4)]
+        for t in polls:
+            t.start()
+        time.sleep(1.0)                                       # the polls reach the server and wait
+        assert not results, "a long poll answered before any event"
+        t0 = time.perf_counter()
+        assert c.model_info().n_layers == gpt2_adapter.info.n_layers
+        for s in sessions:                                     # four threads, 40 polls: runs still go
+            assert s.launch(token_ids=[IDS]).state == "exited"
+        assert time.perf_counter() - t0 < 15
+        for t in polls:
+            t.join(10)
+        assert len(results) == 40 and all(events and events[0].kind == "run_started" for events, _, _ in results)
+        for s in sessions:
+            s.close()
+
+
 def test_a_long_poll_ends_when_its_client_leaves(gpt2_adapter, make_server):
     """A long poll whose client goes away gives its slot back at once (with a ceiling of one)."""
     _, address = make_server(gpt2_adapter, limits=Limits(max_streams=1))
