@@ -18,7 +18,8 @@ of them with a copied span, grew none), so the ``austen`` recipe has two phases:
 It writes ``tdb_server/bundled/<name>/``: ``model.safetensors``, ``config.json``, tokenizer files,
 ``ground_truth.json`` (per-head previous-token and induction scores, the heads above threshold,
 head-ablation effects, validation loss, a demo prompt) and ``MODEL_CARD.md``; plus the held-out
-text ``tdb_server/bundled/heldout.txt``. Everything is seeded and runs on 2 CPU threads.
+text ``tdb_server/bundled/heldout.txt``. Everything is seeded and runs on 2 CPU threads; ``--device cuda``
+trains on a GPU instead (deterministic cuBLAS; not yet run on one, and its numbers differ from the CPU's).
 
     python scripts/train_bundled.py --model austen    # the text phase, then the Hparams.then phases
     python scripts/train_bundled.py --model austen --init tdb_server/bundled/austen --out /tmp/b \
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -74,6 +76,7 @@ class Hparams:
     frac_text: float = 0.75  # phase 2 batch make-up (rest: text with a copied span, random repeats)
     frac_text_repeat: float = 0.25
     seed: int = 0
+    device: str = "cpu"  # where the model trains; batches are drawn on the CPU either way
     then: tuple = ()  # later phases, each a dict of fields replaced; the same model is trained on
     init: str = ""  # a saved model folder to continue from: its weights and tokenizer, no text phase
 
@@ -224,7 +227,7 @@ def head_scores(model: GPT2LMHeadModel, ids: torch.Tensor, half: int) -> tuple[l
     impl = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        attns = model(ids, output_attentions=True).attentions  # n_layer x [batch, head, pos, pos]
+        attns = model(ids.to(model.device), output_attentions=True).attentions  # n_layer x [batch, head, pos, pos]
     finally:
         model.set_attn_implementation(impl)
     prev, induction = [], []
@@ -263,6 +266,7 @@ class ZeroHeads:
 @torch.no_grad()
 def repeat_metrics(model: GPT2LMHeadModel, ids: torch.Tensor, half: int) -> dict:
     """Top-1 accuracy and mean loss on predicting the second copy of BOS + r + r."""
+    ids = ids.to(model.device)
     logits = model(ids).logits[:, half : 2 * half]  # predicts positions half+1 .. 2*half
     target = ids[:, half + 1 : 2 * half + 1]
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
@@ -277,6 +281,7 @@ def validation_loss(model: GPT2LMHeadModel, tokens: np.ndarray, seq_len: int) ->
     x = torch.from_numpy(tokens[: n * seq_len]).view(n, seq_len)  # [n_windows, seq]
     total = 0.0
     for chunk in x.split(64):
+        chunk = chunk.to(model.device)
         total += model(chunk, labels=chunk).loss.item() * len(chunk)
     return total / n
 
@@ -284,7 +289,7 @@ def validation_loss(model: GPT2LMHeadModel, tokens: np.ndarray, seq_len: int) ->
 @torch.no_grad()
 def top_next(model, tokenizer, prompt: str, k: int = 5, compare: tuple[str, ...] = ()) -> dict:
     """Top-k next tokens for a prompt, and the logits of single-token ``compare`` words."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
     logits = model(ids).logits[0, -1]
     probs = logits.softmax(-1)
     top = probs.topk(k)
@@ -303,7 +308,7 @@ def top_next(model, tokenizer, prompt: str, k: int = 5, compare: tuple[str, ...]
 
 def generate(model, tokenizer, prompt: str, n: int = 60, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
     out = model.generate(
         ids, max_new_tokens=n, do_sample=True, top_k=40, temperature=0.8,
         pad_token_id=tokenizer.eos_token_id,
@@ -348,7 +353,7 @@ def train(hp: Hparams, model, next_batch, heldout: np.ndarray | None, vocab: tor
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(hp, step)
-        ids, labels = next_batch(gen, step)
+        ids, labels = (t.to(model.device) for t in next_batch(gen, step))
         loss = model(ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -603,6 +608,7 @@ def train_austen(hp: Hparams, corpus: Path, log):
         model = GPT2LMHeadModel.from_pretrained(hp.init, local_files_only=True, attn_implementation="sdpa")
     else:
         model = build_model(hp, tokenizer)
+    model.to(hp.device)
     history, wall_s = [], 0.0
     phases = [("text", hp)] * (not hp.init) + [(f"circuit{i + 1}", replace(hp, then=(), **o)) for i, o in enumerate(hp.then)]
     for phase, php in phases:  # the same model through every phase; each phase its own optimizer
@@ -622,7 +628,7 @@ def train_induction(hp: Hparams, log):
     tokenizer = word_tokenizer()
     vocab = torch.arange(hp.vocab_size)  # id 0 is BOS
     successors = torch.randint(1, hp.vocab_size, (hp.vocab_size, 4), generator=torch.Generator().manual_seed(5))
-    model = build_model(hp, tokenizer)
+    model = build_model(hp, tokenizer).to(hp.device)
     history, wall_s = train(
         hp, model, lambda gen, step: synthetic_batch(gen, hp.batch, hp.vocab_size, successors), None, vocab, log
     )
@@ -630,7 +636,9 @@ def train_induction(hp: Hparams, log):
     gen = torch.Generator().manual_seed(hp.seed + 7)
     with torch.no_grad():
         batches = [synthetic_batch(gen, 64, hp.vocab_size, successors) for _ in range(8)]
-        val = sum(model(ids, labels=labels).loss.item() for ids, labels in batches) / len(batches)
+        val = sum(
+            model(ids.to(hp.device), labels=labels.to(hp.device)).loss.item() for ids, labels in batches
+        ) / len(batches)
     return model, tokenizer, vocab, val, history, wall_s
 
 
@@ -650,11 +658,14 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=prepare_corpus.DEFAULT_CACHE)
     parser.add_argument("--steps", type=int, help="override the recipe's step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (the default: 2 threads) or cuda")
     parser.add_argument("--init", type=Path, help="austen: continue this saved model (no text phase)")
     parser.add_argument("--then", type=json.loads, help='austen: the later phases, a JSON list of Hparams '
                         'overrides, e.g. \'[{"steps": 400, "frac_text": 0.25, "frac_text_repeat": 0}]\'')
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.device.startswith("cuda"):  # deterministic cuBLAS (torch.use_deterministic_algorithms)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     corpus_sha = prepare_corpus.prepare(args.corpus)
@@ -664,6 +675,7 @@ def main() -> None:
     for name in RECIPES if args.model == "all" else [args.model]:
         hp = RECIPES[name]
         hp.seed = args.seed
+        hp.device = args.device
         hp.steps = args.steps or hp.steps
         if name == "austen" and args.init:
             hp.init = str(args.init)
@@ -687,7 +699,7 @@ def main() -> None:
         samples = [generate(model, tokenizer, p, n=40, seed=i) for i, p in enumerate(prompts)]
         out = args.out / name
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
+        model.to("cpu").save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         (out / "ground_truth.json").write_text(json.dumps(gt, indent=1) + "\n")
         (out / "MODEL_CARD.md").write_text(model_card(gt, samples, corpus_sha))
