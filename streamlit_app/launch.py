@@ -138,14 +138,22 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def run_dashboard(server: str | None = None, port: int = 8501, model: str | None = None,
-                  host: str = "127.0.0.1", password: str | None = None) -> int:
-    """The `tdb dashboard` command. Returns the exit code."""
-    password = password if password is not None else os.environ.get(ENV_PASSWORD, "")
+def _password(host: str, given: str | None) -> str | None:
+    """The dashboard's password ("" for none); None (said why) when it would listen beyond loopback without."""
+    password = given if given is not None else os.environ.get(ENV_PASSWORD, "")
     if not is_loopback(host) and not password:
         _say(f"refusing to listen on {host} without a password: anyone who reaches the dashboard would use the "
              "tdb server with its token. Give --dashboard-password (or set TDB_DASHBOARD_PASSWORD), or keep "
              "--host 127.0.0.1")
+        return None
+    return password
+
+
+def run_dashboard(server: str | None = None, port: int = 8501, model: str | None = None,
+                  host: str = "127.0.0.1", password: str | None = None) -> int:
+    """The `tdb dashboard` command. Returns the exit code."""
+    password = _password(host, password)
+    if password is None:
         return 2
     stop = threading.Event()
     previous: dict[int, Any] = {}
