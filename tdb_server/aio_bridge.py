@@ -163,25 +163,29 @@ def _stream(fn: Callable[[Any, Any], Iterator[Any]],
 
 class SyncHandlers(grpc.aio.ServerInterceptor):
     """Runs plain unary and server-streaming methods in `pool` with a `ThreadContext`; async methods (and
-    the health and reflection services, which are async) pass through. Put it last among the interceptors."""
+    the health and reflection services, which are async) pass through. The methods named in `reserved`
+    ("/package.Service/Method") run in their own pool instead, so that however many calls wait in `pool`
+    (for the device, for a run to stop) those still answer. Put it last among the interceptors."""
 
-    def __init__(self, pool: concurrent.futures.Executor):
+    def __init__(self, pool: concurrent.futures.Executor,
+                 reserved: dict[str, concurrent.futures.Executor] | None = None):
         self._pool = pool
+        self._reserved = reserved or {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}   # by method name
 
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, pool: concurrent.futures.Executor) -> grpc.RpcMethodHandler:
         if handler.request_streaming:
             return handler          # no client-streaming RPC in tdb; grpc's own migration pool runs one
         if handler.response_streaming:
             fn = handler.unary_stream
             if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
                 return handler
-            return grpc.unary_stream_rpc_method_handler(_stream(fn, self._pool), handler.request_deserializer,
+            return grpc.unary_stream_rpc_method_handler(_stream(fn, pool), handler.request_deserializer,
                                                         handler.response_serializer)
         fn = handler.unary_unary
         if inspect.iscoroutinefunction(fn):
             return handler
-        return grpc.unary_unary_rpc_method_handler(_unary(fn, self._pool), handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(_unary(fn, pool), handler.request_deserializer,
                                                    handler.response_serializer)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]],
@@ -192,6 +196,6 @@ class SyncHandlers(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         seen = self._wrapped.get(method)
         if seen is None or seen[0] is not handler:
-            seen = (handler, self._wrap(handler))
+            seen = (handler, self._wrap(handler, self._reserved.get(method, self._pool)))
             self._wrapped[method] = seen
         return seen[1]

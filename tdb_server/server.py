@@ -11,7 +11,9 @@ shared by every server of the process: grpc binds its completion poller to the f
 it, so a second loop would stop hearing from the network once the first one ended. Event streams and
 long polls (servicer.py: Events, PollEvents), the health service and the token check are coroutines
 on that loop: an open stream costs a waiter, not a thread, so a thousand of them leave Initialize and
-health answering. Every other RPC is a plain method run in a thread pool (aio_bridge.SyncHandlers).
+health answering. Every other RPC is a plain method run in a thread pool (aio_bridge.SyncHandlers);
+Initialize and CreateSession have a few threads of their own, so a client can always connect and open a
+session, however many calls wait for the device or for a run to stop.
 Past `Limits.max_streams` open streams and long polls, the next one is refused at once
 (RESOURCE_EXHAUSTED, TOO_MANY_STREAMS).
 """
@@ -47,6 +49,8 @@ log = logging.getLogger("tdb.server")
 
 MAX_MESSAGE_BYTES = 256 << 20   # a patch value can be large; reads stream in ~1 MiB chunks anyway
 RPC_THREADS = 128    # threads for the plain (blocking) RPCs: model work, and calls that wait for a run to stop
+HANDSHAKE_THREADS = 4    # threads of their own for the calls a client starts with (they never wait for the device)
+HANDSHAKE = ("/tdb.v1.Debugger/Initialize", "/tdb.v1.Debugger/CreateSession")
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -81,7 +85,7 @@ class ServerHandle:
     server: grpc.aio.Server
     port: int
     sessions: SessionManager
-    pool: futures.ThreadPoolExecutor
+    pools: tuple[futures.ThreadPoolExecutor, ...]
     health: Any = None
     _stopped: bool = field(default=False, repr=False)
 
@@ -95,7 +99,8 @@ class ServerHandle:
             _on_loop(self.health.enter_graceful_shutdown())
         self.sessions.shutdown()
         _on_loop(self.server.stop(grace))
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _enable_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> Any:
@@ -128,8 +133,9 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
     tls_cert/tls_key: PEM files; the port then speaks TLS only.
     data_dirs: folders whose files clients may name (SAE folders, corpora), besides the bundled data and
     the model's folder.
-    max_workers: threads for the plain RPCs (default RPC_THREADS); event streams and long polls hold none
-    (at most limits.max_streams of them at once)."""
+    max_workers: threads for the plain RPCs (default RPC_THREADS; Initialize and CreateSession have
+    HANDSHAKE_THREADS of their own); event streams and long polls hold none (at most limits.max_streams
+    of them at once)."""
     limits = limits or Limits()
     shm.sweep_dead()     # shared-memory files of servers that died without exiting
     if bool(tls_cert) != bool(tls_key):
@@ -139,10 +145,12 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
                ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, limits.max_patch_bytes + (1 << 20))),
                ("grpc.so_reuseport", 0)]
     pool = futures.ThreadPoolExecutor(max_workers=max_workers or RPC_THREADS, thread_name_prefix="tdb-rpc")
+    handshake = futures.ThreadPoolExecutor(max_workers=HANDSHAKE_THREADS, thread_name_prefix="tdb-handshake")
     sessions = SessionManager(adapter, limits=limits)
 
     async def build() -> tuple[grpc.aio.Server, Any, int]:
-        interceptors = ([TokenAuthInterceptor(token)] if token else []) + [DecodeGuard(), SyncHandlers(pool)]
+        interceptors = ([TokenAuthInterceptor(token)] if token else []) + [
+            DecodeGuard(), SyncHandlers(pool, reserved=dict.fromkeys(HANDSHAKE, handshake))]
         server = grpc.aio.server(migration_thread_pool=pool, options=options, interceptors=interceptors)
         debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
         analysis_pb2_grpc.add_AnalysisServicer_to_server(
@@ -164,9 +172,10 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
         server, health, port = _on_loop(build())
     except BaseException:
         sessions.shutdown()
-        pool.shutdown(wait=False)
+        for p in (pool, handshake):
+            p.shutdown(wait=False)
         raise
-    return ServerHandle(server, port, sessions, pool, health), port
+    return ServerHandle(server, port, sessions, (pool, handshake), health), port
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 from tdb_client import TdbClient, TdbError
+from tdb_server.engine.scheduler import scheduler_for
 from tdb_server.limits import Limits
 from tdb_server.server import create_server
 
@@ -126,6 +127,34 @@ def test_forty_long_polls_on_four_threads_leave_calls_answering(gpt2_adapter, ma
         for t in polls:
             t.join(10)
         assert len(results) == 40 and all(events and events[0].kind == "run_started" for events, _, _ in results)
+        for s in sessions:
+            s.close()
+
+
+def test_a_client_connects_and_opens_a_session_while_every_rpc_thread_waits(gpt2_adapter, make_server):
+    """Launches that wait for the device hold both RPC threads; Initialize and CreateSession have their own."""
+    _, address = make_server(gpt2_adapter, max_workers=2)
+    with TdbClient(address, timeout=60) as c:
+        sessions = [c.session() for _ in range(4)]
+        done: list[str] = []
+        with scheduler_for(gpt2_adapter).turn():              # the device is busy: every run waits for it
+            def launch(s) -> None:
+                done.append(s.launch(token_ids=[IDS], timeout=30).state)
+
+            launches = [threading.Thread(target=launch, args=(s,), daemon=True) for s in sessions]
+            for t in launches:
+                t.start()
+            time.sleep(1.0)                                   # both RPC threads wait in Launch
+            assert not done
+            with grpc.insecure_channel(address) as ch:
+                stub = debugger_pb2_grpc.DebuggerStub(ch)
+                t0 = time.perf_counter()
+                stub.Initialize(pb.InitializeRequest(), timeout=5)
+                stub.CreateSession(pb.CreateSessionRequest(name="newcomer"), timeout=5)
+                assert time.perf_counter() - t0 < 2.0
+        for t in launches:
+            t.join(30)
+        assert done == ["exited"] * 4
         for s in sessions:
             s.close()
 
