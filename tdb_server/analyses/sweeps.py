@@ -30,7 +30,8 @@ How it stays exact and fast (resume.py has the exactness argument):
 * A chunk's patches are sorted by layer and run as one *growing batch*: rows for layer-L patches
   join the batch at block L, starting from the cached residual stream entering block L, so blocks
   before a patch are never recomputed and each block runs once per chunk (few kernel launches).
-* Only the target's row of the final residual stream is normalised and projected, and only onto the
+* The last block's MLP runs on the target's row only (`_mlp_at_row`; its attention still reads every
+  position), and only that row of the final residual stream is normalised and projected, onto the
   vocabulary columns the target reads.
 * Chunks are sized from a memory budget (half the free device memory on CUDA, a quarter of the
   available RAM on CPU); an out-of-memory error halves the chunk and retries, never fails the sweep.
@@ -43,8 +44,10 @@ reports the Pearson and Spearman correlation between estimated and exact effects
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tdb_server.errors import Cancelled, InvalidArgument
+from tdb_server.model.arch import get_path
 from tdb_server.model.sites import site_layer
 
 from .inputs import Target, position
@@ -204,6 +208,30 @@ class _MaskPatch:
         if mask is None:
             return None
         return torch.where(mask, self.source[layer].to(value.dtype), value)
+
+
+@contextlib.contextmanager
+def _mlp_at_row(adapter, layer: int, row: int) -> Iterator[None]:
+    """Inside: block `layer`'s MLP, called from this thread, runs on row `row` of its input only
+    ([B, T, D] -> [B, 1, D]). The block adds that row to its residual stream by broadcasting, so only
+    row `row` of the block's output is right: for the last block, when the target reads that row alone.
+    The MLP is position-wise, so that row is what the full MLP computes (up to float rounding).
+    The hook is removed in `finally`."""
+    me = threading.get_ident()
+
+    def pre(module, args, kwargs):
+        if threading.get_ident() != me:        # another session's forward on the shared model
+            return None
+        if args:
+            return (args[0][:, row:row + 1], *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: kwargs[key][:, row:row + 1]}
+
+    handle = get_path(adapter.blocks[layer], adapter.spec.mlp).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # --- the sweep -------------------------------------------------------------------------------------
@@ -360,8 +388,11 @@ class PatchSweep:
         layers, units, positions = self._items(flat)
         present = sorted(set(layers.tolist()))
         handler = None if k.site == "resid_pre" else _MaskPatch(k, present, self.source)
+        last = a.info.n_layers - 1
+        patched_mlp = last in present and k.site.startswith("mlp.")      # its sites need every row
         hidden = None
-        with torch.no_grad(), a.running(handler):
+        with torch.no_grad(), a.running(handler), \
+                (contextlib.nullcontext() if patched_mlp else _mlp_at_row(a, last, self.target.position)):
             for layer in range(present[0], a.info.n_layers):
                 if should_stop():
                     raise Cancelled("the sweep was cancelled")
