@@ -1,6 +1,6 @@
 """The Streamlit script of the tdb dashboard: `streamlit run streamlit_app/app.py` (or `tdb dashboard`).
 
-The server comes from `?server=HOST:PORT` or $TDB_SERVER; the page from `?page=`."""
+The server is the one it was configured for ($TDB_SERVER, never the URL's); the page comes from `?page=`."""
 
 import sys
 from pathlib import Path

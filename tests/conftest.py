@@ -20,6 +20,14 @@ from tdb_server.paths import bundled_models  # noqa: E402
 from tdb_server.server import create_server  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _hermetic_environment(monkeypatch):
+    """Each test starts without the user's (or an earlier test's) $TDB_SERVER / $TDB_TOKEN: dashboard tests
+    set $TDB_SERVER as `tdb dashboard` does, and the DAP bridge sends its token where it names."""
+    for name in ("TDB_SERVER", "TDB_TOKEN", "TDB_DAP_TOKEN", "TDB_DASHBOARD_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def gpt2_adapter():
     """A tiny random-weight GPT-2 (2 layers, 4 heads)."""

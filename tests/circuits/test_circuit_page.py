@@ -3,6 +3,7 @@ both graphs draw, their numbers come from the server, and a head opens on the Co
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ def _run(address: str, **params: str):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
+    os.environ["TDB_SERVER"] = address      # as `tdb dashboard` sets it; the URL cannot choose the server
     at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params.update(server=address, page="circuit", **params)
+    at.query_params.update(page="circuit", **params)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
