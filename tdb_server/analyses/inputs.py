@@ -131,7 +131,16 @@ def _spaced_hint(adapter, text: str) -> str:
     if tok is None or text.startswith(" "):
         return ""
     spaced = tok(" " + text, add_special_tokens=False)["input_ids"]
-    return f" (did you mean {' ' + text!r}? with its leading space it is one token)" if len(spaced) == 1 else ""
+    unk = getattr(tok, "unk_token_id", None)
+    one_known = len(spaced) == 1 and (unk is None or spaced[0] != unk)
+    return f" (did you mean {' ' + text!r}? with its leading space it is one token)" if one_known else ""
+
+
+def _text(adapter, seq: list[int]) -> str:
+    """The text of a token sequence as its tokenizer writes it (a word-level vocabulary puts spaces between
+    words; the tokens' own texts do not have them)."""
+    tok = adapter.tokenizer
+    return tok.decode(seq) if tok is not None else "".join(decode(adapter, seq))
 
 
 def _direction_target(adapter, spec: TargetSpec, n: int) -> Target:
@@ -163,7 +172,7 @@ def _split_shared_prefix(adapter, a: list[int], b: list[int], pos_in: int, n: in
         raise InvalidArgument("target and distractor share their first token(s); they can be told apart "
                               "only after appending the shared prefix, which needs the last position",
                               reason="BAD_TARGET")
-    return k, [f"target and distractor share the prefix {''.join(decode(adapter, a[:k]))!r}: it is "
+    return k, [f"target and distractor share the prefix {_text(adapter, a[:k])!r}: it is "
                f"appended to the prompt and the first differing tokens are compared"]
 
 
@@ -171,7 +180,7 @@ def _first_token_notes(adapter, seqs: list[list[int]]) -> list[str]:
     notes = []
     for seq in seqs:
         if len(seq) > 1:
-            text, first = "".join(decode(adapter, seq)), decode(adapter, seq[:1])[0]
+            text, first = _text(adapter, seq), decode(adapter, seq[:1])[0]
             notes.append(f"{text!r} is {len(seq)} tokens: using its first token {first!r}"
                          + _spaced_hint(adapter, text))
     return notes
