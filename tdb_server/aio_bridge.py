@@ -161,7 +161,30 @@ def _stream(fn: Callable[[Any, Any], Iterator[Any]],
     return call
 
 
-class SyncHandlers(grpc.aio.ServerInterceptor):
+class MethodWrapper(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once: `wrap(handler, method)` builds the wrapped
+    handler the first time a method is called (again only if grpc hands over a new handler for it)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}   # by method name
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method or ""
+        seen = self._wrapped.get(method)
+        if seen is None or seen[0] is not handler:
+            seen = (handler, self.wrap(handler, method))
+            self._wrapped[method] = seen
+        return seen[1]
+
+
+class SyncHandlers(MethodWrapper):
     """Runs plain unary and server-streaming methods in `pool` with a `ThreadContext`; async methods (and
     the health and reflection services, which are async) pass through. The methods named in `reserved`
     ("/package.Service/Method") run in their own pool instead, so that however many calls wait in `pool`
@@ -169,11 +192,12 @@ class SyncHandlers(grpc.aio.ServerInterceptor):
 
     def __init__(self, pool: concurrent.futures.Executor,
                  reserved: dict[str, concurrent.futures.Executor] | None = None):
+        super().__init__()
         self._pool = pool
         self._reserved = reserved or {}
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}   # by method name
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, pool: concurrent.futures.Executor) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        pool = self._reserved.get(method, self._pool)
         if handler.request_streaming:
             return handler          # no client-streaming RPC in tdb; grpc's own migration pool runs one
         if handler.response_streaming:
@@ -187,15 +211,3 @@ class SyncHandlers(grpc.aio.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(_unary(fn, pool), handler.request_deserializer,
                                                    handler.response_serializer)
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]],
-                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method or ""
-        seen = self._wrapped.get(method)
-        if seen is None or seen[0] is not handler:
-            seen = (handler, self._wrap(handler, self._reserved.get(method, self._pool)))
-            self._wrapped[method] = seen
-        return seen[1]

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from .aio_bridge import MethodWrapper
 from .errors import InvalidArgument
 
 
@@ -72,20 +73,8 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(unary, deserializer, handler.response_serializer)
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):
+class DecodeGuard(MethodWrapper):
     """Undecodable request bytes -> INVALID_ARGUMENT (BAD_REQUEST), for every unary-request method."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]],
-                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method or ""
-        seen = self._wrapped.get(method)
-        if seen is None or seen[0] is not handler:
-            seen = (handler, _guard(handler, method))
-            self._wrapped[method] = seen
-        return seen[1]
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return _guard(handler, method)
