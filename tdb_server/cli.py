@@ -9,7 +9,9 @@ import os
 import sys
 
 from . import __version__
+from .errors import TdbServerError
 from .limits import Limits
+from .paths import bundled_models
 
 
 def _limit_malloc_arenas(n: int = 2) -> None:
@@ -66,9 +68,22 @@ def _serve(args: argparse.Namespace) -> int:
     device_map = args.device_map
     if device_map and device_map.lstrip().startswith("{"):
         device_map = json.loads(device_map)
-    return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                 limits=limits, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                 device_map=device_map, offload_folder=args.offload_folder, data_dirs=args.data_dir)
+    try:
+        return serve(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                     limits=limits, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                     device_map=device_map, offload_folder=args.offload_folder, data_dirs=args.data_dir)
+    except (TdbServerError, OSError, ValueError) as e:     # a wrong flag, not a bug: one line, no traceback
+        print(f"tdb serve: {_serve_error(e, args.model)}", file=sys.stderr)
+        return 1
+
+
+def _serve_error(e: Exception, model: str | None) -> str:
+    """What went wrong starting the server, in tdb's words: a model name that is neither bundled nor a
+    folder gets the bundled names, not the Hugging Face hub's advice (tdb never downloads)."""
+    if getattr(e, "reason", "") == "MODEL_NOT_FOUND" and model and not os.path.isdir(model):
+        return (f"no model {model!r}: not a bundled model ({', '.join(sorted(bundled_models())) or 'none installed'}), "
+                "not a model folder, and not in the local Hugging Face cache (tdb never downloads)")
+    return str(e)
 
 
 def _dashboard(args: argparse.Namespace) -> int:

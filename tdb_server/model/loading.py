@@ -33,6 +33,9 @@ _SMALL["mistral"] = _SMALL["qwen2"] = _SMALL["qwen3"] = _SMALL["llama"]
 def _device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no GPU"
+        raise FailedPrecondition(f"device {device!r}: no CUDA device is available ({why}); use --device cpu or auto")
     return device
 
 
