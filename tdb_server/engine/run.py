@@ -8,13 +8,18 @@ A parked run gives up its turn on the device (scheduler.py), so a paused session
 
 An exception inside the model ends the run (state FAILED, a Stopped event with reason "exception"),
 never the server.
+
+A forward whose `logits` site is not hooked projects only the rows the result reads (each item's last
+real position) onto the vocabulary: the rest of the [B, T, V] logits would be computed for nobody.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -140,6 +145,7 @@ class DebugRun:
         self.result: RunResult | None = None
         self.exception = ""
         self.logits: torch.Tensor | None = None                 # [B, V] at the last real position
+        self.unembedded_rows: list[int] | None = None           # positions projected, when not all (_forward)
         # control, guarded by session.cv
         self.command: str | None = None
         self.step: stops.Step | None = None                     # the step in progress
@@ -194,12 +200,33 @@ class DebugRun:
         mask = None
         if bool((self.lengths < T).any()):
             mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)   # [B, T]
-        with torch.no_grad(), adapter.running(self) as hook_run:
+        last = sorted(set((self.lengths - 1).tolist()))                                     # rows the result reads
+        with torch.no_grad(), adapter.running(self) as hook_run, self._unembed_rows(last):
             self.hook_run = hook_run
             out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask, use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]                           # [B, T, V]
-        idx = (self.lengths - 1).to(logits.device)
-        self.logits = logits[torch.arange(B, device=logits.device), idx].float()            # [B, V]
+        logits = out.logits if hasattr(out, "logits") else out[0]          # [B, T, V], or [B, len(last), V]
+        rows = self.lengths - 1 if logits.shape[1] == T else torch.tensor([last.index(int(n) - 1) for n in self.lengths])
+        self.logits = logits[torch.arange(B, device=logits.device), rows.to(logits.device)].float()   # [B, V]
+
+    @contextlib.contextmanager
+    def _unembed_rows(self, rows: list[int]) -> Iterator[None]:
+        """Inside: this thread's unembedding takes only `rows` of the final residual stream ([B, T, D] ->
+        [B, len(rows), D]) unless the `logits` site is hooked when it runs. The hook is removed in `finally`."""
+        me = threading.get_ident()
+
+        def pre(module, args):
+            if threading.get_ident() != me or "logits" in self.sites or "logits" in getattr(self.hook_run, "sites", ()):
+                return None
+            self.unembedded_rows = rows
+            lo, hi = rows[0], rows[-1] + 1
+            take = slice(lo, hi) if hi - lo == len(rows) else rows            # a view when contiguous
+            return (args[0][:, take], *args[1:])
+
+        handle = self.session.adapter.model.get_output_embeddings().register_forward_pre_hook(pre)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _generate(self) -> None:
         """Token by token with the KV cache: each step is one forward pass over the new token only."""
@@ -296,8 +323,8 @@ class DebugRun:
 
     def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
         i = self.index.get(site)
-        if i is None:
-            return None
+        if i is None or (site == "logits" and self.unembedded_rows is not None):
+            return None     # logits hooked (a pause) after the unembedding took the last rows only
         if self.terminate_requested:
             raise RunTerminated()
         self.last_fired = i

@@ -156,9 +156,10 @@ class ModelAdapter:
             out.append(text)
         return out
 
-    @property
+    @functools.cached_property
     def max_positions(self) -> int:
-        """The most positions the model takes (0 when its config does not say)."""
+        """The most positions the model takes (0 when its config does not say); read once (every launch
+        checks it, and HF's config attributes are slow to read)."""
         cfg = self.model.config
         for key in ("n_positions", "max_position_embeddings"):
             v = getattr(cfg, key, None)

@@ -1,0 +1,76 @@
+"""A session run pays only for what is asked: with the `logits` site not hooked, only the rows the
+result reads (each item's last real position) are projected onto the vocabulary; the result equals
+a plain HF forward's. With `logits` captured or under a breakpoint, every row is projected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdb_server.engine.manager import SessionManager
+from tdb_server.engine.types import BreakpointRequest, RunState
+
+SEQS = [[5, 9, 2, 7, 11, 3], [4, 8, 1], [6, 6, 2, 9, 1, 3]]       # padded to 6; last rows 5, 2, 5
+
+
+def _plain_last_logits(adapter, seqs) -> torch.Tensor:
+    """[B, V]: a plain HF forward of each prompt alone, its last position."""
+    with torch.no_grad():
+        return torch.stack([adapter.model(input_ids=torch.tensor([s]), use_cache=False).logits[0, -1] for s in seqs])
+
+
+def _unembedded_rows(adapter):
+    """(a list that gets the position dim of every unembedding output from now on, the hook handle)."""
+    seen: list[int] = []
+    handle = adapter.model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
+    return seen, handle
+
+
+@pytest.fixture
+def session(gpt2_adapter):
+    mgr = SessionManager(gpt2_adapter)
+    yield mgr.create()
+    mgr.shutdown()
+    assert gpt2_adapter.installed_hook_count() == 0
+
+
+def _run(session, capture, breakpoints=()):
+    session.set_breakpoints([BreakpointRequest(site=b) for b in breakpoints])
+    run = session.launch([], SEQS, False, capture, False)
+    session.wait(run, 60)
+    while run.state is RunState.PAUSED:
+        session.resume("continue")
+        session.wait(run, 60)
+    assert run.state is RunState.EXITED, run.exception
+    return run
+
+
+def _top(run):
+    return [[(t.token_id, round(t.logit, 4)) for t in top.tokens] for top in run.result.top]
+
+
+def test_nothing_hooked_projects_the_last_rows_only(gpt2_adapter, session):
+    want = _plain_last_logits(gpt2_adapter, SEQS)
+    seen, handle = _unembedded_rows(gpt2_adapter)
+    try:
+        run = _run(session, ["none"])
+    finally:
+        handle.remove()
+    assert seen == [2]                                   # rows 2 and 5, not all 6
+    assert (run.logits - want).abs().max() < 1e-4
+    assert [top.position for top in run.result.top] == [5, 2, 5]
+    assert [t.token_id for t in run.result.top[1].tokens] == torch.topk(want[1], 10).indices.tolist()
+
+
+@pytest.mark.parametrize("capture,breakpoints", [(["logits"], ()), (["none"], ("logits",))])
+def test_a_hooked_logits_site_gets_every_row(gpt2_adapter, session, capture, breakpoints):
+    cheap = _run(session, ["none"])
+    seen, handle = _unembedded_rows(gpt2_adapter)
+    try:
+        run = _run(session, capture, breakpoints)
+    finally:
+        handle.remove()
+    assert seen == [6]
+    if capture == ["logits"]:
+        assert tuple(run.captured["logits"].shape) == (3, 6, gpt2_adapter.info.vocab_size)
+    assert _top(run) == _top(cheap)
