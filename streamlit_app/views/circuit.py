@@ -182,8 +182,8 @@ def render(ctx: Context) -> None:
             clean = _prompt(ctx, state.url_text_input("Clean prompt", state.PROMPT, example_prompt(ctx), area=True,
                                                       height=80), "clean")
         with b:
-            corrupted = _prompt(ctx, state.url_text_input("Corrupted prompt (same length)", state.PROMPT2, "",
-                                                          area=True, height=80, placeholder=corrupted_example(ctx)),
+            corrupted = _prompt(ctx, state.url_text_input("Corrupted prompt (same length)", state.PROMPT2,
+                                                          corrupted_example(ctx), area=True, height=80),
                                 "corrupted")
         t_default, d_default = default_tokens(ctx)
         c1, c2, c3 = st.columns(3)
