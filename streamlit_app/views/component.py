@@ -130,6 +130,16 @@ def render(ctx: Context) -> None:
     if prompt is None:
         return
     show_tokens(prompt)
+    _on_prompt(ctx, prompt, kind, layer, index, name.strip())
+    st.markdown("**Activation records and explanation**")
+    if not not_available(ctx, "Top-activating dataset examples and explanations", RECORDS,
+                         "the SAE / activation-records issue"):
+        _records(ctx, name.strip())
+
+
+@st.fragment
+def _on_prompt(ctx: Context, prompt: Prompt, kind: str, layer: int, index: int, name: str) -> None:
+    """The unit on this prompt: a fragment, so a new top k or position reruns this part of the page only."""
     a, b = st.columns(2)
     with a:
         k = state.url_number_input("Top k tokens", state.TOPK, 10, min_value=1, max_value=50)
@@ -141,13 +151,9 @@ def render(ctx: Context) -> None:
         if kind == "head":
             _head(ctx, prompt, layer, index, pos, k)
         elif kind == "latent":
-            _latent(ctx, prompt, name.strip(), k)
+            _latent(ctx, prompt, name, k)
         else:
             _neuron(ctx, prompt, layer, index, k)
-    st.markdown("**Activation records and explanation**")
-    if not not_available(ctx, "Top-activating dataset examples and explanations", RECORDS,
-                         "the SAE / activation-records issue"):
-        _records(ctx, name.strip())
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from tdb_client import Breakpoint, Generate, RunStatus, Session
+from streamlit.errors import StreamlitAPIException
+
+from tdb_client import Breakpoint, Generate, RunStatus, Session, TdbError
 
 from .. import charts, state
-from ..connection import Context, attempt, shown_errors
+from ..connection import Context, attempt, show_error, shown_errors
 from ..runs import Prompt
 from ..widgets import prompt_input, show_tokens, summary_row, tensor_view
 
@@ -25,6 +27,7 @@ TITLE, ICON = "Debugger", ":material/bug_report:"
 EVENT_LOG_SIZE = 200
 K_EVENTS, K_SEQ, K_BPS, K_TOKENS = "dbg.events", "dbg.seq", "dbg.bps_set", "dbg.tokens"
 K_GENERATING = "dbg.generating"
+K_ACTION_ERROR = "dbg.action_error"   # (action, error) of a step that failed, shown on the next run
 MAX_NEW_TOKENS = 64
 
 
@@ -86,40 +89,62 @@ def _generation_options() -> Generate | None:
     return Generate(int(n), stop_at_tokens=every) if n else None
 
 
+def _step(s: Session, action: str) -> None:
+    """A step button's callback: it runs before the page does, so the toolbar is drawn once, for the new
+    state (an error is kept to be shown)."""
+    st.session_state.pop(K_ACTION_ERROR, None)
+    try:
+        if action == "continue":
+            s.continue_()
+        elif action == "terminate":
+            s.terminate()
+        else:
+            s.step(action)
+    except (TdbError, ValueError) as e:
+        st.session_state[K_ACTION_ERROR] = (action, e)
+
+
 def _controls(s: Session, status: RunStatus, prompt: Prompt | None, generate: Generate | None) -> None:
     paused = status.state == "paused"
     live = status.state in ("paused", "running")
     generating = bool(st.session_state.get(K_GENERATING)) and live
     cols = st.columns([1.1, 1.35, 1, 1, 1, 1.1, 1, 1.6], vertical_alignment="center")   # labels fit at 1280 px
     stop_on_entry = cols[7].checkbox("stop on entry", key="dbg.entry", help="Pause before the first site runs.")
-    clicked = {
-        "launch": cols[0].button("Launch", icon=":material/play_arrow:", type="primary", disabled=prompt is None, key="dbg.launch"),
-        "continue": cols[1].button("Continue", icon=":material/fast_forward:", disabled=not paused, key="dbg.continue"),
-        "into": cols[2].button("Into", icon=":material/subdirectory_arrow_right:", disabled=not paused, key="dbg.into", help="step into: the next site"),
-        "over": cols[3].button("Over", icon=":material/redo:", disabled=not paused, key="dbg.over", help="step over: past the current block"),
-        "out": cols[4].button("Out", icon=":material/north_east:", disabled=not paused, key="dbg.out", help="step out: end of the enclosing module"),
-        "token": cols[5].button("Token", icon=":material/skip_next:", disabled=not (paused and generating), key="dbg.token",
-                                help="generation: run to the next token"),
-        "terminate": cols[6].button("Stop", icon=":material/stop:", disabled=not live, key="dbg.terminate"),
+    launch = cols[0].button("Launch", icon=":material/play_arrow:", type="primary", disabled=prompt is None,
+                            key="dbg.launch")
+    steps = {
+        "continue": (cols[1], "Continue", ":material/fast_forward:", not paused, None),
+        "into": (cols[2], "Into", ":material/subdirectory_arrow_right:", not paused, "step into: the next site"),
+        "over": (cols[3], "Over", ":material/redo:", not paused, "step over: past the current block"),
+        "out": (cols[4], "Out", ":material/north_east:", not paused, "step out: end of the enclosing module"),
+        "token": (cols[5], "Token", ":material/skip_next:", not (paused and generating),
+                  "generation: run to the next token"),
+        "terminate": (cols[6], "Stop", ":material/stop:", not live, None),
     }
-    action = next((k for k, v in clicked.items() if v), None)
-    if action is None:
+    for action, (col, label, icon, disabled, help_) in steps.items():
+        col.button(label, icon=icon, disabled=disabled, key=f"dbg.{action}", help=help_, on_click=_step,
+                   args=(s, action))
+    failed = st.session_state.pop(K_ACTION_ERROR, None)
+    if failed:
+        show_error(failed[1], failed[0])
+    if not launch:
         return
-    with shown_errors(action):
-        if action == "launch":
-            if live:
-                s.terminate()
-            assert prompt is not None
-            st.session_state[K_TOKENS] = prompt.tokens
-            st.session_state[K_GENERATING] = generate is not None
-            s.launch(token_ids=[list(prompt.ids)], stop_on_entry=stop_on_entry, generate=generate)
-        elif action == "continue":
-            s.continue_()
-        elif action in ("into", "over", "out", "token"):
-            s.step(action)
-        elif action == "terminate":
+    with shown_errors("launch"):
+        if live:
             s.terminate()
-        st.rerun()  # redraw the toolbar for the new state
+        assert prompt is not None
+        st.session_state[K_TOKENS] = prompt.tokens
+        st.session_state[K_GENERATING] = generate is not None
+        s.launch(token_ids=[list(prompt.ids)], stop_on_entry=stop_on_entry, generate=generate)
+        _rerun_panel()  # redraw the toolbar for the new state (the launch reads this run's prompt)
+
+
+def _rerun_panel() -> None:
+    """Rerun the run panel (the fragment) only; the whole page when it is running as part of the page."""
+    try:
+        st.rerun(scope="fragment")
+    except StreamlitAPIException:
+        st.rerun()
 
 
 def _status_line(status: RunStatus) -> None:
@@ -261,8 +286,15 @@ def render(ctx: Context) -> None:
     with b:
         _breakpoints(ctx, s)
         generate = _generation_options()
-    _controls(s, s.status(), prompt, generate)
+    _run_panel(ctx, prompt, generate)
+
+
+@st.fragment
+def _run_panel(ctx: Context, prompt: Prompt | None, generate: Generate | None) -> None:
+    """The toolbar and what the run shows: a fragment, so a step reruns this part of the page only."""
+    s = ctx.session("debugger")
     status = s.status()
+    _controls(s, status, prompt, generate)
     _status_line(status)
     _generated(s, status, prompt)
     if status.state == "paused":

@@ -37,6 +37,7 @@ DEFAULT_TYPES = ("head", "neuron")
 PARTS = ("output", "q", "k", "qk", "v")
 TRACE, PART, KEYPOS, RANK, TYPES = "trace", "part", "keypos", "rank", "types"
 MAX_K = 200
+K_WHOLE_PAGE = "explore.whole_page"    # a row action asked for a rerun of the whole page
 # the columns as what they are: the total effect is a first-order estimate, not an ablation
 COLUMN_LABELS = {"total_effect": "total effect (estimate)", "diff_total_effect": "diff total effect (estimate)"}
 COLUMN_HELP = {"total_effect": "estimate (activation × gradient): first order, can be far off or of the wrong sign; "
@@ -156,6 +157,13 @@ def _key_position(ctx: Context, prompt: Prompt, node: str, pos: int, keypos: int
                         help="the key position of the attention score; by default the one the head attends to most")
 
 
+def _then_whole_page(fn: Callable[..., None], *args, **kwargs) -> None:
+    """A row action's callback: `fn`, then a rerun of the whole page (the action changes more than the node
+    table's fragment: the ablations, the trace, the page)."""
+    fn(*args, **kwargs)
+    st.session_state[K_WHOLE_PAGE] = True
+
+
 def _actions(ctx: Context, prompt: Prompt, row: pd.Series, add_ablation: Callable[[str], None]) -> None:
     node, kind = row["node"], row["node_type"]
     is_unit = kind in ("head", "head_pair", "neuron", "sae_latent")
@@ -163,7 +171,7 @@ def _actions(ctx: Context, prompt: Prompt, row: pd.Series, add_ablation: Callabl
     a, b, c = st.columns(3)
     with a:
         st.button("Ablate", icon=":material/block:", disabled=not is_unit, key="explore.act.ablate",
-                  on_click=add_ablation, args=(node,), help="Zero this node in every run of the page")
+                  on_click=_then_whole_page, args=(add_ablation, node), help="Zero this node in every run of the page")
     with b:
         part = "output"
         if kind in ("head", "head_pair"):
@@ -174,11 +182,12 @@ def _actions(ctx: Context, prompt: Prompt, row: pd.Series, add_ablation: Callabl
         if part in ("q", "k", "qk"):
             keypos = _key_position(ctx, prompt, node, pos, keypos)
         st.button("Trace upstream", icon=":material/account_tree:", disabled=not traceable, key="explore.act.trace",
-                  on_click=state.url_set, kwargs={TRACE: node, PART: part if kind != "neuron" else None,
-                                                  state.POS: pos, KEYPOS: keypos if part in ("q", "k", "qk") else None})
+                  on_click=_then_whole_page, args=(state.url_set,),
+                  kwargs={TRACE: node, PART: part if kind != "neuron" else None,
+                          state.POS: pos, KEYPOS: keypos if part in ("q", "k", "qk") else None})
     with c:
         st.button("Open component page", icon=":material/open_in_new:", disabled=not is_unit,
-                  key="explore.act.open", on_click=state.goto, args=("component",),
+                  key="explore.act.open", on_click=_then_whole_page, args=(state.goto, "component"),
                   kwargs={state.COMPONENT: node})
 
 
@@ -312,6 +321,24 @@ def _table(ctx: Context, prompt: Prompt, df: pd.DataFrame, add_ablation: Callabl
 
 # -- the page's lower half ----------------------------------------------------------------------------
 
+@st.fragment
+def _node_table(ctx: Context, prompt: Prompt, prompt2: Prompt | None, shown: Prompt, t: int, d: int, mode: str,
+                diff: bool, trace: tuple | None, ablated: tuple[str, ...], add_ablation: Callable[[str], None]) -> None:
+    """The node table with its options and row actions: a fragment, so choosing rows, types, a row or a
+    part reruns this part of the page only (a row action that changes more reruns the whole page)."""
+    if st.session_state.pop(K_WHOLE_PAGE, False):
+        st.rerun(scope="app")
+    rank_by, types, k = _table_options(ctx, trace)
+    with st.spinner("computing the node table…"), shown_errors("node table"):
+        if diff:
+            result = compare(ctx.address, prompt.ids, prompt2.ids, t, d, trace, k, rank_by, tuple(types), ablated)
+        else:
+            result = node_table(ctx.address, shown.ids, t, d, trace, k, rank_by, tuple(types), ablated)
+        df, desc = _frame(result, "diff" if diff else "single")
+        _heading(_objective(result, desc, mode, trace), prompt2 is not None, mode, ablated, trace)
+        _table(ctx, shown, df, add_ablation)
+
+
 def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: Prompt | None, mode: str,
            ablations: list[str], add_ablation: Callable[[str], None]) -> None:
     if t is None or d is None:
@@ -324,14 +351,6 @@ def render(ctx: Context, prompt: Prompt, t: int | None, d: int | None, prompt2: 
     ablated = _node_table_ablations(ctx, shown.ids, t, d, ablations)
     _trace_banner(trace)
     explore_tokens.render(ctx, shown.ids, shown.tokens, t, d, trace, ablated)
-    rank_by, types, k = _table_options(ctx, trace)
-    with st.spinner("computing the node table…"), shown_errors("node table"):
-        if diff:
-            result = compare(ctx.address, prompt.ids, prompt2.ids, t, d, trace, k, rank_by, tuple(types), ablated)
-        else:
-            result = node_table(ctx.address, shown.ids, t, d, trace, k, rank_by, tuple(types), ablated)
-        df, desc = _frame(result, "diff" if diff else "single")
-        _heading(_objective(result, desc, mode, trace), prompt2 is not None, mode, ablated, trace)
-        _table(ctx, shown, df, add_ablation)
+    _node_table(ctx, prompt, prompt2, shown, t, d, mode, diff, trace, ablated, add_ablation)
     if not trace and not diff:
         explore_verify.render(ctx, shown.ids, t, d, ablated)

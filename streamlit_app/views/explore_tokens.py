@@ -60,8 +60,10 @@ def completeness_line(r) -> str:
             f"({100 * r.completeness:.1f}% complete) — {verdict}")
 
 
+@st.fragment
 def render(ctx: Context, ids: tuple[int, ...], tokens: tuple[str, ...], t: int, d: int, trace: tuple | None,
            ablated: tuple[str, ...]) -> None:
+    """The per-token effects; a fragment: choosing the method reruns this part of the page only."""
     labels = [show_token(x) for x in tokens]
     what = "the traced node" if trace else "the target"
     method = state.url_selectbox("Per-token effect", METHOD, (ESTIMATE, IG), ESTIMATE, widget=st.radio,

@@ -26,7 +26,9 @@ def verification(address: str, ids: tuple[int, ...], t: int, d: int, k: int, abl
     return r.verification
 
 
+@st.fragment
 def render(ctx: Context, ids: tuple[int, ...], t: int, d: int, ablated: tuple[str, ...]) -> None:
+    """A fragment: a new k reruns this part of the page only."""
     st.markdown("**Estimate vs exact** — the total effect above is an estimate; the exact effect of zeroing "
                 "each of the heads and neurons with the largest estimates, measured by the server")
     k = state.url_number_input("Verify the top k exactly (0: off)", VERIFY, 10, min_value=0, max_value=64)
