@@ -17,7 +17,7 @@ as JSON (`--json`, default benchmarks/results/latest.json).
         first (the `bench` extra; missing peers get a row saying so; benchmarks/bench_peers.py)
 
 P1, P2, P3, P5 and P6 run on the bundled model (`--model`); P4 and P7 on one random-weight
-GPT-2-small saved to a temporary directory. `--tokens 20,128` runs P7 at each length (the others at the
+GPT-2-small saved to a temporary directory. `--tokens 20,128` runs P4 and P7 at each length (the others at the
 first). The GPU run is `python -m benchmarks.gpu`.
 """
 
@@ -82,7 +82,7 @@ def gpt2_rows(which: set[str], args) -> list[dict]:
             for tokens in args.tokens:           # each prompt length side by side with the peers
                 rows += run(str(path), tokens, args.repeat)
         if "P4" in which:
-            rows += measures.p4(str(path))
+            rows += measures.p4(str(path), args.tokens, args.threads, args.clock)
     return rows
 
 
@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("which", nargs="*", default=["all"], help="all, or any of " + " ".join(ALL))
     ap.add_argument("--model", default=None, help="model directory or bundled name (default: the bundled model)")
     ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32],
-                    help="prompt length; P7 takes a list (e.g. 20,128: one block of rows each), the rest the first")
+                    help="prompt length; P4 and P7 take a list (e.g. 20,128: one block of rows each), the rest the first")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--read-mib", default="1,16,256")

@@ -21,6 +21,16 @@ Each task is timed interleaved with a plain HF forward of the same prompt (the r
 * cache everything: a tdb session run capturing every site (and Launch over gRPC, nothing read
   back); TransformerLens run_with_cache (every hook); an nnsight trace saving 9 values per block
   (+ embedding, ln_f, logits).
+
+Conventions (`conventions_rows`, agreement only, nothing timed): on freshly initialised weights every
+LayerNorm has weight 1 and bias 0, which hides how each tool treats the norms. So the direct effects
+are compared again on a copy whose LayerNorm weights and biases are perturbed (weight 1 + 0.5 N(0, 1),
+bias 0.2 N(0, 1)): tdb (and the nnsight idiom) freeze the final LayerNorm at the target position and
+keep its weight; TransformerLens's default bridge projects on the raw W_U columns (the final
+LayerNorm's weight is dropped); `enable_compatibility_mode(fold_ln=True)` folds it into W_U and agrees;
+its full default processing also folds value biases (including the ln_1 bias folded into them) into
+b_O, so per-head effects leave them out. BOS: TransformerLens prepends BOS to a text prompt by default
+(`to_tokens`), tdb only when asked (`prepend_bos=True`); with it, ids and logits agree.
 """
 
 from __future__ import annotations
@@ -336,6 +346,89 @@ def cache_entries(b: Bench, session, wire_session) -> dict[str, Entry]:
     return entries
 
 
+# --- conventions on perturbed norms --------------------------------------------------------------
+
+def perturb_norms(src: Path, dst: Path, seed: int = 3) -> None:
+    """Save a copy of the GPT-2 at `src` to `dst` with every LayerNorm weight 1 + 0.5 N(0, 1) and bias
+    0.2 N(0, 1) (trained norms are far from the identity; fresh ones are exactly it)."""
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    shutil.copytree(src, dst)
+    model = GPT2LMHeadModel.from_pretrained(src)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(1 + 0.5 * torch.randn(mod.weight.shape, generator=gen))
+                mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=gen))
+    model.save_pretrained(dst)
+
+
+def conventions_rows(model_dir: str, tokens: int) -> list[dict]:
+    """Direct effects of every head and neuron at the target position on perturbed norms, by each tool
+    and convention, against tdb's; and BOS handling. One row per comparison (agreement, no timing)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "perturbed"
+        perturb_norms(Path(model_dir), path)
+        adapter = load_model(str(path), device="cpu", dtype="float32")
+        ids = torch.randint(100, 50000, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        target, ids = resolve_target(adapter, TargetSpec(token_ids=(A,), distractor_ids=(B,)), ids)
+        info, p, x = adapter.info, target.position, torch.tensor([ids])
+        table = compute_node_table(adapter, ids, TargetObjective(target), node_types={HEAD, NEURON},
+                                   target_position_only=True, direct_only=True).table
+        heads = dense_direct(table.ids.numpy(), table.metrics.numpy(), HEAD, p, (info.n_layers, info.n_heads))
+        neurons = dense_direct(table.ids.numpy(), table.metrics.numpy(), NEURON, p, (info.n_layers, info.d_mlp))
+        scale = f"largest |head effect| {float(np.nanmax(np.abs(heads))):.2e}"
+
+        def row(what: str, got: tuple[torch.Tensor, torch.Tensor] | None, why: str) -> dict:
+            if got is None:
+                return {"id": "P7", "what": f"conventions, perturbed norms: {what}", "value": None, "note": why}
+            d = max(max_diff(got[0].reshape(heads.shape), heads), max_diff(got[1].reshape(neurons.shape), neurons))
+            return {"id": "P7", "what": f"conventions, perturbed norms: {what}", "value": d, "unit": "max |Δ| vs tdb",
+                    "note": f"{why}; {scale}"}
+
+        rows.append({"id": "P7", "what": "conventions, perturbed norms: tdb node table, direct effect at the target",
+                     "value": None, "note": "final LayerNorm frozen at the target position, its weight kept; "
+                                            "value biases belong to their heads"})
+        tl, why_tl = _load("TransformerLens", lambda: load_tl(path, adapter.tokenizer))
+        variants = (("TransformerLens default bridge, logit_attrs", {},
+                     "projects on raw W_U columns: the final LayerNorm's weight is dropped"),
+                    ("TransformerLens enable_compatibility_mode(fold_ln only)",
+                     {"fold_value_biases": False, "center_writing_weights": False, "center_unembed": False},
+                     "the final LayerNorm's weight folded into W_U: tdb's convention"),
+                    ("TransformerLens enable_compatibility_mode() (its defaults)", {"_all": True},
+                     "also folds value biases (with the ln_1 bias folded into them) into b_O: heads leave them out"))
+        for what, kwargs, why in variants:
+            if tl is None:
+                rows.append(row(what, None, why_tl))
+                continue
+            model = tl if not kwargs else load_tl(path, adapter.tokenizer)
+            if kwargs:
+                model.enable_compatibility_mode(disable_warnings=True,
+                                                **{k: v for k, v in kwargs.items() if k != "_all"})
+            rows.append(row(what, tl_direct_attribution(model, x), why))
+        nns, why_nns = _load("nnsight", lambda: load_nnsight(path))
+        rows.append(row("nnsight idiom (DLA by hand, frozen final LayerNorm with its weight)",
+                        None if nns is None else nnsight_direct_attribution(nns, x), why_nns or "tdb's convention"))
+        if tl is not None:
+            prompt = " ".join(adapter.tokenizer.convert_ids_to_tokens(ids[:12]))
+            from tdb_server.model.tokens import Prompt, encode
+
+            ours = encode(adapter, Prompt(text=prompt, prepend_bos=True))
+            theirs = tl.to_tokens(prompt)[0].tolist()
+            with torch.no_grad():
+                d = (adapter.model(input_ids=torch.tensor([ours])).logits - tl(torch.tensor([theirs]))).abs().max()
+            rows.append({"id": "P7", "what": "conventions: BOS — TransformerLens to_tokens(text) vs tdb prepend_bos=True",
+                         "value": float(d), "unit": "max |Δ logits|",
+                         "note": f"TL prepends BOS by default (default_prepend_bos={tl.cfg.default_prepend_bos}); "
+                                 f"tdb only when asked; same ids with it: {ours == theirs}"})
+    return rows
+
+
 # --- timing -------------------------------------------------------------------------------------
 
 def timed_rows(task: str, entries: dict[str, Entry], plain: Callable[[], object], repeat: int) -> list[dict]:
@@ -382,7 +475,7 @@ def run(model_dir: str, tokens: int, repeat: int) -> list[dict]:
     finally:
         mgr.shutdown()
         handle.stop(grace=None)
-    return rows
+    return rows + conventions_rows(model_dir, tokens)
 
 
 def main() -> int:

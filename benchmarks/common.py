@@ -23,6 +23,11 @@ def use_clock(name: str) -> None:
     _clock["now"] = CLOCKS[name]
 
 
+def now() -> float:
+    """Seconds on the clock chosen by use_clock."""
+    return _clock["now"]()
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int,
                 sync: Callable[[], None] | None = None) -> dict[str, float]:
     """Median seconds of each function, alternating them so drift in machine load hits all alike.

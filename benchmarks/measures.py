@@ -93,17 +93,24 @@ def p3(sizes: list[int]) -> list[dict]:
     return rows
 
 
-def p4(model_dir: str = "") -> list[dict]:
-    """benchmarks/bench_sweeps.py in a subprocess (TransformerLens stays out of this process's timings)."""
-    out = RESULTS / "sweeps.json"
-    out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sweeps.py"), "--json", str(out)]
-    r = subprocess.run(cmd + (["--model-dir", model_dir] if model_dir else []), capture_output=True, text=True)
-    print(r.stdout)
-    if r.returncode != 0 or not out.is_file():
-        why = (r.stderr.strip().splitlines() or ["failed"])[-1]
-        return [{"id": "P4", "what": "head sweep vs TransformerLens", "value": None, "unit": "", "note": why}]
-    return [{"id": "P4", **row} for row in json.loads(out.read_text())["rows"]]
+def p4(model_dir: str = "", tokens: list[int] = (20,), threads: int = 0, clock: str = "wall") -> list[dict]:
+    """benchmarks/bench_sweeps.py in a subprocess per prompt length (TransformerLens stays out of this
+    process's timings)."""
+    rows = []
+    for n in tokens:
+        out = RESULTS / f"sweeps_{n}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sweeps.py"), "--json", str(out), "--tokens", str(n),
+               "--threads", str(threads), "--clock", clock]
+        r = subprocess.run(cmd + (["--model-dir", model_dir] if model_dir else []), capture_output=True, text=True)
+        print(r.stdout)
+        if r.returncode != 0 or not out.is_file():
+            why = (r.stderr.strip().splitlines() or ["failed"])[-1]
+            rows.append({"id": "P4", "what": f"head sweep vs TransformerLens, {n} tokens", "value": None, "unit": "",
+                         "note": why})
+            continue
+        rows += [{"id": "P4", **row} for row in json.loads(out.read_text())["rows"]]
+    return rows
 
 
 def p5(adapter, ids: list[int], repeat: int, sync=None) -> list[dict]:
