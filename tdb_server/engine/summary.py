@@ -11,12 +11,25 @@ from .types import TensorSummary
 
 
 def summarize(t: torch.Tensor, dims: list[str] | None = None) -> TensorSummary:
-    """Statistics of a tensor computed on its device (one host sync for a handful of scalars)."""
+    """Statistics of a tensor computed on its device (one host sync for a handful of scalars; a
+    second pass only when the tensor holds a NaN or an Inf). Every stop summarises its value, so the
+    common all-finite case takes four reductions (min/max, var/mean, norm)."""
     head = {"dtype": t.dtype, "shape": tuple(t.shape), "numel": t.numel(), "dims": tuple(dims or ())}
     if t.numel() == 0:
         return TensorSummary(**head)
     x = t.detach()
     x = x.double() if x.dtype in (torch.float64,) else x.float()
+    mn, mx = torch.aminmax(x)
+    var, mean = torch.var_mean(x, correction=1) if x.numel() > 1 else (torch.zeros_like(mn), x.reshape(()))
+    mn, mx, mean, norm, var = torch.stack([mn, mx, mean, x.norm(), var]).cpu().tolist()
+    if math.isfinite(mn) and math.isfinite(mx):              # NaN or Inf anywhere would show in min or max
+        return TensorSummary(**head, min=mn, max=mx, mean=mean, std=math.sqrt(var), norm=norm,
+                             nan_count=0, inf_count=0)
+    return _summarize_nonfinite(x, head)
+
+
+def _summarize_nonfinite(x: torch.Tensor, head: dict) -> TensorSummary:
+    """Statistics over the finite entries of a float tensor holding a NaN or an Inf, and their counts."""
     finite = torch.isfinite(x)
     nan = torch.isnan(x).sum()
     inf = torch.isinf(x).sum()
