@@ -44,7 +44,7 @@ def model_path(model: str | None, data_dirs: Sequence[str] = ()) -> str:
     except ImportError:
         raise DapError("this tdb dap cannot start a server of its own (tdb_server is not installed, as with the "
                        "tdb-client distribution): name a running one with \"server\" in the launch configuration "
-                       "or `tdb dap --server HOST:PORT`") from None
+                       "or start the bridge as `python -m tdb_client.dap --server HOST:PORT`") from None
 
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise DapError("'model' must be a bundled model's name or a model folder")

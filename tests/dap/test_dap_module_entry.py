@@ -59,3 +59,14 @@ def test_the_module_serves_a_dap_client_against_a_running_server(bundled_server)
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def test_without_the_server_distribution_a_launch_says_how_to_name_a_server(monkeypatch):
+    import pytest
+
+    from tdb_client.dap.backend import model_path
+    from tdb_client.dap.protocol import DapError
+
+    monkeypatch.setitem(sys.modules, "tdb_server.errors", None)     # as in a client-only install
+    with pytest.raises(DapError, match=r"python -m tdb_client\.dap --server HOST:PORT"):
+        model_path(None)
