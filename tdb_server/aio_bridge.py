@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
@@ -58,7 +59,10 @@ class ThreadContext(StatusContext):
         self._lock = threading.Lock()
         self._ended = False
         self._callbacks: list[Callable[[], None]] = []
-        context.add_done_callback(lambda _ctx: self.end())   # runs when the call's task ends, cancelled or not
+        # runs when the call's task ends, cancelled or not; a weak reference, since grpc keeps the callback in
+        # the call's state and a strong one would make a reference cycle of every call
+        me = weakref.ref(self)
+        context.add_done_callback(lambda _ctx: _end(me()))
 
     def is_active(self) -> bool:
         return not self._ended
@@ -94,6 +98,11 @@ class ThreadContext(StatusContext):
         return self._context.auth_context()
 
 
+def _end(ctx: ThreadContext | None) -> None:
+    if ctx is not None:
+        ctx.end()
+
+
 async def abort_async(context: grpc.aio.ServicerContext, error: Exception,
                       convert: Callable[[Any, BaseException], None]) -> None:
     """End an async method's call with the status `convert` (the servicers' one conversion) gives `error`."""
@@ -127,9 +136,11 @@ def _unary(fn: Callable[[Any, Any], Any], pool: concurrent.futures.Executor) -> 
         try:
             return await asyncio.wrap_future(pool.submit(fn, request, ctx))
         except Abort as a:
-            await context.abort(a.code, a.details)
+            status = (a.code, a.details)
         finally:
             ctx.end()
+        del ctx         # grpc keeps the abort's traceback (this frame) in the call's state: hold nothing of ours
+        await context.abort(*status)    # outside the handler: the Abort (and the error under it) are freed now
     return call
 
 
@@ -139,6 +150,7 @@ def _stream(fn: Callable[[Any, Any], Iterator[Any]],
         ctx = ThreadContext(context)
         items: Iterator[Any] | None = None
         future: concurrent.futures.Future | None = None
+        status: tuple[grpc.StatusCode, str] | None = None
         try:
             if inspect.isgeneratorfunction(fn):
                 items = fn(request, ctx)        # runs nothing until the first next()
@@ -153,11 +165,14 @@ def _stream(fn: Callable[[Any, Any], Iterator[Any]],
                     return
                 yield item
         except Abort as a:
-            await context.abort(a.code, a.details)
+            status = (a.code, a.details)
         finally:
             ctx.end()
             if items is not None:
                 _close_later(future if future is not None and not future.done() else None, items, pool)
+        if status is not None:      # as in _unary: abort holding nothing of ours, the Abort freed
+            ctx = items = future = None
+            await context.abort(*status)
     return call
 
 
