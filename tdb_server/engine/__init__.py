@@ -13,6 +13,7 @@ converts at the edge.
     patching.py   a Patch call's name and op -> checked Interventions (model/interventions.py); where
                   a patch on the live run lands
     expr_check.py the static check of a breakpoint condition (unknown names, operators) at SetBreakpoints
+    expr_budget.py sizing an expression's operations before they allocate (--max-expr-mib)
     summary.py    tensor summaries; patches.py, breakpoints.py, expr.py, scheduler.py, weights.py: the
                   session's patch records, breakpoint parts, expression language, device turns and
                   named weights

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
-from .expr import _BINOPS, _CMPOPS, _METHODS, _VALUE_STATS, _WEIGHT_NAMES, FUNCTION_NAMES, Env, _Interpreter, _meta, evaluate
+from .expr import _BINOPS, _CMPOPS, _METHODS, _VALUE_STATS, _WEIGHT_NAMES, FUNCTION_NAMES, Env, _Interpreter, evaluate
+from .expr_budget import _meta
 
 _ATTRIBUTES = {"shape", "T", "values", "indices"}
 _UNARY = (ast.USub, ast.UAdd, ast.Not)
