@@ -6,7 +6,10 @@ address is ignored with a warning, so a link cannot make the dashboard hand its 
 of someone else's choosing. A dashboard started with a password ($TDB_DASHBOARD_PASSWORD, required by
 `tdb dashboard` when it listens beyond loopback) asks each browser session for it before anything else.
 
-One `TdbClient` is shared by every browser tab (`st.cache_resource`); debugging sessions are per user
+One `TdbClient` is shared by every browser tab (`st.cache_resource`), and answers that depend only on
+their inputs are cached (`st.cache_data`); every page run asks the server afresh what it serves, and a
+server that serves another model than before (restarted on the same address) drops both caches. Debugging
+sessions are per user
 (`st.session_state`), because a paused run belongs to the person who paused it. Errors from the server
 (`TdbError`) are shown as messages, never tracebacks; a lost server is a message too.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,12 +156,39 @@ class Context:
                 pass
 
 
+_SERVED: dict[str, ServerInfo] = {}    # address -> what the server there said it serves, at the last page run
+
+
+def _serving_now(address: str) -> ServerInfo:
+    """What the server at `address` serves now: a fresh Initialize on a short-lived channel (a few ms; the
+    channel is closed on a thread of its own, as gRPC takes ~200 ms to close one). The cached client keeps
+    its first answer, and a server restarted on the same address may serve another model."""
+    probe = TdbClient(address, timeout=10.0, client_name="tdb-dashboard")
+    try:
+        probe.wait_ready(timeout=3.0)
+        return probe.initialize()
+    finally:
+        threading.Thread(target=probe.close, name="tdb-dashboard-probe-close", daemon=True).start()
+
+
+def _forget_if_changed(address: str, info: ServerInfo) -> None:
+    """Every cached answer (tokens, runs, analyses) and the cached client belong to the model the server
+    served when they were asked: when it serves another model (or another server version) now, drop them
+    all, so no page shows an answer of the model before. (A model retrained in place, with the same
+    description, cannot be told apart from here.)"""
+    before = _SERVED.get(address)
+    if before is not None and (before.model, before.server_version) != (info.model, info.server_version):
+        st.cache_data.clear()
+        get_client.clear()
+    _SERVED[address] = info
+
+
 def connect(address: str | None = None) -> Context | None:
     """Connect (or reuse the cached connection); on failure, show why and return None."""
     address = address or server_address()
-    client = get_client(address)
     try:
-        client.wait_ready(timeout=3.0)
+        _forget_if_changed(address, _serving_now(address))
+        client = get_client(address)
         info = client.initialize()
     except TdbError as e:
         st.error(describe(e, address) if e.code != grpc.StatusCode.UNAVAILABLE

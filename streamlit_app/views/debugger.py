@@ -311,10 +311,10 @@ def _run_panel(ctx: Context, prompt: Prompt | None, generate: Generate | None) -
 def _recording(ctx: Context, s: Session) -> None:
     """Download this session as a recording (a good bug report), or replay one on this server."""
     with st.expander("Record and replay", expanded=False):
-        text = attempt(s.export_recording, "exporting the recording")
-        if text is not None:
-            st.download_button("Download this session's recording", text, file_name="tdb-session.tdbrec.json",
-                               mime="application/json", icon=":material/download:", key="debugger.rec.download")
+        # exported when clicked (on its own thread), not at every step: a long session's recording is large
+        st.download_button("Download this session's recording", s.export_recording, file_name="tdb-session.tdbrec.json",
+                           mime="application/json", icon=":material/download:", key="debugger.rec.download",
+                           on_click="ignore")
         up = st.file_uploader("Replay a recording on this server", type=["json"], key="debugger.rec.upload")
         if up is not None and st.button("Replay", key="debugger.rec.replay", icon=":material/replay:"):
             report = attempt(lambda: ctx.client.replay(up.getvalue().decode("utf-8")), "replaying")
