@@ -200,7 +200,7 @@ def parse_site(name: str, n_layers: int) -> Site:
     unit_hint = ""
     if _HEAD_RE.match(name) or _NEURON_RE.match(name) or _LATENT_RE.match(name):
         unit_hint = " (that is a unit name; units live inside sites, see parse_unit)"
-    err = _error("site", name, all_sites(n_layers))
+    err = _error("site", name, all_sites(n_layers) + ([] if unit_hint else _unit_examples(name, n_layers)))
     if unit_hint:
         err = SiteError(str(err) + unit_hint, suggestions=err.suggestions)
     raise err
@@ -230,10 +230,19 @@ def parse_unit(name: str, n_layers: int | None = None, n_heads: int | None = Non
         layer = int(m.group(1))
         check_layer(layer)
         return Unit(name, layer, "latent", int(m.group(3)), f"blocks.{layer}.{m.group(2)}")
-    examples = [f"blocks.{layer}.attn.head.0" for layer in range(n_layers or 1)]
-    examples += [f"blocks.{layer}.mlp.neuron.0" for layer in range(n_layers or 1)]
-    examples += [f"blocks.{layer}.resid_post.sae.latent.0" for layer in range(n_layers or 1)]
-    raise _error("unit", name, examples)
+    raise _error("unit", name, _unit_examples(name, n_layers, n_heads, d_mlp))
+
+
+def _unit_examples(name: str, n_layers: int | None, n_heads: int | None = None, d_mlp: int | None = None) -> list[str]:
+    """Unit names to suggest for a mistyped `name`: a head, a neuron and a latent of each layer, with the
+    index typed at the end of `name` (0 without one), kept in range where the bounds are known."""
+    m = re.search(r"\.(\d{1,9})$", name)
+    k = int(m.group(1)) if m else 0
+    head, neuron = min(k, n_heads - 1) if n_heads else k, min(k, d_mlp - 1) if d_mlp else k
+    layers = range(n_layers or 1)
+    return ([f"blocks.{layer}.attn.head.{head}" for layer in layers]
+            + [f"blocks.{layer}.mlp.neuron.{neuron}" for layer in layers]
+            + [f"blocks.{layer}.resid_post.sae.latent.{k}" for layer in layers])
 
 
 def is_unit_name(name: str) -> bool:
