@@ -49,6 +49,8 @@ LIMIT_FLAGS = [
     ("--records-cache-mib", "records_cache_bytes", MiB, "the activation-records disk cache ($TDB_CACHE/records); the "
      "least recently used files are removed beyond it"),
     ("--max-patch-mib", "max_patch_bytes", MiB, "a tensor sent with Patch (also the largest request accepted)"),
+    ("--max-request-mib", "max_request_bytes", MiB, "one request other than Patch and ReplayRecording (a prompt, an "
+     "expression, a breakpoint list), refused before it is parsed; RESOURCE_EXHAUSTED beyond"),
     ("--max-streams", "max_streams", 1, "open event streams and long polls at once (they hold no thread: other calls "
      "keep answering); beyond, RESOURCE_EXHAUSTED at once"),
 ]

@@ -22,6 +22,7 @@ class Limits:
     total_capture_bytes: int = 16 * GiB    # across all sessions
     idle_timeout_s: float = 600.0          # sessions with no request (and no open event stream)
     max_patch_bytes: int = 256 << 20       # a tensor sent with Patch
+    max_request_bytes: int = 64 << 20      # one request but Patch and ReplayRecording, refused before it is parsed
     max_streams: int = 1024                # open Events streams + PollEvents long-polls (each a waiter on the event loop)
 
     def as_dict(self) -> dict[str, float]:

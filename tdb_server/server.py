@@ -150,7 +150,7 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
 
     async def build() -> tuple[grpc.aio.Server, Any, int]:
         interceptors = ([TokenAuthInterceptor(token)] if token else []) + [
-            DecodeGuard(), SyncHandlers(pool, reserved=dict.fromkeys(HANDSHAKE, handshake))]
+            DecodeGuard(limits.max_request_bytes), SyncHandlers(pool, reserved=dict.fromkeys(HANDSHAKE, handshake))]
         server = grpc.aio.server(migration_thread_pool=pool, options=options, interceptors=interceptors)
         debugger_pb2_grpc.add_DebuggerServicer_to_server(DebuggerServicer(adapter, sessions), server)
         analysis_pb2_grpc.add_AnalysisServicer_to_server(
