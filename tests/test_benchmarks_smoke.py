@@ -47,3 +47,28 @@ def test_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
     assert all(row["value"] is not None for row in rows)
     assert rows[-1]["value"] < 1e-4          # the batched head sweep reproduces the serial loop
     assert r.stdout.rstrip().splitlines()[-1].startswith("| P4 | fp32 exactness")   # the table comes last
+
+
+def test_recompute_bound_counts_the_blocks_after_each_patch():
+    from benchmarks.bench_sweeps import recompute_bound
+
+    assert recompute_bound(12, 12) == 80          # 12 heads x (12 + 11 + ... + 1) blocks / 12 + 2 runs
+    assert recompute_bound(2, 4) == 4 * 3 / 2 + 2
+
+
+def test_perturb_norms_changes_the_layernorms_only(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from benchmarks.bench_peers import perturb_norms
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=8, vocab_size=32)).save_pretrained(
+        tmp_path / "src")
+    perturb_norms(tmp_path / "src", tmp_path / "dst")
+    a = dict(GPT2LMHeadModel.from_pretrained(tmp_path / "src").named_parameters())
+    b = dict(GPT2LMHeadModel.from_pretrained(tmp_path / "dst").named_parameters())
+    norms = [k for k in a if ".ln_" in k]
+    assert len(norms) == 2 * 2 * 2 + 2                          # ln_1, ln_2 per block, ln_f; weight and bias
+    assert all(not torch.equal(a[k], b[k]) for k in norms)
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in norms)
