@@ -209,12 +209,14 @@ def variable_to_proto(v: Variable) -> pb.Variable:
     return msg
 
 
-def evaluate_to_proto(value: Any, limit: int, decode: Any) -> pb.EvaluateResponse:
+def evaluate_to_proto(value: Any, limit: int, decode: Any, vocab_size: int) -> pb.EvaluateResponse:
     """An expression's value: its text, and a summary and the tensor itself (up to `limit` elements);
-    top-k results with their tokens."""
+    top-k results with their tokens when they were taken over the vocabulary (over positions or heads,
+    their indices are no token ids)."""
     resp = pb.EvaluateResponse(result=expr.render(value))
     if isinstance(value, expr.TopK):
-        resp.tokens.extend(decode([int(i) for i in value.indices.flatten().tolist()]))
+        if value.over == vocab_size:
+            resp.tokens.extend(decode([int(i) for i in value.indices.flatten().tolist()]))
         resp.value.CopyFrom(wire.to_wire(torch.stack([value.values.float(), value.indices.float()])))
         return resp
     if isinstance(value, list) and all(isinstance(x, str) for x in value):

@@ -380,7 +380,7 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         if request.frame_id:
             s.check_frame(request.frame_id)   # stale frames are ABORTED
         value = s.evaluate_value(request.expression, run)
-        resp = serde.evaluate_to_proto(value, request.max_elements or 4096, s.decode)
+        resp = serde.evaluate_to_proto(value, request.max_elements or 4096, s.decode, s.adapter.info.vocab_size)
         recording.record(s, "Evaluate", request, recording.outcome_of("Evaluate", resp))
         return resp
 

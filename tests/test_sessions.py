@@ -353,6 +353,10 @@ def test_scopes_variables_and_evaluate(client, gpt2_adapter):
         assert abs(float(r.value) - 1.0) < 1e-5
         top = s.evaluate("logit_lens(blocks.1.resid_pre)[0, -1].topk(3)")
         assert top.value.shape == (2, 3) and len(top.tokens) == 3
+        keys = s.evaluate("blocks.1.attn.pattern[0, 2, -1].topk(3)")      # key positions, not token ids
+        assert keys.value.shape == (2, 3) and keys.tokens == () and "topk(values=" in keys.text
+        kept = s.evaluate("logit_lens(blocks.1.resid_pre)[0].topk(2)[-1]")  # indexing keeps what it was over
+        assert len(kept.tokens) == 2
         x = s.evaluate("x.norm()")
         assert abs(float(x.value) - np.linalg.norm(s.read("blocks.1.attn.out"))) < 1e-3
         for method_on_a_site in ("blocks.1.attn.out.norm()", "blocks.1.attn.out.norm ()"):

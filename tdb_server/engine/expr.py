@@ -118,7 +118,7 @@ def _topk(x: Any, k: int = 10, dim: int = -1, largest: bool = True) -> TopK:
         raise InvalidArgument(f"topk: k={k} out of range for a dimension of size {x.shape[int(dim)]}",
                               reason="BAD_EXPRESSION")
     r = torch.topk(x, k, dim=int(dim), largest=bool(largest))
-    return TopK(r.values, r.indices)
+    return TopK(r.values, r.indices, x.shape[int(dim)])
 
 
 _SIMPLE_FUNCS: dict[str, Callable[..., Any]] = {
@@ -281,7 +281,7 @@ class _Interpreter:
         idx = self.run(n.slice)
         if isinstance(base, TopK):
             return TopK(self.budget.run_sized("indexing", _index, base.values, idx),
-                        self.budget.run_sized("indexing", _index, base.indices, idx))
+                        self.budget.run_sized("indexing", _index, base.indices, idx), base.over)
         if isinstance(base, (tuple, list)):
             return base[int(idx)]
         return self.budget.run_sized("indexing", _index, _as_tensor(base), idx)

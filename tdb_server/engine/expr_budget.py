@@ -21,6 +21,7 @@ from ..errors import InvalidArgument, ResourceExhausted, TdbServerError
 class TopK:
     values: torch.Tensor
     indices: torch.Tensor
+    over: int = 0           # the size of the dimension it was taken over (token ids only when it is the vocabulary's)
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -38,7 +39,7 @@ def _meta(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return torch.empty(v.shape, dtype=v.dtype, device="meta")
     if isinstance(v, TopK):
-        return TopK(_meta(v.values), _meta(v.indices))
+        return TopK(_meta(v.values), _meta(v.indices), v.over)
     if isinstance(v, (list, tuple)):
         return type(v)(_meta(x) for x in v)
     return v
