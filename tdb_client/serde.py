@@ -179,7 +179,8 @@ def _event_body(kind: str, m: pb.Event) -> dict[str, Any]:
         return {"text": p.message, "data": {"id": p.id, "title": p.title, "fraction": p.fraction, "eta_s": p.eta_s}}
     if kind == "token":
         return {"text": m.token.texts[0] if m.token.texts else "",
-                "data": {"step": m.token.step, "token_ids": list(m.token.token_ids), "texts": list(m.token.texts)}}
+                "data": {"step": m.token.step, "token_ids": list(m.token.token_ids), "texts": list(m.token.texts),
+                         "appended": list(m.token.appended)}}
     if kind == "run_started":
         return {"data": {"batch": m.run_started.batch, "seq_len": m.run_started.seq_len}}
     if kind == "terminated":

@@ -185,7 +185,7 @@ def event_to_proto(ev: Event) -> pb.Event:
     elif isinstance(body, RunExited):
         part = pb.RunExited(result=result_to_proto(body.result))
     elif isinstance(body, TokenGenerated):
-        part = pb.TokenGenerated(step=body.step, token_ids=body.token_ids, texts=body.texts)
+        part = pb.TokenGenerated(step=body.step, token_ids=body.token_ids, texts=body.texts, appended=body.appended)
     else:
         part = getattr(pb, type(body).__name__)(**vars(body))
     return pb.Event(seq=ev.seq, time=ev.time, run_id=ev.run_id, **{field: part})

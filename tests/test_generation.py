@@ -152,3 +152,19 @@ def test_five_tokens_of_the_bundled_model_with_a_patch_at_token_three(bundled_cl
     want = out[0, len(ids):].tolist()
     assert got == want
     assert text == bundled_adapter.tokenizer.decode(want)
+
+
+@pytest.mark.parametrize("which", ["bundled", "gpt2"])
+def test_token_events_append_up_to_the_generated_text(which, bundled_client, client):
+    """What each token event says it appends joins, token by token, into the run's generated text: on the
+    word-level bundled model the words keep their spaces (the tokens alone have none)."""
+    c = bundled_client if which == "bundled" else client
+    prompt = "Mr Darcy said to Miss Bennet that Mr" if which == "bundled" else None
+    with c.session() as s:
+        st = s.launch(prompt, token_ids=None if prompt else PROMPT, generate=Generate(6))
+        events, _, _ = s.poll_events()
+    steps = [e.data for e in events if e.kind == "token"]
+    assert len(steps) == 6
+    assert "".join(d["appended"][0] for d in steps) == st.result.generated_text[0]
+    if which == "bundled":
+        assert " " in st.result.generated_text[0] and all(" " not in d["texts"][0] for d in steps)

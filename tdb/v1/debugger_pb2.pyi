@@ -464,14 +464,16 @@ class Invalidated(_message.Message):
     def __init__(self, what: _Optional[str] = ...) -> None: ...
 
 class TokenGenerated(_message.Message):
-    __slots__ = ("step", "token_ids", "texts")
+    __slots__ = ("step", "token_ids", "texts", "appended")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    APPENDED_FIELD_NUMBER: _ClassVar[int]
     step: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    appended: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ..., appended: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "time", "run_id", "stopped", "continued", "run_started", "run_exited", "output", "progress", "terminated", "invalidated", "token")

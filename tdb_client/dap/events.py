@@ -146,7 +146,8 @@ class EventTranslator:
     def _token(self, ev: Event) -> None:
         run = self.state.run
         texts = [str(t) for t in ev.data.get("texts", [])]
-        run.new_tokens([int(i) for i in ev.data.get("token_ids", [])], texts)
+        appended = [str(t) for t in ev.data.get("appended", [])] or texts   # a server before `appended`: the tokens
+        run.new_tokens([int(i) for i in ev.data.get("token_ids", [])], appended)
         step = ev.data.get("step", 0)
         lines = [f"tdb: token {step}: {texts[0]!r} -> {run.generated[0]!r}"] if len(texts) == 1 else \
             [f"tdb: token {step} (batch {b}): {t!r} -> {run.generated[b]!r}" for b, t in enumerate(texts)]

@@ -39,7 +39,7 @@ class RunThread:
     generated_ids: list[list[int]] = field(default_factory=list)
 
     def new_tokens(self, token_ids: list[int], texts: list[str]) -> None:
-        """A generation step's tokens (one per batch item) added to the text so far."""
+        """A generation step's tokens (one per batch item) and what each adds to the text so far."""
         while len(self.generated) < len(texts):
             self.generated.append("")
             self.generated_ids.append([])

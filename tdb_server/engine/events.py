@@ -61,7 +61,8 @@ class Invalidated:
 class TokenGenerated:
     step: int                        # generation step (0-based)
     token_ids: tuple[int, ...]       # one per batch item
-    texts: tuple[str, ...]
+    texts: tuple[str, ...]           # each token's text on its own
+    appended: tuple[str, ...] = ()   # what each adds to the text so far (tokens.appended_text)
 
 
 EventBody = Union[StopInfo, Continued, RunStarted, RunExited, Output, Terminated, Invalidated, TokenGenerated]

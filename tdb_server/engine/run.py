@@ -30,6 +30,7 @@ from ..errors import ResourceExhausted, TdbServerError
 from ..limits import Limits
 from ..model.interventions import Context, Intervention, apply_all
 from ..model.sites import Unit, site_dims, site_kind, site_layer
+from ..model.tokens import appended_text, decode_text
 from ..sae.units import latent_value
 from . import expr, stops
 from .breakpoints import BreakpointSpec
@@ -250,7 +251,9 @@ class DebugRun:
                 for b, t in enumerate(nxt.tolist()):
                     self.generated[b].append(t)
                 texts = [adapter.token_texts([t])[0] for t in nxt.tolist()]
-                s.events.emit(self.run_id, TokenGenerated(step=step, token_ids=tuple(nxt.tolist()), texts=tuple(texts)))
+                appended = tuple(appended_text(adapter, toks) for toks in self.generated)
+                s.events.emit(self.run_id, TokenGenerated(step=step, token_ids=tuple(nxt.tolist()), texts=tuple(texts),
+                                                          appended=appended))
                 if gen.stop_token_ids:
                     done |= torch.isin(nxt, torch.tensor(gen.stop_token_ids, device=nxt.device))
                 if step == gen.max_new_tokens - 1 or bool(done.all()):
@@ -305,8 +308,7 @@ class DebugRun:
                            input_ids=[row[:n] for row, n in zip(self.input_ids.tolist(), self.lengths.tolist())])
         if self.gen is not None:
             result.generated = [list(toks) for toks in self.generated]
-            result.generated_text = [adapter.tokenizer.decode(toks) if adapter.tokenizer is not None
-                                     else " ".join(f"<{t}>" for t in toks) for toks in self.generated]
+            result.generated_text = [decode_text(adapter, toks) for toks in self.generated]
         if self.logits is not None:
             k = min(top_k or 10, self.logits.shape[-1])
             top = torch.topk(self.logits, k, dim=-1)

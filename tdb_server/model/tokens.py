@@ -21,6 +21,26 @@ def decode(adapter, ids: list[int]) -> list[str]:
     return adapter.token_texts(ids)
 
 
+def decode_text(adapter, ids: list[int]) -> str:
+    """The text of a token sequence, decoded as one ("<id> <id>" without a tokenizer)."""
+    if adapter.tokenizer is None:
+        return " ".join(f"<{i}>" for i in ids)
+    return adapter.tokenizer.decode(ids)
+
+
+CONTEXT = 6     # tokens of context that decide how the last one joins the text (spaces, merged bytes)
+
+
+def appended_text(adapter, ids: list[int]) -> str:
+    """What the last of `ids` adds to `decode_text(ids[:-1])`, decoded in a few tokens of context, so that
+    streaming a generation costs the same at every step: a word-level tokenizer's " word" where the token alone
+    is "word". Falls back to the token alone where the context's text changes (a merged multi-byte character)."""
+    if not ids:
+        return ""
+    before, both = decode_text(adapter, ids[-CONTEXT - 1:-1]), decode_text(adapter, ids[-CONTEXT - 1:])
+    return both[len(before):] if both.startswith(before) else decode(adapter, ids[-1:])[0]
+
+
 SLACK = 2   # tokenizers may normalise text (NFKC, byte fallback): allow twice the characters a bound says
 
 

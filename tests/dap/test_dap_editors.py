@@ -158,7 +158,7 @@ def test_generation_stepped_token_by_token(stdio_dap, gpt2_server, gpt2_adapter)
     dap.request("continue", {"threadId": tid})
     assert dap.event("exited")["body"]["exitCode"] == 0
     said = "".join(e["body"]["output"] for e in dap.seen("output"))
-    assert "generated: " in said and f"-> {repr(''.join(f'<{t}>' for t in want[:2]))}" in said
+    assert "generated: " in said and f"-> {repr(' '.join(f'<{t}>' for t in want[:2]))}" in said
     _finish(proc, dap)
 
 
