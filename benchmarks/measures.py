@@ -97,6 +97,7 @@ def p4(model_dir: str = "", tokens: list[int] = (20,), threads: int = 0, clock: 
     """benchmarks/bench_sweeps.py in a subprocess per prompt length (TransformerLens stays out of this
     process's timings)."""
     rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for n in tokens:
         out = RESULTS / f"sweeps_{n}.json"
         out.unlink(missing_ok=True)
