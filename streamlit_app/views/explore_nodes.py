@@ -107,7 +107,7 @@ def _frame(result, mode: str) -> tuple[pd.DataFrame, str]:
     df["key_token"] = df["key_token"].map(lambda s: show_token(s) if s else "")
     # a key position means something for a token pair only; a latent's carries its site's code: blank both
     meaningless = (df["node_type"] == "sae_latent") | (df["key_pos"] < 0)
-    df["key_pos"] = df["key_pos"].astype("Int64").mask(meaningless)
+    df["key_pos"] = ["" if m else str(int(k)) for k, m in zip(df["key_pos"], meaningless)]
     df.loc[meaningless, "key_token"] = ""
     cols = ["rank", "node", "node_type", "query_pos", "token", "key_pos", "key_token", *METRICS, *extra]
     return df[[c for c in cols if c in df.columns]], desc
@@ -115,7 +115,7 @@ def _frame(result, mode: str) -> tuple[pd.DataFrame, str]:
 
 def _label(row: pd.Series) -> str:
     at = f" @ {row['query_pos']} {row['token']}" if row["query_pos"] >= 0 else ""
-    key = f" ← {row['key_pos']} {row['key_token']}" if pd.notna(row["key_pos"]) else ""
+    key = f" ← {row['key_pos']} {row['key_token']}" if row["key_pos"] != "" else ""
     return f"{row['node']}{at}{key}"
 
 
@@ -178,7 +178,7 @@ def _actions(ctx: Context, prompt: Prompt, row: pd.Series, add_ablation: Callabl
             part = st.selectbox("through", PARTS, key="explore.act.part",
                                 help="output: the head's write; q / k / qk: its attention score; v: its values")
         pos = int(row["query_pos"]) if row["query_pos"] >= 0 else -1
-        keypos = int(row["key_pos"]) if kind == "head_pair" and pd.notna(row["key_pos"]) else -1
+        keypos = int(row["key_pos"]) if kind == "head_pair" and row["key_pos"] != "" else -1
         if part in ("q", "k", "qk"):
             keypos = _key_position(ctx, prompt, node, pos, keypos)
         st.button("Trace upstream", icon=":material/account_tree:", disabled=not traceable, key="explore.act.trace",

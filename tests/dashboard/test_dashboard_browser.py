@@ -187,6 +187,11 @@ def test_browser_explore_debugger_and_views(dash, browser):
         if n_tokens:
             assert f"{n_tokens} tokens" in text
         _shoot(d, "explore")
+        # a row action inside the node table's fragment reruns the whole page: the page's panel shows it
+        assert "Active ablations (0)" in text
+        _click(d, "Ablate")
+        _wait(d, lambda: "Active ablations (1)" in _text(d), 60, "the row's ablation in the page's panel")
+        _idle(d)
 
         # Debugger: launch to a breakpoint, step into, look at the stack and a heatmap
         d.get(f"{app.url}&page=debugger&bp=blocks.0.attn.out")

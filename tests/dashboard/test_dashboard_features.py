@@ -92,7 +92,7 @@ def test_explore_offers_sae_latents_when_an_sae_is_attached(austen):
     assert any(n.startswith(sae.unit_prefix) for n in nodes), nodes
     shown = node_frame(at)
     latents = shown[shown["node_type"] == "sae_latent"]
-    assert len(latents) and latents["key_pos"].isna().all(), latents     # no key position for a latent
+    assert len(latents) and (latents["key_pos"] == "").all(), latents     # no key position for a latent
     sidebar = " ".join(c.value for c in at.sidebar.caption)
     assert sae.site in sidebar and str(sae.d_sae) in sidebar
 
