@@ -38,7 +38,7 @@ from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Gene
                     RunResult,
                     RunStatus, Scope, ServerInfo, TensorSummary, Variable)
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"    # the protocol this client speaks (tdb_server.PROTOCOL_VERSION)
 MAX_MESSAGE_BYTES = 256 << 20
 
 

@@ -28,4 +28,6 @@ def _version() -> str:
 
 
 __version__ = _version()
-PROTOCOL_VERSION = "1.0"
+# 1.1: sessions are their creator's (CreateSessionResponse.session_secret, sent as metadata
+# 'tdb-session-secret'); PatchRequest.run_id; TokenGenerated.appended; node-table verification
+PROTOCOL_VERSION = "1.1"
