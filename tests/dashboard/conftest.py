@@ -81,3 +81,18 @@ def dash_gpt2_server():
     handle, port = create_server("127.0.0.1:0", build_random_model("gpt2", seed=0))
     yield f"127.0.0.1:{port}"
     handle.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def austen():
+    """The austen model (byte-level BPE, its SAE attached) on a server of the test module's own."""
+    from tdb_server.model import load_model
+    from tdb_server.paths import bundled_models
+    from tdb_server.server import create_server
+
+    models = bundled_models()
+    if "austen" not in models:
+        pytest.skip("the austen model is not bundled")
+    handle, port = create_server("127.0.0.1:0", load_model(str(models["austen"]), device="cpu", dtype="float32"))
+    yield f"127.0.0.1:{port}"
+    handle.stop(grace=None)

@@ -7,26 +7,11 @@ directly with TdbClient), never from strings written into the test."""
 from __future__ import annotations
 
 import pytest
-from dash_helpers import charts, frame, node_frame, run_page
+from dash_helpers import charts, node_frame, run_page
 
 from tdb_client import Target, TdbClient, TdbError
 
 TARGET_PAGES = ("explore", "patching", "circuit", "logit_lens")
-
-
-@pytest.fixture(scope="module")
-def austen():
-    """The austen model (byte-level BPE, its SAE attached) on a server of this module's own."""
-    from tdb_server.model import load_model
-    from tdb_server.paths import bundled_models
-    from tdb_server.server import create_server
-
-    models = bundled_models()
-    if "austen" not in models:
-        pytest.skip("the austen model is not bundled")
-    handle, port = create_server("127.0.0.1:0", load_model(str(models["austen"]), device="cpu", dtype="float32"))
-    yield f"127.0.0.1:{port}"
-    handle.stop(grace=None)
 
 
 def _plain(text: str) -> str:

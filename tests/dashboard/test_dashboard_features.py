@@ -11,20 +11,6 @@ from dash_helpers import assert_clean, button, charts, frame, node_frame, run_pa
 from tdb_client import Breakpoint, Generate, Target, TdbClient
 
 
-@pytest.fixture(scope="module")
-def austen():
-    from tdb_server.model import load_model
-    from tdb_server.paths import bundled_models
-    from tdb_server.server import create_server
-
-    models = bundled_models()
-    if "austen" not in models:
-        pytest.skip("the austen model is not bundled")
-    handle, port = create_server("127.0.0.1:0", load_model(str(models["austen"]), device="cpu", dtype="float32"))
-    yield f"127.0.0.1:{port}"
-    handle.stop(grace=None)
-
-
 # -- generation in the Debugger -------------------------------------------------------------------------
 
 def test_generation_steps_by_token_and_shows_the_text_so_far(dash):
