@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from tdb_client import cli_options
+
 from . import __version__
 from .errors import TdbServerError
 from .limits import Limits
@@ -147,34 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("dashboard", help="the Streamlit dashboard")
-    p.add_argument("--server", default=None, help="HOST:PORT of a running tdb server (default: start one)")
-    p.add_argument("--model", default=None, help="model for the embedded server")
-    p.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on; beyond loopback it "
-                   "needs --dashboard-password")
-    p.add_argument("--port", type=int, default=8501, help="the dashboard's port (0 picks a free one)")
-    p.add_argument("--dashboard-password", default=None, metavar="PASSWORD", help="the password every browser "
-                   "session gives before it sees a page (or set TDB_DASHBOARD_PASSWORD); required when --host is "
-                   "beyond loopback, since the dashboard uses the server with its own token")
+    cli_options.add_dashboard_options(p, embedded_server=True)
     p.set_defaults(fn=_dashboard)
 
     p = sub.add_parser("dap", help="Debug Adapter Protocol bridge for VS Code / nvim-dap",
                        description="Speak DAP on stdin/stdout (the default), or on TCP with --listen. The launch "
                        "configuration names a running server (\"server\": \"host:port\") or the model for an "
                        "embedded one (\"model\"; default: the bundled model).")
-    p.add_argument("--listen", type=int, default=None, metavar="PORT",
-                   help="serve DAP clients on TCP PORT instead of stdio (0 picks a free port; the port is printed)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind with --listen")
-    p.add_argument("--once", action="store_true", help="with --listen: exit after the first client disconnects")
-    p.add_argument("--listen-token", default=None, metavar="TOKEN", help="with --listen: the credential every DAP "
-                   "client sends as the launch attribute \"adapterToken\" (or set TDB_DAP_TOKEN); required when "
-                   "--host is beyond loopback")
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="the tdb server launches use when they name "
-                   "none (or set TDB_SERVER); --token is sent to this address only")
-    p.add_argument("--token", default=None, help="the bearer token of --server (or set TDB_TOKEN); never sent to "
-                   "another address")
-    p.add_argument("--data-dir", action="append", default=[], metavar="FOLDER", help="a folder a launch's \"model\" "
-                   "may name (repeatable; or TDB_DATA_DIRS, separated by the path separator); besides these, only "
-                   "the bundled models")
+    cli_options.add_dap_options(p)
     p.set_defaults(fn=_dap)
     return parser
 
