@@ -7,18 +7,17 @@ of someone else's choosing. A dashboard started with a password ($TDB_DASHBOARD_
 `tdb dashboard` when it listens beyond loopback) asks each browser session for it before anything else.
 
 One `TdbClient` is shared by every browser tab (`st.cache_resource`), and answers that depend only on
-their inputs are cached (`st.cache_data`); every page run asks the server afresh what it serves, and a
-server that serves another model than before (restarted on the same address) drops both caches. Debugging
-sessions are per user
-(`st.session_state`), because a paused run belongs to the person who paused it. Errors from the server
-(`TdbError`) are shown as messages, never tracebacks; a lost server is a message too.
+their inputs are cached (`st.cache_data`); every page run asks the server afresh (on the cached client)
+what it serves, and a server that serves another model than before (restarted on the same address) drops
+both caches. Debugging sessions are per user (`st.session_state`), because a paused run belongs to the
+person who paused it. Errors from the server (`TdbError`) are shown as messages, never tracebacks; a lost
+server is a message too.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import threading
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,15 +159,19 @@ _SERVED: dict[str, ServerInfo] = {}    # address -> what the server there said i
 
 
 def _serving_now(address: str) -> ServerInfo:
-    """What the server at `address` serves now: a fresh Initialize on a short-lived channel (a few ms; the
-    channel is closed on a thread of its own, as gRPC takes ~200 ms to close one). The cached client keeps
-    its first answer, and a server restarted on the same address may serve another model."""
-    probe = TdbClient(address, timeout=10.0, client_name="tdb-dashboard")
+    """What the server at `address` serves now: a fresh Initialize on the cached client (a few ms, no new
+    channel), since a server restarted on the same address may serve another model. A client whose server
+    went away may be waiting out gRPC's reconnect backoff (up to minutes) though the server is back: when
+    it cannot reach the server, it is dropped and a new one tries once (waiting up to 3 s for the server)."""
     try:
-        probe.wait_ready(timeout=3.0)
-        return probe.initialize()
-    finally:
-        threading.Thread(target=probe.close, name="tdb-dashboard-probe-close", daemon=True).start()
+        return get_client(address).initialize(refresh=True)
+    except TdbError as e:
+        if e.code != grpc.StatusCode.UNAVAILABLE:
+            raise
+    get_client.clear()
+    client = get_client(address)
+    client.wait_ready(timeout=3.0)
+    return client.initialize(refresh=True)
 
 
 def _forget_if_changed(address: str, info: ServerInfo) -> None:

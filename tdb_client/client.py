@@ -101,9 +101,10 @@ class TdbClient(AnalysisMixin):
 
     # -- handshake -------------------------------------------------------------------------------
 
-    def initialize(self) -> ServerInfo:
-        """Protocol version, capabilities and model info (cached after the first call)."""
-        if self._info is None:
+    def initialize(self, refresh: bool = False) -> ServerInfo:
+        """Protocol version, capabilities and model info (cached after the first call; `refresh` asks the
+        server again, e.g. one restarted on the same address)."""
+        if self._info is None or refresh:
             self._info = serde.server_info_from_proto(self._rpc("Initialize", pb.InitializeRequest(
                 client_name=self._client_name, protocol_version=PROTOCOL_VERSION)))
         return self._info

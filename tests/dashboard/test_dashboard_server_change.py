@@ -50,3 +50,41 @@ def test_a_server_restarted_with_another_model_is_never_answered_from_the_old_on
         assert _token_line(at) != _token_line(first)
     finally:
         handle.stop(grace=None)
+
+
+def test_a_page_run_asks_what_the_server_serves_on_the_cached_client_not_a_new_channel(dash, monkeypatch):
+    import grpc
+    from dash_helpers import open_page
+
+    opened: list[str] = []
+    real = grpc.insecure_channel
+
+    def counting(target, *a, **kw):
+        opened.append(target)
+        return real(target, *a, **kw)
+
+    monkeypatch.setattr(grpc, "insecure_channel", counting)
+    open_page(dash.address, "logit_lens")          # the cached client may be made here, once
+    opened.clear()
+    open_page(dash.address, "logit_lens")
+    assert opened == [], opened
+
+
+def test_a_server_that_was_down_for_a_page_run_answers_the_next_one_when_it_is_back():
+    """The cached client that met no server is not left waiting out gRPC's reconnect backoff."""
+    handle, port = _serve("induction")
+    address = f"127.0.0.1:{port}"
+    try:
+        assert_clean(run_page(address, "logit_lens"))
+    finally:
+        handle.stop(grace=None)
+    down = run_page(address, "logit_lens")
+    assert any("No tdb server is answering" in e.value for e in down.error), [e.value for e in down.error]
+    handle, again = _serve("induction", port)
+    try:
+        assert again == port
+        back = run_page(address, "logit_lens")
+        assert_clean(back)
+        assert "induction" in _sidebar(back)
+    finally:
+        handle.stop(grace=None)
