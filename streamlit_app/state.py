@@ -102,6 +102,14 @@ def url_multiselect(label: str, key: str, options: Sequence[str], default: Seque
     return list(value)
 
 
+def url_unlisted(key: str, options: Sequence[str]) -> list[str]:
+    """The values of `?key=` that a multiselect over `options` bound to `key` would drop (it holds only
+    its options), read before that widget is first drawn; afterwards, []."""
+    if _widget_key(key) in st.session_state:
+        return []
+    return [v for v in url_list(key) if v not in options]
+
+
 def url_list(key: str) -> list[str]:
     raw = url_get(key)
     return [v for v in raw.split(",") if v] if raw else []

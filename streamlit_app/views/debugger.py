@@ -47,8 +47,16 @@ def steps_range(text: str) -> tuple[int, int] | None:
 
 
 def _breakpoints(ctx: Context, s: Session) -> None:
-    """The breakpoints editor: sites from the model, plus units / globs; sent when they change."""
+    """The breakpoints editor: sites from the model, plus units / globs; sent when they change. A link's
+    `?bp=` name that is not one of the sites (a unit, a glob, a typo) goes to the units-or-globs box, where
+    the server judges it (its refusal shown below), instead of being dropped by the site picker."""
     sites = ctx.model.site_names
+    unlisted = state.url_unlisted(state.BREAKPOINTS, sites)
+    if unlisted:
+        state.set_value("bpx", ", ".join([e for e in [state.url_get("bpx")] if e.strip()] + unlisted))
+        st.caption(f"From the link's breakpoints, {', '.join(f'`{n}`' for n in unlisted)} "
+                   f"{'is' if len(unlisted) == 1 else 'are'} not among the model's sites: moved to "
+                   "“…and units or globs”, where the server checks them.")
     picked = state.url_multiselect("Break at sites", state.BREAKPOINTS, sites, placeholder="pick sites…")
     extra = state.url_text_input("…and units or globs", "bpx", "",
                                  placeholder="blocks.1.attn.head.2, blocks.*.mlp.out",

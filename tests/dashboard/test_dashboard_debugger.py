@@ -74,6 +74,23 @@ def test_unknown_breakpoint_is_a_message(dash_gpt2_server):
     assert any("blocks.0.attn.out" in m for m in msgs), msgs          # the nearest valid name is suggested
 
 
+def test_a_mistyped_breakpoint_in_a_link_shows_the_servers_refusal(dash_gpt2_server):
+    """`?bp=` names sites for the picker; a name the picker lacks is not dropped: the server judges it."""
+    at = open_page(dash_gpt2_server, "debugger", prompt=IDS, bp="blocks.0.atn.out,blocks.1.attn.out")
+    assert at.multiselect(key="url.bp").value == ["blocks.1.attn.out"]
+    assert at.text_input(key="url.bpx").value == "blocks.0.atn.out"
+    said = [w.value for w in at.warning]
+    assert any("unknown site 'blocks.0.atn.out'" in m and "blocks.0.attn.out" in m for m in said), said
+    assert at.query_params["bpx"] == "blocks.0.atn.out"              # the link keeps it, where it is judged
+
+
+def test_a_unit_in_a_links_bp_is_a_breakpoint_too(dash_gpt2_server):
+    at = open_page(dash_gpt2_server, "debugger", prompt=IDS, bp="blocks.1.attn.head.2", bpx="blocks.0.mlp.out")
+    assert at.text_input(key="url.bpx").value == "blocks.0.mlp.out, blocks.1.attn.head.2"
+    assert not at.warning, [w.value for w in at.warning]
+    assert [b.verified for b in at.session_state["dbg.bp_status"]] == [True, True]
+
+
 def test_the_page_offers_the_session_recording_and_a_replay(dash_gpt2_server):
     at = open_page(dash_gpt2_server, "debugger", prompt=IDS, bp="blocks.0.attn.out")
     labels = [str(b.proto.label) for b in at.get("download_button")]
