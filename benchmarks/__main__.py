@@ -15,6 +15,10 @@ as JSON (`--json`, default benchmarks/results/latest.json).
     P6  memory a session holds beyond the weights, with and without captures
     P7  node table, logit lens and "cache everything" vs TransformerLens and nnsight, numbers checked
         first (the `bench` extra; missing peers get a row saying so; benchmarks/bench_peers.py)
+    S   scaling with prompt length: node table, cache, information flow and head sweeps at 20, 128, 512
+        and 1,024 tokens on GPT-2-small and at 20 and 128 on a 1.1B Llama shape, peers beside them
+        (benchmarks/bench_scaling.py with its defaults; about 40 minutes; not part of `all`; writes
+        benchmarks/results/scaling_cpu.json and docs/benchmarks_scaling.svg; its rows join the table)
 
 P1, P2, P3, P5 and P6 run on the bundled model (`--model`); P4 and P7 on one random-weight
 GPT-2-small saved to a temporary directory. `--tokens 20,128` runs P4 and P7 at each length (the others at the
@@ -88,7 +92,7 @@ def gpt2_rows(which: set[str], args) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", nargs="*", default=["all"], help="all, or any of " + " ".join(ALL))
+    ap.add_argument("which", nargs="*", default=["all"], help="all, or any of " + " ".join(ALL) + " S")
     ap.add_argument("--model", default=None, help="model directory or bundled name (default: the bundled model)")
     ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32],
                     help="prompt length; P4 and P7 take a list (e.g. 20,128: one block of rows each), the rest the first")
@@ -109,6 +113,14 @@ def main() -> int:
 
     header, rows = bundled_rows(which, args) if which & {"P1", "P2", "P3", "P5", "P6"} else ("", [])
     rows += gpt2_rows(which, args) if which & {"P4", "P7"} else []
+    if "S" in which:
+        from benchmarks import bench_scaling
+
+        s_args = bench_scaling.parser().parse_args(["--threads", str(args.threads), "--clock", args.clock])
+        s_header, s_rows = bench_scaling.run(s_args)
+        report(s_header, s_rows, s_args.json)
+        bench_scaling.plot(s_rows, Path(s_args.plot))
+        rows += s_rows
     header = "; ".join(x for x in (header, f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                                            f"{args.clock} clock") if x)
     report(header, sorted(rows, key=lambda r: r["id"]), args.json)

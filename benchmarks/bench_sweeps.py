@@ -73,6 +73,18 @@ def median_run(fn, repeat: int = 3):
     return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
+def sweep_prompts(tokens: int, seed: int = 0, vocab: int = 50000) -> tuple[list[int], list[int]]:
+    """(clean, corrupted) token ids: a repeated random sequence (induction-shaped), and the same with every
+    third token of its second half replaced; ids in [100, vocab)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    half = torch.randint(100, vocab, (tokens // 2,), generator=gen).tolist()
+    clean = (half * 2 + half)[:tokens]                      # a repeated sequence: induction-shaped
+    corrupted = list(clean)
+    for i in range(tokens // 2, tokens, 3):                 # corrupt the second copy's tokens
+        corrupted[i] = int(torch.randint(100, vocab, (1,), generator=gen))
+    return clean, corrupted
+
+
 def recompute_bound(n_layers: int, n_heads: int) -> float:
     """Forwards' worth of blocks a head sweep runs if each patch recomputes only the blocks from its layer
     on (n_heads patches at layer L run n_layers - L blocks), plus the clean and corrupted runs."""
@@ -102,12 +114,7 @@ def main() -> int:
         print("TransformerLens is not installed: pip install -c constraints.txt transformer-lens", file=sys.stderr)
         return 2
 
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    half = torch.randint(100, 50000, (args.tokens // 2,), generator=gen).tolist()
-    clean = (half * 2 + half)[:args.tokens]                 # a repeated sequence: induction-shaped
-    corrupted = list(clean)
-    for i in range(args.tokens // 2, args.tokens, 3):       # corrupt the second copy's tokens
-        corrupted[i] = int(torch.randint(100, 50000, (1,), generator=gen))
+    clean, corrupted = sweep_prompts(args.tokens, args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model_dir or Path(tmp) / "gpt2-small-random")

@@ -72,3 +72,32 @@ def test_perturb_norms_changes_the_layernorms_only(tmp_path):
     assert len(norms) == 2 * 2 * 2 + 2                          # ln_1, ln_2 per block, ln_f; weight and bias
     assert all(not torch.equal(a[k], b[k]) for k in norms)
     assert all(torch.equal(a[k], b[k]) for k in a if k not in norms)
+
+
+def test_scaling_script_runs_on_tiny_models_without_peers(tmp_path):
+    """benchmarks/bench_scaling.py end to end at two lengths and on the Llama family, peers off (CI has
+    none): every task has a timed tdb row, every peer a row saying why it is absent, and the plot is drawn."""
+    out, chart = tmp_path / "scaling.json", tmp_path / "scaling.html"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_scaling", "--tiny", "--peers", "none", "--tokens", "8,16",
+                        "--llama-tokens", "8", "--repeat", "1", "--long", "16", "--flow-max", "8", "--full-table-max", "8",
+                        "--threads", "1", "--json", str(out), "--plot", str(chart)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["id"] for row in rows} == {"S"}
+    cells = {(row["model"], row["tokens"], row["task"], row["tool"]): row for row in rows}
+    for model, tokens, task in [("GPT-2 tiny", 8, "node table, direct effects at the target"),
+                                ("GPT-2 tiny", 16, "cache everything"), ("GPT-2 tiny", 8, "information flow"),
+                                ("GPT-2 tiny", 16, "exact head sweep, 8 heads"),
+                                ("GPT-2 tiny", 16, "exact head sweep, layer 0 (4 heads)"),
+                                ("Llama tiny", 8, "node table, direct effects at the target"),
+                                ("Llama tiny", 8, "cache everything")]:
+        tdb = cells[(model, tokens, task, "tdb")]
+        assert tdb["value"] > 0 and tdb["ratio"] > 0, tdb
+        if task != "information flow":
+            assert "not asked for" in cells[(model, tokens, task, "TransformerLens")]["note"]
+    assert cells[("GPT-2 tiny", 16, "information flow", "tdb")]["value"] is None          # past --flow-max
+    assert "lower bound of 8" in cells[("GPT-2 tiny", 16, "exact head sweep, 8 heads", "tdb")]["note"]
+    assert "one run" in cells[("GPT-2 tiny", 16, "exact head sweep, 8 heads", "tdb")]["note"]   # from --long on
+    assert not any(row["model"] == "Llama tiny" and row["task"] in ("information flow",) for row in rows)
+    assert "vega" in chart.read_text().lower()
