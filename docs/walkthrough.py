@@ -39,7 +39,7 @@ with TdbClient(f"127.0.0.1:{port}") as tdb:
     # -- 2. run it, and stop where layer 1's attention has written to the residual stream ---------------
     with tdb.session() as s:
         s.set_breakpoints(["blocks.1.attn.out"])
-        stop = s.launch(prompt)
+        stop = s.launch(prompt, capture=["*"])      # keep every site, the attention patterns too
         print(f"2. stopped at {stop.site} ({stop.stop.reason}); stack: {[f.name for f in s.stack()]}")
         pattern = s.read("blocks.1.attn.pattern")[0]                  # [head, query, key]
         for h in range(info.n_heads):

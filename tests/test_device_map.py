@@ -44,7 +44,7 @@ def test_debugging_and_analyses_across_devices(pair, make_server):
         _, addr = make_server(adapter)
         with TdbClient(addr) as c, c.session() as s:
             s.set_breakpoints(["blocks.2.attn.out"])
-            s.launch(token_ids=IDS)
+            s.launch(token_ids=IDS, capture=["*"])
             pattern = s.read("blocks.2.attn.pattern")
             s.patch("blocks.2.attn.head.1", "zero")
             s.patch("blocks.2.mlp.neuron.3", "scale", scalar=2.0)

@@ -16,7 +16,7 @@ IDS = [[5, 17, 42, 8, 99, 5, 17, 42, 3, 61]]
 
 def _debug_session(s):
     s.set_breakpoints(["blocks.*.attn.out", Breakpoint("blocks.1.mlp.post", condition="max > 0")])
-    st = s.launch(token_ids=IDS)
+    st = s.launch(token_ids=IDS, capture=["*"])
     s.read("blocks.0.attn.pattern")
     s.patch("blocks.0.attn.head.1", "scale", scalar=0.5)
     s.step("into")

@@ -56,7 +56,7 @@ def test_transcript_break_read_zero_head_continue(client, gpt2_adapter):
     with client.session() as s:
         [bp] = s.set_breakpoints(["blocks.1.attn.out"])
         assert bp.verified and bp.sites == ("blocks.1.attn.out",)
-        stop = s.launch(token_ids=IDS)
+        stop = s.launch(token_ids=IDS, capture=["*"])              # every site, attention patterns too
         assert stop.state == "paused" and stop.site == "blocks.1.attn.out" and stop.stop.reason == "breakpoint"
         assert stop.stop.value.shape == (1, 10, gpt2_adapter.info.d_model)
         assert [f.name for f in s.stack()] == ["blocks.1.attn.out", "blocks.1.attn", "blocks.1", "model"]
@@ -90,9 +90,11 @@ def test_plain_run_equals_hf_and_reports_top_tokens(client, gpt2_adapter):
 
 # -- stepping --------------------------------------------------------------------------------------
 
-def test_step_into_visits_every_site_in_documented_order(client, gpt2_adapter):
+@pytest.mark.parametrize("capture", [["*"], []])
+def test_step_into_visits_every_site_in_documented_order(client, gpt2_adapter, capture):
+    """Every site the run computes: with capture ["*"] the attention patterns too, by default all but them."""
     with client.session() as s:
-        st = s.launch(token_ids=IDS, stop_on_entry=True)
+        st = s.launch(token_ids=IDS, stop_on_entry=True, capture=capture)
         assert st.stop.reason == "entry" and st.stop.when == "before" and st.site == "embed"
         seen = []
         while True:
@@ -101,7 +103,8 @@ def test_step_into_visits_every_site_in_documented_order(client, gpt2_adapter):
                 break
             seen.append(st.site)
         assert st.state == "exited"
-    assert seen == all_sites(gpt2_adapter.info.n_layers)
+    want = all_sites(gpt2_adapter.info.n_layers)
+    assert seen == (want if capture else [x for x in want if not x.endswith(".attn.pattern")])
 
 
 @pytest.mark.parametrize("start,kind,expected", [
@@ -334,7 +337,7 @@ def test_exception_inside_the_model_fails_the_run_not_the_rpc(client):
 def test_scopes_variables_and_evaluate(client, gpt2_adapter):
     with client.session() as s:
         s.set_breakpoints(["blocks.1.attn.out"])
-        s.launch(token_ids=IDS)
+        s.launch(token_ids=IDS, capture=["*"])
         frames = s.stack()
         scopes = {sc.name: sc for sc in s.scopes(frames[0])}
         assert set(scopes) == {"Value", "Captured"}

@@ -56,8 +56,9 @@ def make_env(adapter: Any, run: Any, value: torch.Tensor | None, site: str = "")
         if canon in run.captured:
             return run.captured[canon]
         if canon not in run.index:
-            raise NotFound(f"{canon} is not computed in run {run.run_id} (attention patterns only when captured "
-                           "or a breakpoint asks)", reason="NOT_CAPTURED")
+            raise NotFound(f"{canon} is not computed in run {run.run_id}: attention patterns are computed only when "
+                           "the launch's capture names them (capture=['blocks.*.attn.pattern'], or ['*'] for every "
+                           "site) or a breakpoint asks", reason="NOT_CAPTURED")
         if run.state in ACTIVE and run.index[canon] > run.last_fired:
             raise FailedPrecondition(f"{canon} has not run yet in run {run.run_id}: step or continue until it does",
                                      reason="NOT_YET_RUN")

@@ -62,12 +62,23 @@ def _is_glob(name: str) -> bool:
     return any(c in name for c in "*?[")
 
 
+def is_pattern(site: str) -> bool:
+    """An attention pattern site (`blocks.L.attn.pattern`): computed only when asked for by name or glob."""
+    return site.endswith(".attn.pattern")
+
+
 def capture_set(capture: Sequence[str], verified: Sequence[str], parse_site: Callable[[str], str]) -> frozenset[str]:
-    """The sites a launch keeps: [] = every verified site, ["none"] = nothing, else the names and globs."""
+    """The sites a launch keeps.
+
+    [] = every verified site except the attention patterns ([B, H, T, T] per layer, which a forward does
+    not compute otherwise: capturing them would make "keep everything" cost more than the forward);
+    ["none"] = nothing; else the names and globs given. A pattern site is kept (and so computed) when it
+    is named or matched by a glob the caller wrote: `blocks.*.attn.pattern`, `*pattern*`, and `*`
+    (every verified site, patterns included)."""
     if list(capture) == ["none"]:
         return frozenset()
     if not capture:
-        return frozenset(verified)
+        return frozenset(x for x in verified if not is_pattern(x))
     sites: set[str] = set()
     for c in capture:
         sites.update(expand_glob(c, verified) if _is_glob(c) else [parse_site(c)])
@@ -76,7 +87,7 @@ def capture_set(capture: Sequence[str], verified: Sequence[str], parse_site: Cal
 
 def run_sites(verified: Sequence[str], asked: set[str] | frozenset[str]) -> list[str]:
     """The sites a run computes, in order: attention patterns only where asked for."""
-    return [x for x in verified if x in asked or not x.endswith(".attn.pattern")]
+    return [x for x in verified if x in asked or not is_pattern(x)]
 
 
 def hooked_sites(sites: list[str], captured: frozenset[str], breakpoints: Sequence[BreakpointSpec],

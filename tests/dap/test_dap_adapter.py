@@ -322,7 +322,7 @@ def test_server_mode_breakpoints_watches_and_patches(stdio_dap, gpt2_server, gpt
 
     # cancel: a request still queued behind another is answered "cancelled" (or, if the adapter was
     # quicker than the cancel, normally); either way the adapter answers everything and goes on
-    first = dap.send("evaluate", {"expression": "blocks.1.attn.pattern", "context": "repl"})
+    first = dap.send("evaluate", {"expression": "blocks.1.attn.v", "context": "repl"})
     second = dap.send("evaluate", {"expression": "x.shape", "context": "repl"})
     assert dap.request("cancel", {"requestId": second})["success"]
     assert dap.response(first)["success"]

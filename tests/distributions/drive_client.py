@@ -24,7 +24,7 @@ with TdbClient(address, timeout=120) as tdb:
     seen["server_version"], seen["protocol_version"] = info.server_version, info.protocol_version
     with tdb.session() as s:                                   # a session: stop, read, go on
         s.set_breakpoints(["blocks.1.attn.out"])
-        stop = s.launch(prompt)
+        stop = s.launch(prompt, capture=["*"])                 # every site, attention patterns too
         pattern = s.read("blocks.1.attn.pattern")[0]           # [head, query, key]
         seen["stopped_at"] = stop.site
         seen["attends_to"] = [int(pattern[h, -1].argmax()) for h in range(pattern.shape[0])]
