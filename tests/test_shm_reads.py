@@ -29,7 +29,7 @@ def _ours() -> set[str]:
 def test_shared_memory_reads_equal_streamed_ones_and_leave_nothing(client, site, dtype):
     before = _ours()
     with client.session() as s:
-        s.launch(token_ids=IDS)
+        s.launch(token_ids=IDS, capture=["*"])          # every site, attention patterns too
         streamed = s.read(site, dtype=dtype, shared_memory=False)
         shared = s.read(site, dtype=dtype, shared_memory=True)
     assert shared.dtype == streamed.dtype and shared.shape == streamed.shape
