@@ -52,6 +52,19 @@ def _seed(key: str, default: Any, parse: Callable[[str], Any]) -> str:
     return wkey
 
 
+def held_value(key: str, parse: Callable[[str], Any] = str) -> Any:
+    """The value a URL-bound widget will start this run with: the one it holds, else the URL's (parsed);
+    None when neither has one (or the URL's does not parse)."""
+    wkey = _widget_key(key)
+    if wkey in st.session_state:
+        return st.session_state[wkey]
+    raw = url_get(key)
+    try:
+        return parse(raw) if raw != "" else None
+    except (ValueError, TypeError):
+        return None
+
+
 def set_value(key: str, value: Any) -> None:
     """Change a URL-bound widget's value from code (call before the widget is drawn, e.g. in a callback)."""
     st.session_state[_widget_key(key)] = value

@@ -96,6 +96,23 @@ def show_tokens(prompt: Prompt, label: str = "") -> None:
                    icon=":material/warning:")
 
 
+def position_select(prompt: Prompt, label: str = "Position", **kw) -> int:
+    """A position of `prompt` (shown by its labels), bound to the URL (`?pos=`, shared by the pages). A
+    position past the prompt's end (chosen on a longer prompt, or a link's) becomes the last position,
+    and a note under the box says so."""
+    n = len(prompt)
+    held = state.held_value(state.POS, int)
+    moved = held is not None and not 0 <= held < n
+    if moved:
+        state.set_value(state.POS, n - 1)
+    pos = state.url_selectbox(label, state.POS, range(n), n - 1, parse=int, format_func=lambda i: prompt.labels[i],
+                              **kw)
+    if moved:
+        st.caption(f"Position {held} is past the end of this {n}-token prompt: showing the last position, "
+                   f"{markdown_text(prompt.labels[n - 1])}.")
+    return pos
+
+
 def not_available(ctx: Context, what: str, needs: Sequence[str], issue: str) -> bool:
     """Say so (and return True) when the server does not offer any of the analyses `needs`."""
     if any(ctx.has_analysis(n) for n in needs):

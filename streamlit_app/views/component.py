@@ -21,7 +21,7 @@ from tdb_client.names import split_unit
 from .. import charts, state
 from ..connection import Context, attempt, get_client, show_error
 from ..runs import Prompt, check_patch_name, run, show_token
-from ..widgets import not_available, prompt_input, show_tokens
+from ..widgets import not_available, position_select, prompt_input, show_tokens
 from .attention import patterns
 
 TITLE, ICON = "Component", ":material/memory:"
@@ -145,8 +145,7 @@ def _on_prompt(ctx: Context, prompt: Prompt, kind: str, layer: int, index: int, 
         k = state.url_number_input("Top k tokens", state.TOPK, 10, min_value=1, max_value=50)
     if kind == "head":
         with b:
-            pos = state.url_selectbox("Position", state.POS, range(len(prompt)), len(prompt) - 1, parse=int,
-                                      format_func=lambda i: prompt.labels[i])
+            pos = position_select(prompt)
     with st.spinner("running the prompt…"):
         if kind == "head":
             _head(ctx, prompt, layer, index, pos, k)

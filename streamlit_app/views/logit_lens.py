@@ -13,7 +13,7 @@ import streamlit as st
 from .. import charts, state
 from ..connection import Context
 from ..runs import run, show_token
-from ..widgets import default_tokens, markdown_text, prompt_input, resolved_target, show_tokens
+from ..widgets import default_tokens, markdown_text, position_select, prompt_input, resolved_target, show_tokens
 
 TITLE, ICON = "Logit lens", ":material/layers:"
 
@@ -52,8 +52,8 @@ def render(ctx: Context) -> None:
     show_tokens(prompt)
     n = len(prompt)
     a, b, c, d = st.columns([2, 1, 2, 2])
-    pos = state.url_selectbox("Position", state.POS, range(n), n - 1, parse=int, widget=a.selectbox,
-                              format_func=lambda i: prompt.labels[i])
+    with a:
+        pos = position_select(prompt)
     with b:
         k = state.url_number_input("Top k", state.TOPK, 5, min_value=1, max_value=20)
     with c:
