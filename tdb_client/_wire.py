@@ -16,9 +16,10 @@ DTYPE_NAMES = {**{k: np.dtype(v).name for k, v in _NP.items()}, common_pb2.BF16:
 WIRE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearray | memoryview | mmap.mmap
-           ) -> np.ndarray:
-    """Raw bytes -> numpy array (bfloat16 is widened to float32, exactly)."""
+def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearray | memoryview | mmap.mmap,
+           copy: bool | None = None) -> np.ndarray:
+    """Raw bytes -> numpy array (bfloat16 is widened to float32, exactly). copy: None = copy unless the
+    buffer is already ours (a bytearray or a mapping); False = a view of `data` (a slice of our mapping)."""
     shape = tuple(int(s) for s in shape)
     if dtype == common_pb2.BF16:
         raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
@@ -26,7 +27,9 @@ def decode(dtype: int, shape: list[int] | tuple[int, ...], data: bytes | bytearr
     if dtype not in _NP:
         raise ValueError(f"unknown wire dtype {dtype}")
     arr = np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
-    return arr if isinstance(data, (bytearray, mmap.mmap)) else arr.copy()   # ours already: no second copy
+    if copy is None:
+        copy = not isinstance(data, (bytearray, mmap.mmap))   # ours already: no second copy
+    return arr.copy() if copy else arr
 
 
 def from_wire(msg: common_pb2.Tensor) -> np.ndarray:

@@ -17,11 +17,9 @@ Every failed call raises `TdbError` (code, reason, message). Results are datacla
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 import uuid
-import zlib
 from typing import Any, Sequence
 
 import grpc
@@ -30,7 +28,7 @@ import numpy as np
 from tdb.v1 import debugger_pb2 as pb, debugger_pb2_grpc
 
 from . import _enums as enums
-from . import _wire, serde
+from . import _reads, _wire, serde
 from .analysis import AnalysisMixin
 from ._rpc import _Stream, _Stub
 from .errors import TdbError
@@ -38,7 +36,7 @@ from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Gene
                     RunResult,
                     RunStatus, Scope, ServerInfo, TensorSummary, Variable)
 
-PROTOCOL_VERSION = "1.1"    # the protocol this client speaks (tdb_server.PROTOCOL_VERSION)
+PROTOCOL_VERSION = "1.2"    # the protocol this client speaks (tdb_server.PROTOCOL_VERSION)
 MAX_MESSAGE_BYTES = 256 << 20
 
 
@@ -48,6 +46,24 @@ def _open_shared(path: str) -> int:
     if os.path.dirname(path) != "/dev/shm" or not os.path.basename(path).startswith("tdb-"):
         raise PermissionError(f"not a tdb shared-memory file: {path!r}")
     return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+
+
+def _wire_dtype(dtype: str | None) -> int:
+    if not dtype:
+        return 0
+    if dtype not in _wire.WIRE_BY_NAME:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(_wire.WIRE_BY_NAME)}")
+    return _wire.WIRE_BY_NAME[dtype]
+
+
+def _rpc_of(req: Any) -> str:
+    return "ReadTensors" if isinstance(req, pb.ReadTensorsRequest) else "ReadTensor"
+
+
+def _what(req: Any) -> str:
+    if isinstance(req, pb.ReadTensorsRequest):
+        return f"{len(req.expressions) or 'every captured'} sites"
+    return req.expression
 
 
 class TdbClient(AnalysisMixin):
@@ -293,51 +309,74 @@ class Session:
         `dtype` converts on the server ("float32", "float16", "bfloat16", ...); bfloat16 arrives as float32.
         """
         expression = site + selector
-        req = pb.ReadTensorRequest(session_id=self.id, expression=expression, run_id=run_id, chunk_bytes=chunk_bytes)
-        if dtype:
-            if dtype not in _wire.WIRE_BY_NAME:
-                raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(_wire.WIRE_BY_NAME)}")
-            req.dtype = _wire.WIRE_BY_NAME[dtype]
+        req = pb.ReadTensorRequest(session_id=self.id, expression=expression, run_id=run_id, chunk_bytes=chunk_bytes,
+                                   dtype=_wire_dtype(dtype))
+        got = self._read(req, shared_memory)
+        if not got:
+            raise TdbError(grpc.StatusCode.DATA_LOSS, "EMPTY_STREAM", f"no data for {expression}")
+        return got[0][1]
+
+    def read_cache(self, sites: str | Sequence[str] | None = None, *, dtype: str | None = None, run_id: str = "",
+                   chunk_bytes: int = 0, shared_memory: bool | None = None) -> dict[str, np.ndarray]:
+        """A run's activation cache in one request: {site: numpy array} — like TransformerLens's
+        `run_with_cache`, read after the run (or at a stop: what has run so far).
+
+        sites: None = every site the run captured (the launch's `capture`), in the model's order; else
+        site names, globs over the captured sites ("blocks.*.resid_post": its sites in the model's order)
+        and expressions ("blocks.0.attn.out[0, -1]"), in the order given, each read once. dtype, run_id, chunk_bytes, shared_memory: as `read`; from a server on this host the whole
+        cache is one shared-memory file. A server older than protocol 1.2 is read one site at a time."""
+        entries = [sites] if isinstance(sites, str) else None if sites is None else list(sites)
+        if entries == []:
+            return {}                                  # on the wire, no names means every captured site
+        if not self.client.capabilities().get("supportsBatchReads"):
+            return self._read_each(entries, dtype, run_id, chunk_bytes, shared_memory)
+        req = pb.ReadTensorsRequest(session_id=self.id, expressions=entries or [], run_id=run_id,
+                                    chunk_bytes=chunk_bytes, dtype=_wire_dtype(dtype))
+        return dict(self._read(req, shared_memory))
+
+    def _read_each(self, entries: list[str] | None, dtype: str | None, run_id: str, chunk_bytes: int,
+                   shared_memory: bool | None) -> dict[str, np.ndarray]:
+        """read_cache from a server without ReadTensors: one read per site (globs over the model's sites)."""
+        out = {}
+        for name, from_glob in _reads.expand(entries, [x.name for x in self.client.model_info().sites]):
+            try:
+                out[name] = self.read(name, dtype=dtype, run_id=run_id, chunk_bytes=chunk_bytes,
+                                      shared_memory=shared_memory)
+            except TdbError as e:
+                if not (from_glob and e.reason in ("NOT_CAPTURED", "NOT_YET_RUN")):
+                    raise
+        return out
+
+    def _read(self, req: Any, shared_memory: bool | None) -> list[tuple[str, np.ndarray]]:
+        """A ReadTensor or ReadTensors request's tensors, through shared memory when asked (None: when the
+        server offers it), streamed otherwise or when shared memory is refused (and from then on)."""
         if shared_memory if shared_memory is not None else self.client._use_shared_memory():
             got = self._read_shared(req)
             if got is not None:
                 return got
             self.client._shm = False                  # refused or unreachable: stream from now on
             req.shared_memory = False
-        buf: bytearray | None = None
-        shape: list[int] = []
-        wdtype = 0
-        crc = 0
-        stream = self._rpc.stream("ReadTensor", req, timeout=600)
-        for chunk in stream:
-            if buf is None:
-                buf, shape, wdtype = bytearray(chunk.total_bytes), list(chunk.shape), chunk.dtype
-            data = chunk.data              # each access of a bytes field makes a new copy: once per chunk
-            buf[chunk.offset:chunk.offset + len(data)] = data
-            crc = zlib.crc32(data, crc)
-            if chunk.last:
-                stream.close()
-                if chunk.crc32 != crc:
-                    raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"checksum mismatch reading {expression}")
-                break
-        if buf is None:
-            raise TdbError(grpc.StatusCode.DATA_LOSS, "EMPTY_STREAM", f"no data for {expression}")
-        return _wire.decode(wdtype, shape, buf)
+        stream = self._rpc.stream(_rpc_of(req), req, timeout=600)
+        try:
+            return _reads.streamed(stream, _what(req))
+        finally:
+            stream.close()
 
-    def _read_shared(self, req: pb.ReadTensorRequest) -> np.ndarray | None:
-        """The read through a shared-memory file the server wrote; None when the server refuses it or the
-        file cannot be opened here (another host, another user, another /dev/shm)."""
+    def _read_shared(self, req: Any) -> list[tuple[str, np.ndarray]] | None:
+        """The read through the one shared-memory file the server wrote; None when the server refuses it or
+        the file cannot be opened here (another host, another user, another /dev/shm)."""
         req.shared_memory = True
         try:
-            chunks = list(self._rpc.stream("ReadTensor", req, timeout=600))
+            chunks = list(self._rpc.stream(_rpc_of(req), req, timeout=600))
         except TdbError as e:
             if e.reason == "SHM_UNAVAILABLE":
                 return None
             raise
-        if len(chunks) != 1 or not chunks[0].shared_memory_path:
+        if not chunks:
+            return []                                 # ReadTensors of a run that captured nothing
+        path = chunks[0].shared_memory_path
+        if not path or any(c.shared_memory_path != path for c in chunks):
             return None                               # a server that does not know the flag streamed the bytes
-        chunk = chunks[0]
-        path = chunk.shared_memory_path
         try:
             fd = _open_shared(path)
         except OSError:
@@ -347,17 +386,9 @@ class Session:
         except OSError:
             pass
         try:
-            if chunk.total_bytes == 0:
-                data: Any = b""
-            else:   # private copy-on-write mapping: a writable array, copied only where it is written
-                data = mmap.mmap(fd, chunk.total_bytes, flags=mmap.MAP_PRIVATE,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return _reads.mapped(fd, chunks, _what(req))
         finally:
             os.close(fd)
-        if zlib.crc32(data) != chunk.crc32:      # the same check as a streamed read
-            raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"checksum mismatch reading {req.expression} "
-                           "through shared memory")
-        return _wire.decode(chunk.dtype, list(chunk.shape), data)
 
     def stats(self, expression: str, run_id: str = "") -> TensorSummary:
         return serde.tensor_summary_from_proto(self._rpc("TensorStats", pb.TensorStatsRequest(

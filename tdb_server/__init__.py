@@ -30,4 +30,5 @@ def _version() -> str:
 __version__ = _version()
 # 1.1: sessions are their creator's (CreateSessionResponse.session_secret, sent as metadata
 # 'tdb-session-secret'); PatchRequest.run_id; TokenGenerated.appended; node-table verification
-PROTOCOL_VERSION = "1.1"
+# 1.2: ReadTensors (many tensors in one request, one shared-memory file; capability supportsBatchReads)
+PROTOCOL_VERSION = "1.2"

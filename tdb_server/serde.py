@@ -19,6 +19,7 @@ from . import paths, shm, wire
 from .analyses import analysis_names
 from .engine import expr
 from .engine.breakpoints import BreakpointSpec
+from .engine.reads import Chunk, Item
 from .engine.events import (Continued, Event, Invalidated, Output, RunExited, RunStarted, Terminated,
                             TokenGenerated)
 from .engine.types import (BreakpointRequest, GenOptions, LaunchRequest, PatchInfo, PatchRequest, RunResult, RunState,
@@ -47,6 +48,7 @@ def capabilities(analyses: list[str] | None = None, limits: dict[str, float] | N
         "supportsEvaluate": True, "supportsReadTensor": True, "supportsEventReplay": True,
         "supportsPollEvents": True, "supportsBatchLaunch": True, "supportsUnitBreakpoints": True,
         "supportsGeneration": True, "supportsTokenStepping": True, "supportsSharedMemoryReads": shm.available(),
+        "supportsBatchReads": True,
     }
     analyses = analysis_names() if analyses is None else analyses
     return common_pb2.Capabilities(flags=flags, analyses=analyses, expression_functions=expr.FUNCTION_NAMES,
@@ -206,6 +208,27 @@ def variable_to_proto(v: Variable) -> pb.Variable:
                       evaluate_name=v.evaluate_name, indexed_variables=v.indexed_variables)
     if v.summary is not None:
         msg.summary.CopyFrom(wire.summary_to_proto(v.summary))
+    return msg
+
+
+def read_dtype_from_proto(dtype: int) -> torch.dtype | None:
+    """A read's DType: the torch dtype to convert to, or None (as stored)."""
+    return wire.torch_dtype(dtype) if dtype else None
+
+
+def check_read_dtypes(items: list[Item], dtype: torch.dtype | None) -> None:
+    """UNSUPPORTED_DTYPE before anything is sent if a tensor's dtype has no wire form."""
+    for _, t in items:
+        wire.wire_dtype(dtype or t.dtype)
+
+
+def chunk_to_proto(c: Chunk) -> pb.TensorChunk:
+    msg = pb.TensorChunk(offset=c.offset, data=c.data, last=c.last, index=c.index, shared_memory_path=c.path)
+    if c.first:
+        msg.dtype, msg.total_bytes, msg.name = wire.wire_dtype(c.dtype), c.total_bytes, c.name
+        msg.shape.extend(c.shape)
+    if c.last:
+        msg.crc32 = c.crc32
     return msg
 
 

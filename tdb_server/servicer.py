@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import threading
-import zlib
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
@@ -24,6 +23,7 @@ from google.protobuf import json_format
 
 from . import PROTOCOL_VERSION, __version__, bounds, recording, serde, shm, wire
 from .aio_bridge import abort_async
+from .engine import reads
 from .engine.events import Event, Invalidated
 from .engine.manager import SessionManager
 from .engine.session import DEFAULT_WAIT_S, Session
@@ -32,9 +32,6 @@ from .errors import InvalidArgument, ResourceExhausted, TdbServerError, is_alloc
 from .model.tokens import tokenize
 
 log = logging.getLogger("tdb.server")
-
-CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 16 << 20
 
 
 def _abort(context: grpc.ServicerContext, err: TdbServerError) -> None:
@@ -323,47 +320,34 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
 
     @_rpc_stream
     def ReadTensor(self, request: pb.ReadTensorRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
-        if request.chunk_bytes < 0 or request.chunk_bytes > MAX_CHUNK_BYTES:
-            raise InvalidArgument(f"chunk_bytes must be in [0, {MAX_CHUNK_BYTES}]", reason="BAD_CHUNK_SIZE")
+        reads.check_chunk_bytes(request.chunk_bytes)
         session = self._session(request, context)
-        t = session.read_value(request.expression, request.run_id)
-        dtype = wire.torch_dtype(request.dtype) if request.dtype else t.dtype
-        size_bytes = t.numel() * torch.empty((), dtype=dtype).element_size()   # sized before any conversion
-        limit = self.sessions.limits.max_read_bytes
-        if size_bytes > limit:
-            raise ResourceExhausted(f"{request.expression!r} is {size_bytes / 2**20:.1f} MiB; reads are "
-                                    f"limited to {limit / 2**20:.1f} MiB: read a slice", reason="READ_TOO_LARGE")
-        t = t.to(dtype)
+        dtype = serde.read_dtype_from_proto(request.dtype)
+        items = reads.one(session, request.expression, request.run_id, dtype, self.sessions.limits.max_read_bytes)
+        yield from self._send(session, request, items, dtype, context, lambda name: request)
+
+    @_rpc_stream
+    def ReadTensors(self, request: pb.ReadTensorsRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
+        reads.check_request(len(request.expressions), request.chunk_bytes)
+        session = self._session(request, context)
+        dtype = serde.read_dtype_from_proto(request.dtype)
+        items = reads.resolve(session, request.expressions, request.run_id, dtype, self.sessions.limits.max_read_bytes)
+        # recorded as one ReadTensor per tensor: a recording replays (and checks) each of them
+        yield from self._send(session, request, items, dtype, context, lambda name: pb.ReadTensorRequest(
+            expression=name, dtype=request.dtype, run_id=request.run_id, shared_memory=request.shared_memory))
+
+    def _send(self, session: Session, request: Any, items: list[reads.Item], dtype: torch.dtype | None,
+              context: grpc.ServicerContext, recorded_as: Callable[[str], pb.ReadTensorRequest]) -> Iterator[pb.TensorChunk]:
+        serde.check_read_dtypes(items, dtype)
         if request.shared_memory:
             shm.check_peer(context.peer())
-        data = wire.tensor_view(t)   # no copy for a contiguous CPU tensor; each chunk copies its slice once
-        size = request.chunk_bytes or CHUNK_BYTES
-        total = len(data)
-        dtype = wire.wire_dtype(t.dtype)
-        if request.shared_memory:
-            path, crc = shm.write(data, max_unclaimed=limit)
-            recording.record(session, "ReadTensor", request, recording.read_digest(t, crc))
-            yield pb.TensorChunk(dtype=dtype, shape=t.shape, total_bytes=total, last=True, crc32=crc,
-                                 shared_memory_path=path)
-            return
-        crc = 0
-        offset = 0
-        while True:
-            piece = data[offset:offset + size]
-            crc = zlib.crc32(piece, crc)
-            last = offset + len(piece) >= total
-            chunk = pb.TensorChunk(offset=offset, data=bytes(piece), last=last)
-            if offset == 0:
-                chunk.dtype, chunk.total_bytes = dtype, total
-                chunk.shape.extend(t.shape)
-            if last:
-                chunk.crc32 = crc
+        for chunk in reads.chunks(items, dtype, chunk_bytes=request.chunk_bytes, shared=request.shared_memory,
+                                  max_unclaimed=self.sessions.limits.max_read_bytes, is_active=context.is_active):
+            if chunk.last:
                 # recorded with the checksum just computed: hashing a large read again would cost more than sending it
-                recording.record(session, "ReadTensor", request, recording.read_digest(t, crc))
-            yield chunk
-            offset += len(piece)
-            if last or not context.is_active():
-                return
+                recording.record(session, "ReadTensor", recorded_as(chunk.name), recording.read_digest(
+                    torch.empty(chunk.shape, dtype=chunk.dtype, device="meta"), chunk.crc32))
+            yield serde.chunk_to_proto(chunk)
 
     @_rpc
     def TensorStats(self, request: pb.TensorStatsRequest, context: grpc.ServicerContext) -> common_pb2.TensorSummary:

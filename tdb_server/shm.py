@@ -1,9 +1,9 @@
-"""Same-host tensor reads through shared memory (ReadTensorRequest.shared_memory).
+"""Same-host tensor reads through shared memory (ReadTensorRequest / ReadTensorsRequest.shared_memory).
 
 gRPC moves ~0.7 GiB/s on a small machine however the chunks are encoded (benchmarks P3); a client on the
-server's own host can skip the transport: the server writes the tensor's bytes once into a new file
+server's own host can skip the transport: the server writes the tensors' bytes once into a new file
 under /dev/shm (mode 0600, so only its user can open it) and names it; the client maps the file and
-unlinks it. A file a client never picked up is removed by the next shared-memory read after a minute,
+unlinks it. One read of many tensors is one file: each tensor at a 64-byte aligned offset (`layout`). A file a client never picked up is removed by the next shared-memory read after a minute,
 or when the server's process exits; files of a server that died without exiting (kill -9) carry its
 process id in their name and are removed when a server starts (`sweep_dead`).
 
@@ -20,12 +20,14 @@ import time
 import uuid
 import zlib
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from .errors import FailedPrecondition
 
 SHM_DIR = Path("/dev/shm")
 LEFTOVER_S = 60.0
 PIECE = 1 << 20
+ALIGN = 64           # each tensor of a file starts at a multiple of this (numpy views of any dtype are aligned)
 
 _created: dict[str, tuple[float, int]] = {}   # path -> (when written, bytes)
 _reserved: dict[str, int] = {}                # path -> bytes, for the files being written now
@@ -51,31 +53,50 @@ def check_peer(peer: str) -> None:
                                  reason="SHM_UNAVAILABLE")
 
 
-def write(data: memoryview, max_unclaimed: int) -> tuple[str, int]:
-    """The bytes in a new 0600 file under /dev/shm -> (its path, their CRC-32), written and checksummed
-    a piece at a time (each piece is checksummed while it is still in cache). Files no client has
-    picked up yet may hold at most `max_unclaimed` bytes (they are memory): beyond, SHM_UNAVAILABLE, and
-    the client streams instead."""
+def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where tensors of these byte sizes go in one file -> (their offsets, the file's size)."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end += n + (-n % ALIGN)
+    return offsets, (offsets[-1] + sizes[-1]) if sizes else 0
+
+
+def write(sizes: Sequence[int], parts: Iterable[memoryview], max_unclaimed: int) -> tuple[str, list[int], list[int]]:
+    """The parts (their byte sizes given first; the parts themselves may be made one at a time, as they are
+    written) in a new 0600 file under /dev/shm, each at its offset of `layout(sizes)` -> (the path, the
+    offsets, each part's CRC-32), written and checksummed a piece at a time (each piece is checksummed while
+    it is still in cache). Files no client has picked up yet may hold at most `max_unclaimed` bytes (they
+    are memory): the whole file is reserved before anything is written; beyond, SHM_UNAVAILABLE, and the
+    client streams instead."""
     sweep()
+    offsets, total = layout(sizes)
     path = str(SHM_DIR / f"tdb-{os.getpid()}-{uuid.uuid4().hex}")
     with _lock:              # the check and the reservation are one step: concurrent reads cannot both pass
-        if _unclaimed_locked() + len(data) > max_unclaimed:
+        if _unclaimed_locked() + total > max_unclaimed:
             raise FailedPrecondition("too many shared-memory reads were not picked up: read without shared_memory",
                                      reason="SHM_UNAVAILABLE")
-        _reserved[path] = len(data)
+        _reserved[path] = total
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except BaseException:
         with _lock:
             _reserved.pop(path, None)
         raise
-    crc = 0
+    crcs: list[int] = []
     try:   # write(2) into tmpfs: about twice as fast as copying into a fresh mapping (no page faults)
-        for off in range(0, len(data), PIECE):
-            piece = data[off:off + PIECE]
-            crc = zlib.crc32(piece, crc)
-            while piece:
-                piece = piece[os.write(fd, piece):]
+        for offset, size, data in zip(offsets, sizes, parts, strict=True):
+            if len(data) != size:
+                raise ValueError(f"a part of {len(data)} bytes where {size} were reserved")
+            os.lseek(fd, offset, os.SEEK_SET)       # the alignment gap is a hole: it reads as zeros
+            crc = 0
+            for off in range(0, size, PIECE):
+                piece = data[off:off + PIECE]
+                crc = zlib.crc32(piece, crc)
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+            crcs.append(crc)
+        os.ftruncate(fd, total)
     except BaseException:
         os.close(fd)
         _unlink(path)
@@ -88,8 +109,8 @@ def write(data: memoryview, max_unclaimed: int) -> tuple[str, int]:
         if not _atexit[0]:
             atexit.register(sweep, 0.0)      # whatever no client picked up goes with the process
             _atexit[0] = True
-        _created[path] = (time.monotonic(), len(data))
-    return path, crc
+        _created[path] = (time.monotonic(), total)
+    return path, offsets, crcs
 
 
 def _unclaimed_locked() -> int:

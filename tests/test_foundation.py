@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_initialize_reports_protocol_capabilities_and_model(client, gpt2_adapter):
     info = client.initialize()
-    assert info.protocol_version == "1.1"
+    assert info.protocol_version == "1.2"
     assert info.capabilities["supportsConditionalBreakpoints"] is True
     assert "zero" in info.patch_ops and "topk" in info.expression_functions
     m = info.model

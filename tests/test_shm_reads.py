@@ -89,13 +89,13 @@ def test_a_recording_with_shared_memory_reads_replays(client):
 def test_unclaimed_files_are_bounded():
     """Files no client picked up are memory: at most max_unclaimed bytes of them, then SHM_UNAVAILABLE."""
     data = memoryview(bytes(1000))
-    path, _ = shm.write(data, max_unclaimed=2500)
-    path2, _ = shm.write(data, max_unclaimed=2500)
+    path, _, _ = shm.write([len(data)], [data], max_unclaimed=2500)
+    path2, _, _ = shm.write([len(data)], [data], max_unclaimed=2500)
     with pytest.raises(FailedPrecondition) as e:
-        shm.write(data, max_unclaimed=2500)
+        shm.write([len(data)], [data], max_unclaimed=2500)
     assert e.value.reason == "SHM_UNAVAILABLE"
     os.unlink(path)                                 # a client picks one up: room again
-    path3, _ = shm.write(data, max_unclaimed=2500)
+    path3, _, _ = shm.write([len(data)], [data], max_unclaimed=2500)
     for p in (path2, path3):
         os.unlink(p)
 

@@ -603,8 +603,24 @@ class ReadTensorRequest(_message.Message):
     shared_memory: bool
     def __init__(self, session_id: _Optional[str] = ..., expression: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., chunk_bytes: _Optional[int] = ..., run_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
+class ReadTensorsRequest(_message.Message):
+    __slots__ = ("session_id", "expressions", "dtype", "chunk_bytes", "run_id", "shared_memory")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    expressions: _containers.RepeatedScalarFieldContainer[str]
+    dtype: _common_pb2.DType
+    chunk_bytes: int
+    run_id: str
+    shared_memory: bool
+    def __init__(self, session_id: _Optional[str] = ..., expressions: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., chunk_bytes: _Optional[int] = ..., run_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
 class TensorChunk(_message.Message):
-    __slots__ = ("dtype", "shape", "total_bytes", "offset", "data", "last", "crc32", "shared_memory_path")
+    __slots__ = ("dtype", "shape", "total_bytes", "offset", "data", "last", "crc32", "shared_memory_path", "index", "name")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -613,6 +629,8 @@ class TensorChunk(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     dtype: _common_pb2.DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
@@ -621,7 +639,9 @@ class TensorChunk(_message.Message):
     last: bool
     crc32: int
     shared_memory_path: str
-    def __init__(self, dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., crc32: _Optional[int] = ..., shared_memory_path: _Optional[str] = ...) -> None: ...
+    index: int
+    name: str
+    def __init__(self, dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., crc32: _Optional[int] = ..., shared_memory_path: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TensorStatsRequest(_message.Message):
     __slots__ = ("session_id", "expression", "run_id")

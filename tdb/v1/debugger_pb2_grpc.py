@@ -126,6 +126,11 @@ class DebuggerStub:
                 request_serializer=tdb_dot_v1_dot_debugger__pb2.ReadTensorRequest.SerializeToString,
                 response_deserializer=tdb_dot_v1_dot_debugger__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.ReadTensors = channel.unary_stream(
+                '/tdb.v1.Debugger/ReadTensors',
+                request_serializer=tdb_dot_v1_dot_debugger__pb2.ReadTensorsRequest.SerializeToString,
+                response_deserializer=tdb_dot_v1_dot_debugger__pb2.TensorChunk.FromString,
+                _registered_method=True)
         self.TensorStats = channel.unary_unary(
                 '/tdb.v1.Debugger/TensorStats',
                 request_serializer=tdb_dot_v1_dot_debugger__pb2.TensorStatsRequest.SerializeToString,
@@ -277,6 +282,15 @@ class DebuggerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadTensors(self, request, context):
+        """Many tensors in one request (a whole run's cache: every captured site, or names, expressions and
+        globs), streamed one after the other or, on the same host, in one shared-memory file. Since 1.2
+        (Capabilities flag supportsBatchReads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def TensorStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -409,6 +423,11 @@ def add_DebuggerServicer_to_server(servicer, server):
             'ReadTensor': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadTensor,
                     request_deserializer=tdb_dot_v1_dot_debugger__pb2.ReadTensorRequest.FromString,
+                    response_serializer=tdb_dot_v1_dot_debugger__pb2.TensorChunk.SerializeToString,
+            ),
+            'ReadTensors': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadTensors,
+                    request_deserializer=tdb_dot_v1_dot_debugger__pb2.ReadTensorsRequest.FromString,
                     response_serializer=tdb_dot_v1_dot_debugger__pb2.TensorChunk.SerializeToString,
             ),
             'TensorStats': grpc.unary_unary_rpc_method_handler(
@@ -927,6 +946,33 @@ class Debugger:
             target,
             '/tdb.v1.Debugger/ReadTensor',
             tdb_dot_v1_dot_debugger__pb2.ReadTensorRequest.SerializeToString,
+            tdb_dot_v1_dot_debugger__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tdb.v1.Debugger/ReadTensors',
+            tdb_dot_v1_dot_debugger__pb2.ReadTensorsRequest.SerializeToString,
             tdb_dot_v1_dot_debugger__pb2.TensorChunk.FromString,
             options,
             channel_credentials,

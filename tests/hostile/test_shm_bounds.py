@@ -30,7 +30,7 @@ def test_concurrent_unclaimed_reads_stay_within_the_bound():
     def one() -> None:
         start.wait()
         try:
-            written.append(shm.write(data, max_unclaimed=64 * MiB)[0])
+            written.append(shm.write([len(data)], [data], max_unclaimed=64 * MiB)[0])
         except FailedPrecondition as e:
             refused.append(e)
 
@@ -72,13 +72,13 @@ def test_files_of_dead_servers_are_swept_when_a_server_starts(make_server, gpt2_
 def test_the_client_checks_the_crc_of_a_shared_memory_read(gpt2_server, monkeypatch):
     real = shm.write
 
-    def corrupting(data, max_unclaimed):
-        path, crc = real(data, max_unclaimed)
+    def corrupting(sizes, parts, max_unclaimed):
+        path, offsets, crcs = real(sizes, parts, max_unclaimed)
         with open(path, "r+b") as f:           # a byte changed after the server computed the checksum
             first = f.read(1)
             f.seek(0)
             f.write(bytes([first[0] ^ 0xFF]))
-        return path, crc
+        return path, offsets, crcs
 
     monkeypatch.setattr(shm, "write", corrupting)
     with TdbClient(gpt2_server) as c, c.session() as s:
