@@ -108,8 +108,8 @@ def position_select(prompt: Prompt, label: str = "Position", **kw) -> int:
     pos = state.url_selectbox(label, state.POS, range(n), n - 1, parse=int, format_func=lambda i: prompt.labels[i],
                               **kw)
     if moved:
-        st.caption(f"Position {held} is past the end of this {n}-token prompt: showing the last position, "
-                   f"{markdown_text(prompt.labels[n - 1])}.")
+        st.caption(f"Position {held} is past the end of this {n}-token prompt: showing the last position "
+                   f"({markdown_text(prompt.labels[n - 1])}).")
     return pos
 
 
