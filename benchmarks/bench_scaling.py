@@ -339,7 +339,31 @@ def model_rows(model: str, path: Path, family: str, lengths: list[int], tasks: s
     return rows
 
 
-# --- the plot --------------------------------------------------------------------------------------
+# --- the table by length, and the plot -------------------------------------------------------------
+
+def _duration(secs: float) -> str:
+    return f"{secs * 1e3:.3g} ms" if secs < 1 else f"{secs:.3g} s" if secs < 100 else f"{secs:,.0f} s"
+
+
+def pivot_lines(rows: list[dict]) -> list[str]:
+    """Markdown: per model, one line per (task, tool), one column per length; a cell is the ratio to a
+    forward and the median time, or — where the row has no value (its note says why)."""
+    lines: list[str] = []
+    for model in dict.fromkeys(r["model"] for r in rows if "model" in r):
+        mine = [r for r in rows if r.get("model") == model]
+        lengths = sorted({r["tokens"] for r in mine})
+        lines += [f"{model}:", "", "| task | tool | " + " | ".join(f"{t:,} tokens" for t in lengths) + " |",
+                  "|---|---|" + "---|" * len(lengths)]
+        for task, tool in dict.fromkeys((r["task"], r["tool"]) for r in mine):
+            cells = []
+            for t in lengths:
+                r = next((r for r in mine if (r["task"], r["tool"], r["tokens"]) == (task, tool, t)), None)
+                cells.append("" if r is None else "—" if r.get("ratio") is None
+                             else f"{r['ratio']:.2f}× ({_duration(r['value'] / 1e3)})")
+            lines.append(f"| {task} | {tool} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
 
 def plot(rows: list[dict], path: Path) -> None:
     """Ratio to a forward against tokens, log-log, one panel per task (PANELS), one line per tool and model."""
@@ -392,7 +416,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--json", default=str(RESULTS / "scaling_cpu.json"))
     ap.add_argument("--plot", default=str(PLOT), help="the Altair plot (.svg, .png or .html; '' for none)")
-    ap.add_argument("--replot", default="", help="only draw --plot from this JSON of an earlier run")
+    ap.add_argument("--replot", default="", help="only print the table by length and draw --plot from this "
+                                                 "JSON of an earlier run")
     return ap
 
 
@@ -426,10 +451,14 @@ def run(args) -> tuple[str, list[dict]]:
 def main() -> int:
     args = parser().parse_args()
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text())["rows"], Path(args.plot))
+        rows = json.loads(Path(args.replot).read_text())["rows"]
+        print("\n".join(pivot_lines(rows)))
+        if args.plot:
+            plot(rows, Path(args.plot))
         return 0
     header, rows = run(args)
     report(header, rows, args.json)
+    print("\n" + "\n".join(pivot_lines(rows)))
     if args.plot:
         plot(rows, Path(args.plot))
     return 0
