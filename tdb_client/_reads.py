@@ -16,7 +16,6 @@ import re
 import zlib
 from typing import Any, Iterable
 
-import grpc
 import numpy as np
 
 from . import _wire
@@ -32,7 +31,7 @@ def is_glob(entry: str) -> bool:
 
 
 def _lost(what: str) -> TdbError:
-    return TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"checksum mismatch reading {what}")
+    return TdbError.data_loss("CHECKSUM", f"checksum mismatch reading {what}")
 
 
 def streamed(chunks: Iterable[Any], what: str) -> list[tuple[str, np.ndarray]]:
@@ -43,12 +42,12 @@ def streamed(chunks: Iterable[Any], what: str) -> list[tuple[str, np.ndarray]]:
     for chunk in chunks:
         if buf is None:
             if chunk.index != len(out):
-                raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"tensor {chunk.index} arrived where "
+                raise TdbError.data_loss("CHECKSUM", f"tensor {chunk.index} arrived where "
                                f"{len(out)} was due, reading {what}")
             buf, name, shape, wdtype, crc, index = (bytearray(chunk.total_bytes), chunk.name, list(chunk.shape),
                                                     chunk.dtype, 0, chunk.index)
         elif chunk.index != index:
-            raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"tensor {index} ended early, reading {what}")
+            raise TdbError.data_loss("CHECKSUM", f"tensor {index} ended early, reading {what}")
         data = chunk.data              # each access of a bytes field makes a new copy: once per chunk
         if chunk.offset + len(data) > len(buf):
             raise _lost(what)
@@ -60,7 +59,7 @@ def streamed(chunks: Iterable[Any], what: str) -> list[tuple[str, np.ndarray]]:
             out.append((name, _wire.decode(wdtype, shape, buf)))
             buf = None
     if buf is not None:
-        raise TdbError(grpc.StatusCode.DATA_LOSS, "EMPTY_STREAM", f"tensor {index} ended early, reading {what}")
+        raise TdbError.data_loss("EMPTY_STREAM", f"tensor {index} ended early, reading {what}")
     return out
 
 
@@ -68,7 +67,7 @@ def mapped(fd: int, chunks: list[Any], what: str) -> list[tuple[str, np.ndarray]
     """(name, array) for each tensor of a shared-memory read, from the open file `fd` they all name."""
     size = os.fstat(fd).st_size
     if any(c.offset < 0 or c.offset + c.total_bytes > size for c in chunks):
-        raise TdbError(grpc.StatusCode.DATA_LOSS, "CHECKSUM", f"a tensor past the end of the shared-memory file "
+        raise TdbError.data_loss("CHECKSUM", f"a tensor past the end of the shared-memory file "
                        f"({size} bytes), reading {what}")
     mm: Any = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
     view = memoryview(mm)

@@ -20,6 +20,11 @@ class TdbError(Exception):
         self.suggestions = list(suggestions or [])
 
     @classmethod
+    def data_loss(cls, reason: str, message: str) -> "TdbError":
+        """What the client raises itself when the bytes it received are not what the server sent."""
+        return cls(grpc.StatusCode.DATA_LOSS, reason, message)
+
+    @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> "TdbError":
         md = {k: v for k, v in (e.trailing_metadata() or ())} if hasattr(e, "trailing_metadata") else {}
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
