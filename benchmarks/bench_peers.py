@@ -19,8 +19,9 @@ Each task is timed interleaved with a plain HF forward of the same prompt (the r
   over gRPC); TransformerLens tools.analysis.logit_lens(positions=None, top_k=5); nnsight's idiom, a
   trace computing lm_head(ln_f(output)) of the embedding dropout and every block, then top 5.
 * cache everything: a tdb session run capturing every site (and Launch over gRPC, nothing read
-  back); TransformerLens run_with_cache (every hook); an nnsight trace saving 9 values per block
-  (+ embedding, ln_f, logits).
+  back; and Launch + the whole cache read back, one ReadTensor per site or one ReadTensors, through
+  shared memory or streamed); TransformerLens run_with_cache (every hook); an nnsight trace saving 9
+  values per block (+ embedding, ln_f, logits).
 
 Conventions (`conventions_rows`, agreement only, nothing timed): on freshly initialised weights every
 LayerNorm has weight 1 and bias 0, which hides how each tool treats the norms. So the direct effects
@@ -312,7 +313,33 @@ def nnsight_cache(m, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return saved
 
 
-def cache_entries(b: Bench, session, wire_session) -> dict[str, Entry]:
+def read_back_entries(wire_session, ids: list[int], captured: dict[str, torch.Tensor]) -> dict[str, Entry]:
+    """Launch capturing every site, then the whole cache read back: one ReadTensor per site (before
+    protocol 1.2) or one ReadTensors (`read_cache`), through shared memory or streamed over gRPC. Each is
+    checked against the in-process capture first (the same sites, bit for bit)."""
+    entries = {}
+    for shared in (True, False):
+        how = "shared memory" if shared else "streamed"
+
+        def per_site(shared=shared):
+            wire_session.launch(token_ids=[ids])
+            return {name: wire_session.read(name, shared_memory=shared) for name in captured}
+
+        def one_request(shared=shared):
+            wire_session.launch(token_ids=[ids])
+            return wire_session.read_cache(shared_memory=shared)
+
+        for label, fn in ((f"tdb over gRPC: Launch + read back one site at a time (ReadTensor, {how})", per_site),
+                          (f"tdb over gRPC: Launch + read back in one request (ReadTensors, {how})", one_request)):
+            got = fn()
+            assert set(got) == set(captured), "the read-back cache names other sites than the capture"
+            worst = max(max_diff(got[k], v) for k, v in captured.items())
+            entries[label] = Entry(fn, f"{len(got)} tensors; max |read back - in-process| {worst:.1e}")
+    return entries
+
+
+def cache_entries(b: Bench, session, wire_session, read_back: bool = False) -> dict[str, Entry]:
+    """The cache-everything rows; `read_back`: with the whole cache read back over gRPC (read_back_entries)."""
     L = b.adapter.info.n_layers
     run = session_run(session, b.ids, [])
     r = run()
@@ -325,6 +352,8 @@ def cache_entries(b: Bench, session, wire_session) -> dict[str, Entry]:
     last = wire_session.read(f"blocks.{L - 1}.resid_post")[0]
     entries["tdb over gRPC: Launch capturing every site (not read back)"] = Entry(
         wire, f"max |wire - in-process| resid_post {max_diff(last, ref[-1]):.1e}")
+    if read_back:
+        entries.update(read_back_entries(wire_session, b.ids, r.captured))
     if b.tl is None:
         entries["TransformerLens: run_with_cache"] = Entry(None, b.missing["TransformerLens"])
     else:
@@ -471,7 +500,8 @@ def run(model_dir: str, tokens: int, repeat: int) -> list[dict]:
                                          "plain HF forward timed alongside", "value": None, "note": versions()}]
             rows += timed_rows("node table", node_table_entries(b), plain, repeat)
             rows += timed_rows("logit lens", lens_entries(b), plain, repeat)
-            rows += timed_rows("cache everything", cache_entries(b, mgr.create(), wire_session), plain, repeat)
+            rows += timed_rows("cache everything", cache_entries(b, mgr.create(), wire_session, read_back=True), plain,
+                               repeat)
     finally:
         mgr.shutdown()
         handle.stop(grace=None)

@@ -285,3 +285,19 @@ def test_the_glob_rule_is_the_same_on_both_sides():
         assert is_glob(entry) == reads.is_glob(entry), entry
     assert reads.is_glob("blocks.*.resid_post") and not reads.is_glob("x * 2")
     assert not reads.is_glob("blocks.[01].attn.z")          # a character class alone reads as an index
+
+
+def test_the_benchmark_reads_back_exactly_what_was_captured(client, gpt2_adapter):
+    from benchmarks.bench_peers import read_back_entries
+    from benchmarks.measures import session_run
+    from tdb_server.engine.manager import SessionManager
+
+    mgr = SessionManager(gpt2_adapter)
+    try:
+        run = session_run(mgr.create(), IDS[0], [])()
+        with client.session() as s:
+            entries = read_back_entries(s, IDS[0], run.captured)
+    finally:
+        mgr.shutdown()
+    assert len(entries) == 4
+    assert all(e.note == f"{len(run.captured)} tensors; max |read back - in-process| 0.0e+00" for e in entries.values())
