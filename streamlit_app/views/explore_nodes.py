@@ -191,11 +191,24 @@ def _actions(ctx: Context, prompt: Prompt, row: pd.Series, add_ablation: Callabl
                   kwargs={state.COMPONENT: node})
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _current_trace() -> tuple | None:
     node = state.url_get(TRACE)
     if not node:
         return None
     part = state.url_get(PART) or "output"
+    words = [f"?{k}={state.url_get(k)}" for k in (state.POS, KEYPOS) if not _is_int(state.url_get(k) or "0")]
+    if words:              # the server judges a position's range; a word is no position at all
+        st.warning(f"The link's trace of {node} names no position (`{'`, `'.join(words)}`: whole numbers "
+                   "expected): the node table is not traced.", icon=":material/warning:")
+        return None
     pos = int(state.url_get(state.POS) or -1)
     keypos = int(state.url_get(KEYPOS) or pos)
     return (node, part if is_head(node) else "output", pos, keypos if part in ("q", "k", "qk") else None)

@@ -39,3 +39,13 @@ def test_a_links_position_past_the_prompts_end_is_said_too(dash):
     n = len(_position(at).options)
     assert _position(at).value == n - 1
     assert any(f"Position 400 is past the end of this {n}-token prompt" in c for c in _said(at)), _said(at)
+
+
+def test_a_links_trace_position_that_is_no_number_is_a_warning_not_a_page_failure(dash):
+    from dash_helpers import run_page
+
+    at = run_page(dash.address, "explore", prompt=dash.prompt, trace="blocks.1.attn.head.1", pos="abc")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    said = [w.value for w in at.warning]
+    assert any("`?pos=abc`" in w and "not traced" in w for w in said), said
+    assert at.dataframe, "the node table is still there, untraced"
