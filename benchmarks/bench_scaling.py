@@ -316,7 +316,10 @@ def length_rows(model: str, b: Bench, mgr: SessionManager, wire_session, args, t
     return rows
 
 
-def model_rows(model: str, path: Path, family: str, lengths: list[int], tasks: set[str], args) -> list[dict]:
+def model_rows(model: str, path: Path, family: str, lengths: list[int], tasks: set[str], args,
+               done: list[dict]) -> list[dict]:
+    """The rows of one model at each length; after each length, the rows so far (`done` + these) go to
+    `--json` marked partial, so that a long run stopped midway keeps what it measured."""
     from tdb_client import TdbClient
     from tdb_server.server import create_server
 
@@ -333,6 +336,9 @@ def model_rows(model: str, path: Path, family: str, lengths: list[int], tasks: s
                 target, ids = resolve_target(adapter, TargetSpec(token_ids=(A,), distractor_ids=(B,)), ids)
                 b = Bench(adapter, ids, target, client, tl, nns, missing)
                 rows += length_rows(model, b, mgr, wire_session, args, tasks)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"header": "partial: the run did not finish",
+                                                           "rows": done + rows}, indent=1))
     finally:
         mgr.shutdown()
         handle.stop(grace=None)
@@ -437,11 +443,11 @@ def run(args) -> tuple[str, list[dict]]:
         else:
             save_random_gpt2(gpt2, seed=0)
         if args.tokens:
-            rows += model_rows(g_name, gpt2, "gpt2", args.tokens, tasks, args)
+            rows += model_rows(g_name, gpt2, "gpt2", args.tokens, tasks, args, rows)
         if args.llama_tokens:
             save_random(llama, *(TINY["llama"] if args.tiny else CONFIGS["llama-1b"]))
             rows += model_rows("Llama tiny" if args.tiny else "Llama 1.1B shape", llama, "llama", args.llama_tokens,
-                               tasks & {"node", "cache"}, args)
+                               tasks & {"node", "cache"}, args, rows)
     header = (f"S: scaling with prompt length; CPU fp32, torch {torch.__version__}, {torch.get_num_threads()} "
               f"threads, {args.clock} clock; {versions()}; {time.perf_counter() - t0:.0f} s in all; "
               f"load average at the end {os.getloadavg()[0]:.1f}")
