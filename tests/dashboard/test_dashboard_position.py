@@ -1,5 +1,6 @@
-"""The Position box (Component and Logit lens pages) after the prompt changes: a position past the new
-prompt's end becomes its last position, and the page says so (it was reset without a word)."""
+"""Positions in the dashboard: the Position box (Component and Logit lens pages) after the prompt
+changes, where a position past the new prompt's end becomes its last position and the page says so (it
+was reset without a word); a link's trace position on Explore that is no number at all."""
 
 from __future__ import annotations
 
