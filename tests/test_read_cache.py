@@ -138,6 +138,17 @@ def test_hostile_requests_are_refused_before_any_lookup(client, evaluations):
         assert [c.name for c in chunks if c.name] == list(s.read_cache())
 
 
+def test_the_bound_on_tensors_holds_after_globs_expand(client, monkeypatch, evaluations):
+    monkeypatch.setattr(reads, "MAX_READ_TENSORS", 3)
+    with client.session() as s:
+        s.launch(token_ids=IDS)
+        evaluations.clear()
+        e = _error(lambda: s.read_cache(["blocks.*.resid_post", "embed", "logits"]))     # 3 entries, 4 tensors
+        assert e.reason == "OUT_OF_RANGE" and "globs match: 4 tensors" in e.message and evaluations == []
+        assert list(s.read_cache(["blocks.*.resid_post", "embed"])) == ["blocks.0.resid_post", "blocks.1.resid_post",
+                                                                        "embed"]
+
+
 @pytest.mark.parametrize("shared", PATHS)
 def test_a_cache_over_the_read_limit_is_refused_before_anything_is_copied(make_server, gpt2_adapter, shared,
                                                                          evaluations, monkeypatch):
