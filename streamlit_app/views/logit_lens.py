@@ -50,7 +50,6 @@ def render(ctx: Context) -> None:
     if prompt is None:
         return
     show_tokens(prompt)
-    n = len(prompt)
     a, b, c, d = st.columns([2, 1, 2, 2])
     with a:
         pos = position_select(prompt)
