@@ -76,11 +76,22 @@ class Event:
     body: EventBody
 
 
+def _field_names(kind: type) -> tuple[str, ...]:
+    """The field names of an event body's class (dataclasses.fields walks the class at every call)."""
+    names = _FIELDS.get(kind)
+    if names is None:
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return names
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _approx_bytes(body: EventBody) -> int:
     """Roughly what an event holds: its strings and lists (log lines and generated text dominate)."""
     total = 64
-    for f in dataclasses.fields(body):
-        v = getattr(body, f.name)
+    for name in _field_names(type(body)):
+        v = getattr(body, name)
         if isinstance(v, str):
             total += len(v)
         elif isinstance(v, (list, tuple)):

@@ -5,6 +5,7 @@ limits and the session's breakpoints and patches; `Session.launch` (session.py) 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from ..errors import InvalidArgument
 from ..bounds import MAX_TEMPERATURE
 from ..limits import Limits
-from ..model.sites import expand_glob, site_kind, site_shape
+from ..model.sites import expand_glob, site_shape
 from ..model.tokens import Prompt, encode as encode_prompt
 from .breakpoints import BreakpointSpec
 from .patches import Patch
@@ -87,7 +88,13 @@ def capture_set(capture: Sequence[str], verified: Sequence[str], parse_site: Cal
 
 def run_sites(verified: Sequence[str], asked: set[str] | frozenset[str]) -> list[str]:
     """The sites a run computes, in order: attention patterns only where asked for."""
-    return [x for x in verified if x in asked or not is_pattern(x)]
+    return list(_run_sites(tuple(verified), frozenset(asked)))
+
+
+@functools.lru_cache(maxsize=256)
+def _run_sites(verified: tuple[str, ...], asked: frozenset[str]) -> tuple[str, ...]:
+    """(Every launch asks with the same few sets: its captures, breakpoints and patches change seldom.)"""
+    return tuple(x for x in verified if x in asked or not is_pattern(x))
 
 
 def hooked_sites(sites: list[str], captured: frozenset[str], breakpoints: Sequence[BreakpointSpec],
@@ -99,7 +106,7 @@ def hooked_sites(sites: list[str], captured: frozenset[str], breakpoints: Sequen
     if any(bp.verified for bp in breakpoints):
         # a stop may be followed by steps, which need resid_mid: the adapter derives it from the
         # block's input, which it only records when resid_mid is hooked before the block starts
-        fire |= {x for x in sites if site_kind(x) == "resid_mid"}
+        fire |= {x for x in sites if x.endswith(".resid_mid")}
     for bp in breakpoints:
         if bp.when is When.BEFORE:
             fire |= {sites[sites.index(x) - 1] for x in bp.sites if x in sites and sites.index(x) > 0}
@@ -124,8 +131,7 @@ def estimate_capture(info: Any, sites: frozenset[str], batch: int, seq: int) -> 
 
 def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T] (T = the longest) and the real lengths [B]."""
-    T = max(len(x) for x in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)    # [B, T]
-    for b, x in enumerate(seqs):
-        ids[b, :len(x)] = torch.tensor(x)
-    return ids, torch.tensor([len(x) for x in seqs])
+    lengths = [len(x) for x in seqs]
+    T = max(lengths)
+    ids = torch.tensor([list(x) + [0] * (T - len(x)) for x in seqs], dtype=torch.long)   # [B, T], one tensor
+    return ids, torch.tensor(lengths)

@@ -10,16 +10,16 @@ An exception inside the model ends the run (state FAILED, a Stopped event with r
 never the server.
 
 A forward whose `logits` site is not hooked projects only the rows the result reads (each item's last
-real position) onto the vocabulary: the rest of the [B, T, V] logits would be computed for nobody.
+real position) onto the vocabulary: the rest of the [B, T, V] logits would be computed for nobody. A run
+that hooks nothing runs with none of our hooks (the model's `logits_to_keep` takes the rows); a hooked
+one has the adapter's unembedding hook take them while `logits` is not hooked (model/hooks.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -131,6 +131,7 @@ class DebugRun:
         self.token = 0                                          # generation step of the current forward
         self.generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         self.input_ids, self.lengths = input_ids, lengths       # [B, T], [B]
+        self.length_list: list[int] = lengths.tolist()
         self.capture = capture
         self.order = sites                                      # sites this run computes, in order
         self.sites = frozenset(sites) if fire is None else fire  # sites hooked (the adapter reads this)
@@ -146,7 +147,7 @@ class DebugRun:
         self.result: RunResult | None = None
         self.exception = ""
         self.logits: torch.Tensor | None = None                 # [B, V] at the last real position
-        self.unembedded_rows: list[int] | None = None           # positions projected, when not all (_forward)
+        self.logits_rows: list[int] | None = None               # rows the unembedding takes (hooks.py)
         # control, guarded by session.cv
         self.command: str | None = None
         self.step: stops.Step | None = None                     # the step in progress
@@ -198,36 +199,23 @@ class DebugRun:
         """One forward pass over the padded batch; keeps the logits at each item's last real position."""
         s, adapter = self.session, self.session.adapter
         B, T = self.input_ids.shape
+        lengths = self.length_list
         mask = None
-        if bool((self.lengths < T).any()):
+        if min(lengths) < T:
             mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)   # [B, T]
-        last = sorted(set((self.lengths - 1).tolist()))                                     # rows the result reads
-        with torch.no_grad(), adapter.running(self) as hook_run, self._unembed_rows(last):
-            self.hook_run = hook_run
-            out = adapter.model(input_ids=self.input_ids.to(s.device), attention_mask=mask, use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]          # [B, T, V], or [B, len(last), V]
-        rows = self.lengths - 1 if logits.shape[1] == T else torch.tensor([last.index(int(n) - 1) for n in self.lengths])
-        self.logits = logits[torch.arange(B, device=logits.device), rows.to(logits.device)].float()   # [B, V]
-
-    @contextlib.contextmanager
-    def _unembed_rows(self, rows: list[int]) -> Iterator[None]:
-        """Inside: this thread's unembedding takes only `rows` of the final residual stream ([B, T, D] ->
-        [B, len(rows), D]) unless the `logits` site is hooked when it runs. The hook is removed in `finally`."""
-        me = threading.get_ident()
-
-        def pre(module, args):
-            if threading.get_ident() != me or "logits" in self.sites or "logits" in getattr(self.hook_run, "sites", ()):
-                return None
-            self.unembedded_rows = rows
-            lo, hi = rows[0], rows[-1] + 1
-            take = slice(lo, hi) if hi - lo == len(rows) else rows            # a view when contiguous
-            return (args[0][:, take], *args[1:])
-
-        handle = self.session.adapter.model.get_output_embeddings().register_forward_pre_hook(pre)
-        try:
-            yield
-        finally:
-            handle.remove()
+        last = sorted({n - 1 for n in lengths})                                             # rows the result reads
+        ids = self.input_ids.to(s.device)
+        if not self.sites:
+            # nothing hooked, so nothing can stop, patch or read this forward: it runs with none of our hooks
+            logits = adapter.forward(ids, attention_mask=mask, logits_at=last)           # [B, len(last), V]
+        else:
+            self.logits_rows = last
+            with torch.no_grad(), adapter.running(self) as hook_run:
+                self.hook_run = hook_run
+                out = adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out[0]      # [B, T, V], or [B, len(last), V]
+        rows = [n - 1 for n in lengths] if logits.shape[1] == T else [last.index(n - 1) for n in lengths]
+        self.logits = logits[torch.arange(B, device=logits.device), torch.tensor(rows, device=logits.device)].float()
 
     def _generate(self) -> None:
         """Token by token with the KV cache: each step is one forward pass over the new token only."""
@@ -303,9 +291,9 @@ class DebugRun:
     def build_result(self, top_k: int = 10, include_logits: bool = False) -> RunResult:
         """Inputs, generated tokens and the top `top_k` next tokens at each item's last real position."""
         adapter = self.session.adapter
-        result = RunResult(run_id=self.run_id, state=self.state, exception=self.exception,
-                           lengths=[int(x) for x in self.lengths],
-                           input_ids=[row[:n] for row, n in zip(self.input_ids.tolist(), self.lengths.tolist())])
+        lengths = self.length_list
+        result = RunResult(run_id=self.run_id, state=self.state, exception=self.exception, lengths=list(lengths),
+                           input_ids=[row[:n] for row, n in zip(self.input_ids.tolist(), lengths)])
         if self.gen is not None:
             result.generated = [list(toks) for toks in self.generated]
             result.generated_text = [decode_text(adapter, toks) for toks in self.generated]
@@ -316,7 +304,7 @@ class DebugRun:
             for b, (ids, logits) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
                 tokens = tuple(TokenProb(tid, text, lg, p)
                                for tid, text, lg, p in zip(ids, adapter.token_texts(ids), logits, probs[b]))
-                result.top.append(TopTokens(batch_index=b, position=int(self.lengths[b]) - 1, tokens=tokens))
+                result.top.append(TopTokens(batch_index=b, position=lengths[b] - 1, tokens=tokens))
             if include_logits:
                 result.last_logits = self.logits
         return result
@@ -325,8 +313,8 @@ class DebugRun:
 
     def on_site(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
         i = self.index.get(site)
-        if i is None or (site == "logits" and self.unembedded_rows is not None):
-            return None     # logits hooked (a pause) after the unembedding took the last rows only
+        if i is None:
+            return None
         if self.terminate_requested:
             raise RunTerminated()
         self.last_fired = i

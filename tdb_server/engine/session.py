@@ -98,6 +98,8 @@ class Session:
 
     def _reserve_capture(self, sites: frozenset[str], batch: int, seq: int) -> None:
         """Refuse a launch whose captures would not fit the memory budgets (after dropping old runs)."""
+        if not sites:
+            return          # nothing to hold: nothing to refuse, no run to drop
         need = plan.estimate_capture(self.adapter.info, sites, batch, seq)
         lim = self.limits
         if need > lim.session_capture_bytes:

@@ -35,6 +35,12 @@ Hook points (per block L; paths from `arch.ArchSpec`):
 | mlp module                     | out  | mlp.out                                          |
 | block                          | out  | resid_post                                       |
 | final norm / unembedding       | out  | final_norm / logits                              |
+| unembedding                    | pre  | none: takes the rows the handler reads (below)   |
+
+A handler with `logits_rows` (positions) reads only those rows of the logits: while the `logits` site is
+not hooked, the unembedding's pre-hook hands it those rows of the final residual stream ([B, T, D] ->
+[B, len(rows), D]), so the [B, T, V] logits are not computed for nobody. A run that asks for no site
+installs nothing, this hook included (project its rows with the model's `logits_to_keep` instead).
 
 resid_mid: blocks add the residual from a local variable, so no module sees resid_mid as an input
 or output that can be replaced. It is derived as resid_pre + attn.out right after attn.out, and a
@@ -46,6 +52,7 @@ resid_post but not what the MLP reads.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections import Counter
@@ -67,7 +74,9 @@ class SiteHandler(Protocol):
     replaces the site's value (patch); None (or `value` itself) leaves it unchanged. `value` may be
     a view of the model's own tensor: clone before keeping it across a patch, and never edit it in
     place (an in-place edit is not a supported patch). `sites` is read once, when the run starts;
-    `Run.add_sites` asks for more while it is live."""
+    `Run.add_sites` asks for more while it is live. An optional `logits_rows` (positions, sorted) says
+    which rows of the logits the handler reads when the `logits` site is not hooked (see the module doc);
+    the `logits` site never fires with those rows only."""
 
     sites: frozenset[str]
 
@@ -85,6 +94,8 @@ class Run:
     resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # for resid_mid
     keys: Counter = field(default_factory=Counter)   # hook points this run holds
     ended: bool = False
+    logits_rows: tuple[int, ...] | None = None       # the rows the unembedding takes when logits is not hooked
+    logits_sliced: bool = False                      # it took them: the logits site cannot fire
 
     def fire(self, site: str, value: torch.Tensor) -> torch.Tensor:
         """Hand `value` to the handler; return what the forward should continue with."""
@@ -250,6 +261,9 @@ class HookPoint:
     role: str       # which dispatcher: see HookManager._make_hook
 
 
+_LOGITS_ROWS = HookPoint("<unembed>", "pre", None, "logits_rows")
+
+
 class HookManager:
     """Owns our hooks on one model: ref-counted install/remove, dispatch through `_CURRENT_RUN`."""
 
@@ -266,6 +280,7 @@ class HookManager:
             id(get_path(block, spec.attn)): layer for layer, block in enumerate(blocks)}
         self._unembed = model.get_output_embeddings()
         self._points_of: dict[str, list[HookPoint]] = {}   # site -> its hook points (valid names only)
+        self._dispatch: dict[HookPoint, tuple[nn.Module, Callable]] = {}   # point -> (module, its dispatcher)
 
     # which hook points a site needs
     def points_for(self, site: str) -> list[HookPoint]:
@@ -298,6 +313,14 @@ class HookManager:
     def _module(self, point: HookPoint) -> nn.Module:
         return self._unembed if point.path == "<unembed>" else get_path(self.model, point.path)
 
+    def _dispatcher(self, point: HookPoint) -> tuple[nn.Module, Callable]:
+        """The module of a hook point and its dispatcher, made once (runs install and remove them often:
+        every launch that hooks anything)."""
+        made = self._dispatch.get(point)
+        if made is None:
+            made = self._dispatch[point] = (self._module(point), self._make_hook(point))
+        return made
+
     def _make_hook(self, point: HookPoint) -> Callable:
         owner, layer = self, point.layer
         if point.role == "block_pre":
@@ -312,6 +335,17 @@ class HookManager:
                 if mid in run.sites:
                     run.resid_pre[layer] = new
                 return None if new is x else rebuild(new)
+        elif point.role == "logits_rows":
+
+            def hook(module, args, kwargs):
+                run = _CURRENT_RUN.get()
+                if run is None or run.owner is not owner or run.logits_rows is None or "logits" in run.sites:
+                    return None
+                x, rebuild = _hidden_arg(args, kwargs)          # [B, T, D]
+                rows = run.logits_rows
+                lo, hi = rows[0], rows[-1] + 1
+                run.logits_sliced = True
+                return rebuild(x[:, slice(lo, hi) if hi - lo == len(rows) else list(rows)])   # [B, len(rows), D]
         elif point.role == "attn_out":
             name, mid = f"blocks.{layer}.attn.out", f"blocks.{layer}.resid_mid"
 
@@ -342,11 +376,12 @@ class HookManager:
                 return None if new is view else rebuild(new.reshape(x.shape))
         else:  # an output: embed, mlp.pre, mlp.out, resid_post, final_norm, logits
             name = point.role if layer is None else f"blocks.{layer}.{point.role}"
+            sliced = name == "logits"
 
             def hook(module, args, output):
                 run = _CURRENT_RUN.get()
-                if run is None or run.owner is not owner or name not in run.sites:
-                    return None
+                if run is None or run.owner is not owner or name not in run.sites or (sliced and run.logits_sliced):
+                    return None     # logits hooked (by a pause) after the unembedding took some rows only
                 out, rebuild = _first(output)
                 new = run.fire(name, out)
                 return None if new is out else rebuild(new)
@@ -360,7 +395,7 @@ class HookManager:
         try:
             for point in points:
                 if self._refs[point] == 0:
-                    module, hook = self._module(point), self._make_hook(point)
+                    module, hook = self._dispatcher(point)
                     if point.kind == "pre":
                         handle = module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
                     else:  # prepend: later hooks (transformers' output recorders) see patched outputs
@@ -410,8 +445,12 @@ class HookManager:
             finally:
                 _CURRENT_RUN.reset(token)
             return
-        run = Run(self, handler, sites, _attn_layers(sites, self.n_layers))
+        rows = getattr(handler, "logits_rows", None)
+        run = Run(self, handler, sites, _attn_layers(sites, self.n_layers),
+                  logits_rows=None if rows is None else tuple(rows))
         points = self._points(sites)  # validates the names before anything is installed
+        if run.logits_rows is not None:
+            points[_LOGITS_ROWS] = 1
         with self._lock:
             self._acquire(points)
             run.keys.update(points)
@@ -442,9 +481,14 @@ class HookManager:
 
 
 def _attn_layers(sites: Iterable[str], n_layers: int) -> frozenset[int]:
-    layers = set()
-    for site in sites:
-        s = parse_site(site, n_layers)
-        if s.kind in ATTN_FN_KINDS:
-            layers.add(s.layer)
+    """The layers whose attention function must act for `sites` (attn.q/k/v/pattern)."""
+    layers = {_attn_fn_layer(site, n_layers) for site in sites}
+    layers.discard(None)
     return frozenset(layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _attn_fn_layer(site: str, n_layers: int) -> int | None:
+    """The layer of an attention-function site; None for any other site (parsed once per name)."""
+    s = parse_site(site, n_layers)
+    return s.layer if s.kind in ATTN_FN_KINDS else None

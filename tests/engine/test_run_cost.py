@@ -74,3 +74,60 @@ def test_a_hooked_logits_site_gets_every_row(gpt2_adapter, session, capture, bre
     if capture == ["logits"]:
         assert tuple(run.captured["logits"].shape) == (3, 6, gpt2_adapter.info.vocab_size)
     assert _top(run) == _top(cheap)
+
+
+def _hooks_on(model) -> int:
+    """Forward hooks and pre-hooks on every module of the model, whoever installed them."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_run_with_nothing_hooked_runs_with_none_of_our_hooks(gpt2_adapter, session):
+    """The rule: a forward pass with no breakpoints and no captures runs with none of our hooks (the
+    unembedding takes the rows the result reads through the model's logits_to_keep instead)."""
+    model = gpt2_adapter.model
+    during: list[int] = []
+    probe = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: during.append(_hooks_on(model)))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([SEQS[0]]), use_cache=False)            # a plain HF forward
+        run = _run(session, ["none"])
+    finally:
+        probe.remove()
+    plain, in_run = during
+    assert in_run == plain                        # the same hooks as a plain forward: ours add none
+    assert [t.token_id for t in run.result.top[0].tokens] == torch.topk(_plain_last_logits(gpt2_adapter, SEQS)[0],
+                                                                         10).indices.tolist()
+
+
+def test_a_hooked_run_projects_the_last_rows_through_our_own_hook(gpt2_adapter, session):
+    """Hooked elsewhere (a capture), the run's unembedding still takes the last rows only, through a hook of
+    the adapter's (counted, removed with the run's others)."""
+    want = _plain_last_logits(gpt2_adapter, SEQS)
+    counted: list[int] = []
+    probe = gpt2_adapter.model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, a: counted.append(gpt2_adapter.installed_hook_count()))
+    seen, handle = _unembedded_rows(gpt2_adapter)
+    try:
+        run = _run(session, ["blocks.0.mlp.out"])
+    finally:
+        handle.remove()
+        probe.remove()
+    assert seen == [2] and counted == [2]         # mlp.out's hook and the unembedding's rows
+    assert (run.logits - want).abs().max() < 1e-4
+    assert gpt2_adapter.installed_hook_count() == 0
+
+
+def test_a_step_onto_logits_gets_every_row(gpt2_adapter, session):
+    """Stepping from final_norm hooks `logits` before the unembedding runs: it computes every row."""
+    session.set_breakpoints([BreakpointRequest(site="final_norm")])
+    run = session.launch([], SEQS, False, ["none"], False)
+    session.wait(run, 60)
+    assert run.state is RunState.PAUSED and run.stop.site == "final_norm"
+    session.resume("step", "into")
+    session.wait(run, 60)
+    assert run.state is RunState.PAUSED and run.stop.site == "logits"
+    assert tuple(run.stop.value.shape) == (3, 6, gpt2_adapter.info.vocab_size)
+    session.resume("continue")
+    session.wait(run, 60)
+    assert run.state is RunState.EXITED
+    assert (run.logits - _plain_last_logits(gpt2_adapter, SEQS)).abs().max() < 1e-4
