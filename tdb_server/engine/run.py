@@ -336,7 +336,7 @@ class DebugRun:
 
     def _keep(self, site: str, value: torch.Tensor) -> None:
         """Capture the site's value if asked; keep attn.z of every layer (head units read it)."""
-        if site_kind(site) == "attn.z":
+        if site.endswith(".attn.z"):
             self.z[site_layer(site)] = value
         if site in self.capture:
             self.captured[site] = value
@@ -351,6 +351,8 @@ class DebugRun:
 
     def _apply_patches(self, site: str, value: torch.Tensor) -> torch.Tensor:
         """The site's value after every patch in force here (model/interventions.py composes them)."""
+        if not self.session.patches and not self.patches:
+            return value
         patches = [p for p in (*self.session.patches, *self.patches) if p.at(site, self.token)]
         if not patches:
             return value
@@ -402,6 +404,8 @@ class DebugRun:
             if errors:   # the user must see it, but never as if the condition held
                 return StopState(0, site, When.AFTER, "condition error", [], errors[0], value=value,
                                  exception=errors[0])
+        if self.step is None and not self.pause_requested and not self.forced_stops:
+            return None     # (read without the lock: a request that lands now applies from the next site)
         with s.cv:
             step, pause = self.step, self.pause_requested
             forced = (site, self.token) in self.forced_stops
