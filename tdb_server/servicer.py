@@ -8,6 +8,8 @@ its traceback. No handler can take the server down.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -131,6 +133,46 @@ class _StreamSlots:
             yield
         finally:
             self._free.release()
+
+
+READ_BATCH_BYTES = 4 << 20                                     # chunk data one hand-off of `_batched` carries
+_READ_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tdb-read")
+
+
+def _take(chunks: Iterator[Any], limit: int) -> list[Any]:
+    """The next messages of a stream, up to `limit` bytes (at least one; [] at its end)."""
+    out: list[Any] = []
+    size = 0
+    for msg in chunks:
+        out.append(msg)
+        size += msg.ByteSize()
+        if size >= limit:
+            break
+    return out
+
+
+async def _batched(make: Callable[[Callable[[], bool]], Iterator[Any]]) -> AsyncIterator[Any]:
+    """A blocking stream of messages (`make(is_active)`) sent from the event loop: its messages computed in
+    `_READ_POOL`, READ_BATCH_BYTES at a time (so at most that much waits in memory). When the client leaves,
+    `is_active` turns False and the stream is closed in the pool once the batch being computed is done."""
+    stopped = threading.Event()
+    chunks = make(lambda: not stopped.is_set())
+    future: concurrent.futures.Future | None = None
+    try:
+        while True:
+            future = _READ_POOL.submit(_take, chunks, READ_BATCH_BYTES)
+            batch = await asyncio.wrap_future(future)
+            future = None
+            if not batch:
+                return
+            for msg in batch:
+                yield msg
+    finally:
+        stopped.set()
+        if future is not None:
+            future.add_done_callback(lambda _: chunks.close())     # runs at once if it is done already
+        else:
+            chunks.close()
 
 
 SESSION_SECRET = "tdb-session-secret"     # the metadata key of CreateSessionResponse.session_secret
@@ -326,23 +368,34 @@ class DebuggerServicer(debugger_pb2_grpc.DebuggerServicer):
         items = reads.one(session, request.expression, request.run_id, dtype, self.sessions.limits.max_read_bytes)
         yield from self._send(session, request, items, dtype, context, lambda name: request)
 
-    @_rpc_stream
-    def ReadTensors(self, request: pb.ReadTensorsRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
+    @_rpc_async_stream
+    async def ReadTensors(self, request: pb.ReadTensorsRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.TensorChunk]:
+        """The chunks of `_read_tensors`, computed in a thread a batch at a time (`_batched`): a cache of
+        many small tensors pays one thread hand-off per batch, not one per tensor."""
+        async for chunk in _batched(lambda is_active: self._read_tensors(request, context, is_active)):
+            yield chunk
+
+    def _read_tensors(self, request: pb.ReadTensorsRequest, context: Any,
+                      is_active: Callable[[], bool]) -> Iterator[pb.TensorChunk]:
         reads.check_request(len(request.expressions), request.chunk_bytes)
         session = self._session(request, context)
         dtype = serde.read_dtype_from_proto(request.dtype)
         items = reads.resolve(session, request.expressions, request.run_id, dtype, self.sessions.limits.max_read_bytes)
         # recorded as one ReadTensor per tensor: a recording replays (and checks) each of them
         yield from self._send(session, request, items, dtype, context, lambda name: pb.ReadTensorRequest(
-            expression=name, dtype=request.dtype, run_id=request.run_id, shared_memory=request.shared_memory))
+            expression=name, dtype=request.dtype, run_id=request.run_id, shared_memory=request.shared_memory),
+            is_active)
 
     def _send(self, session: Session, request: Any, items: list[reads.Item], dtype: torch.dtype | None,
-              context: grpc.ServicerContext, recorded_as: Callable[[str], pb.ReadTensorRequest]) -> Iterator[pb.TensorChunk]:
+              context: Any, recorded_as: Callable[[str], pb.ReadTensorRequest],
+              is_active: Callable[[], bool] | None = None) -> Iterator[pb.TensorChunk]:
         serde.check_read_dtypes(items, dtype)
         if request.shared_memory:
             shm.check_peer(context.peer())
         for chunk in reads.chunks(items, dtype, chunk_bytes=request.chunk_bytes, shared=request.shared_memory,
-                                  max_unclaimed=self.sessions.limits.max_read_bytes, is_active=context.is_active):
+                                  max_unclaimed=self.sessions.limits.max_read_bytes,
+                                  is_active=is_active or context.is_active):
             if chunk.last:
                 # recorded with the checksum just computed: hashing a large read again would cost more than sending it
                 recording.record(session, "ReadTensor", recorded_as(chunk.name), recording.read_digest(

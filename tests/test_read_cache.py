@@ -312,3 +312,26 @@ def test_the_benchmark_reads_back_exactly_what_was_captured(client, gpt2_adapter
         mgr.shutdown()
     assert len(entries) == 4
     assert all(e.note == f"{len(run.captured)} tensors; max |read back - in-process| 0.0e+00" for e in entries.values())
+
+
+def test_a_client_that_leaves_stops_the_read(client, monkeypatch):
+    """The server computes a ReadTensors answer a batch ahead of the client at most: when the client leaves,
+    the read stops (here one message a batch, 64-byte chunks)."""
+    from tdb_server import servicer
+
+    monkeypatch.setattr(servicer, "READ_BATCH_BYTES", 1)
+    sent: list[int] = []
+    real = serde.chunk_to_proto
+    monkeypatch.setattr(serde, "chunk_to_proto", lambda c: sent.append(c.index) or real(c))
+    with client.session() as s:
+        s.launch(token_ids=IDS)
+        stub = debugger_pb2_grpc.DebuggerStub(client._channel)
+        call = stub.ReadTensors(pb.ReadTensorsRequest(session_id=s.id, chunk_bytes=64), metadata=s.metadata, timeout=30)
+        next(call)
+        call.cancel()
+        time.sleep(0.5)
+        after_cancel = len(sent)
+        time.sleep(0.5)
+        assert len(sent) == after_cancel < 10
+        total = sum(-(-x.nbytes // 64) or 1 for x in s.read_cache(shared_memory=False).values())
+        assert total > 500                          # what the whole answer would have been (783 messages)
