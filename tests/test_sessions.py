@@ -599,9 +599,10 @@ def test_hooks_only_where_something_is_asked(gpt2_adapter):
         run = s.launch([], IDS, False, ["logits"], False)
         s.wait(run, 30)
         assert run.state is RunState.PAUSED and run.stop.site == "blocks.1.attn.out"
-        # the head patch lands on its slice of blocks.0.attn.z (model/interventions.py): that one hook only
-        assert run.sites == {"logits", "blocks.1.attn.out", "blocks.0.attn.z",
-                             "blocks.0.resid_mid", "blocks.1.resid_mid"}
+        # the head patch lands on its slice of blocks.0.attn.z (model/interventions.py): that one hook only;
+        # resid_mid is readied for a step (each block's input recorded), not hooked
+        assert run.sites == {"logits", "blocks.1.attn.out", "blocks.0.attn.z"}
+        assert run.prepare == {"blocks.0.resid_mid", "blocks.1.resid_mid"}
         s.resume("step", "into")
         s.wait(run, 30)
         assert run.stop.site == "blocks.1.resid_mid" and len(run.sites) > 20

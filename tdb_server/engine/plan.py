@@ -103,14 +103,20 @@ def hooked_sites(sites: list[str], captured: frozenset[str], breakpoints: Sequen
     patches (and attn.z for heads landing on attn.out). Stepping or pausing hooks the rest of the run on demand."""
     fire = set(captured) | {x for bp in breakpoints for x in bp.sites} | {x for p in patches for x in p.hooks}
     fire |= {f"blocks.{bp.unit.layer}.attn.z" for bp in breakpoints if bp.unit is not None and bp.unit.kind == "head"}
-    if any(bp.verified for bp in breakpoints):
-        # a stop may be followed by steps, which need resid_mid: the adapter derives it from the
-        # block's input, which it only records when resid_mid is hooked before the block starts
-        fire |= {x for x in sites if x.endswith(".resid_mid")}
     for bp in breakpoints:
         if bp.when is When.BEFORE:
             fire |= {sites[sites.index(x) - 1] for x in bp.sites if x in sites and sites.index(x) > 0}
     return fire & set(sites)
+
+
+def prepared_sites(sites: list[str], fire: set[str] | frozenset[str],
+                   breakpoints: Sequence[BreakpointSpec]) -> frozenset[str]:
+    """Sites a run readies without hooking them (hooks.py `prepare`): with a breakpoint, a stop may be
+    followed by steps, which need resid_mid; the adapter derives it from the block's input, which must be
+    recorded before the block starts. Recorded, not fired: a run that never steps pays no resid_mid."""
+    if not any(bp.verified for bp in breakpoints):
+        return frozenset()
+    return frozenset(x for x in sites if x.endswith(".resid_mid") and x not in fire)
 
 
 def estimate_capture(info: Any, sites: frozenset[str], batch: int, seq: int) -> int:

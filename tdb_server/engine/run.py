@@ -125,7 +125,7 @@ class DebugRun:
 
     def __init__(self, session: RunHost, run_id: str, input_ids: torch.Tensor, lengths: torch.Tensor,
                  capture: frozenset[str], sites: list[str], stop_on_entry: bool, gen: GenOptions | None = None,
-                 fire: frozenset[str] | None = None):
+                 fire: frozenset[str] | None = None, prepare: frozenset[str] = frozenset()):
         self.session, self.run_id = session, run_id
         self.gen = gen
         self.token = 0                                          # generation step of the current forward
@@ -135,6 +135,7 @@ class DebugRun:
         self.capture = capture
         self.order = sites                                      # sites this run computes, in order
         self.sites = frozenset(sites) if fire is None else fire  # sites hooked (the adapter reads this)
+        self.prepare = prepare                                  # readied for steps, not hooked (hooks.py)
         self.hook_run: Any = None                               # the adapter's Run, to hook more sites
         self.index = {s: i for i, s in enumerate(sites)}
         self.stop_on_entry = stop_on_entry

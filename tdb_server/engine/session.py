@@ -233,7 +233,7 @@ class Session:
         self._reserve_capture(captured, len(seqs), max(len(x) for x in seqs))
         ids, lengths = plan.pad(seqs)
         run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, captured, sites, stop_on_entry, gen,
-                       fire=frozenset(fire))
+                       fire=frozenset(fire), prepare=plan.prepared_sites(sites, fire, self.breakpoints))
         self._make_current(run)
         run.start()
         return run

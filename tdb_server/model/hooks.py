@@ -74,7 +74,10 @@ class SiteHandler(Protocol):
     replaces the site's value (patch); None (or `value` itself) leaves it unchanged. `value` may be
     a view of the model's own tensor: clone before keeping it across a patch, and never edit it in
     place (an in-place edit is not a supported patch). `sites` is read once, when the run starts;
-    `Run.add_sites` asks for more while it is live. An optional `logits_rows` (positions, sorted) says
+    `Run.add_sites` asks for more while it is live. An optional `prepare` (sites) names sites the run
+    does not hook now but may hook later in the forward (steps after a stop): the adapter readies what
+    they need in advance (for resid_mid, the block's input, recorded before the block starts); they
+    fire only once hooked. An optional `logits_rows` (positions, sorted) says
     which rows of the logits the handler reads when the `logits` site is not hooked (see the module doc);
     the `logits` site never fires with those rows only."""
 
@@ -91,6 +94,7 @@ class Run:
     handler: SiteHandler | None                      # None once the run has ended
     sites: frozenset[str]
     attn_layers: frozenset[int]                      # layers where the attention wrapper must act
+    prepare: frozenset[str] = frozenset()            # sites readied, not fired (SiteHandler.prepare)
     resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # for resid_mid
     keys: Counter = field(default_factory=Counter)   # hook points this run holds
     ended: bool = False
@@ -328,11 +332,14 @@ class HookManager:
 
             def hook(module, args, kwargs):
                 run = _CURRENT_RUN.get()
-                if run is None or run.owner is not owner or (name not in run.sites and mid not in run.sites):
+                if run is None or run.owner is not owner:
+                    return None
+                keep = mid in run.sites or mid in run.prepare
+                if name not in run.sites and not keep:
                     return None
                 x, rebuild = _hidden_arg(args, kwargs)          # [B, T, D]
                 new = run.fire(name, x) if name in run.sites else x
-                if mid in run.sites:
+                if keep:
                     run.resid_pre[layer] = new
                 return None if new is x else rebuild(new)
         elif point.role == "logits_rows":
@@ -351,7 +358,10 @@ class HookManager:
 
             def hook(module, args, output):
                 run = _CURRENT_RUN.get()
-                if run is None or run.owner is not owner or (name not in run.sites and mid not in run.sites):
+                if run is None or run.owner is not owner:
+                    return None
+                if name not in run.sites and mid not in run.sites:
+                    run.resid_pre.pop(layer, None)               # recorded for a resid_mid nobody hooked
                     return None
                 out, rebuild = _first(output)                    # [B, T, D]
                 new = run.fire(name, out) if name in run.sites else out
@@ -446,9 +456,10 @@ class HookManager:
                 _CURRENT_RUN.reset(token)
             return
         rows = getattr(handler, "logits_rows", None)
-        run = Run(self, handler, sites, _attn_layers(sites, self.n_layers),
+        prepare = frozenset(getattr(handler, "prepare", ())) - sites
+        run = Run(self, handler, sites, _attn_layers(sites, self.n_layers), prepare,
                   logits_rows=None if rows is None else tuple(rows))
-        points = self._points(sites)  # validates the names before anything is installed
+        points = self._points(sites | prepare)  # validates the names before anything is installed
         if run.logits_rows is not None:
             points[_LOGITS_ROWS] = 1
         with self._lock:

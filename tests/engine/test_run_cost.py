@@ -131,3 +131,30 @@ def test_a_step_onto_logits_gets_every_row(gpt2_adapter, session):
     session.wait(run, 60)
     assert run.state is RunState.EXITED
     assert (run.logits - _plain_last_logits(gpt2_adapter, SEQS)).abs().max() < 1e-4
+
+
+def test_a_breakpoint_readies_resid_mid_for_steps_without_firing_it(gpt2_adapter, session, monkeypatch):
+    """With a breakpoint, each block's input is recorded so that a step after the stop can reach resid_mid;
+    resid_mid itself fires only once a step hooks it, so a run that just continues never pays for it."""
+    from tdb_server.engine.run import DebugRun
+
+    fired: list[str] = []
+    real = DebugRun.on_site
+    monkeypatch.setattr(DebugRun, "on_site", lambda self, site, value: fired.append(site) or real(self, site, value))
+    run = _run(session, ["none"], breakpoints=("blocks.0.attn.out",))
+    assert fired == ["blocks.0.attn.out"]
+    assert run.prepare == {"blocks.0.resid_mid", "blocks.1.resid_mid"} and not run.prepare & run.sites
+
+    session.set_breakpoints([BreakpointRequest(site="blocks.0.attn.out")])
+    run = session.launch([], SEQS, False, ["none"], False)
+    session.wait(run, 60)
+    session.resume("step", "into")
+    session.wait(run, 60)
+    assert run.state is RunState.PAUSED and run.stop.site == "blocks.0.resid_mid"
+    ids = torch.tensor([s + [0] * (6 - len(s)) for s in SEQS])
+    mask = (torch.arange(6)[None, :] < torch.tensor([len(s) for s in SEQS])[:, None]).long()
+    _, cache = gpt2_adapter.run_with_cache(ids, ["blocks.0.resid_mid"], attention_mask=mask)
+    assert (run.stop.value - cache["blocks.0.resid_mid"]).abs().max() < 1e-6
+    session.resume("continue")
+    session.wait(run, 60)
+    assert run.state is RunState.EXITED
