@@ -643,9 +643,9 @@ def test_a_head_patch_and_a_whole_site_patch_compose_in_either_order(client):
 def test_a_streamed_read_with_a_wrong_checksum_is_data_loss(client, monkeypatch):
     import types
 
-    import tdb_server.servicer as servicer_module
+    import tdb_server.engine.reads as reads_module      # where reads are chunked and checksummed
 
-    monkeypatch.setattr(servicer_module, "zlib", types.SimpleNamespace(crc32=lambda data, crc=0: 12345))
+    monkeypatch.setattr(reads_module, "zlib", types.SimpleNamespace(crc32=lambda data, crc=0: 12345))
     with client.session() as s:
         s.launch(token_ids=IDS)
         with pytest.raises(TdbError) as e:
