@@ -8,6 +8,7 @@
             s.set_breakpoints(["blocks.1.attn.out"])
             stop = s.launch("Mr. Darcy ... Mr.")          # RunStatus, paused at blocks.1.attn.out
             pattern = s.read("blocks.1.attn.pattern")     # numpy [batch, head, query_pos, key_pos]
+            cache = s.read_cache()                        # {site: numpy}, one request: what has run so far
             s.patch("blocks.1.attn.head.2", "zero")       # zero one head's write, at this stop
             done = s.continue_()                          # RunStatus, exited
             print(done.result.top[0][:3])
