@@ -113,12 +113,11 @@ def resolve(session: Any, expressions: Sequence[str], run_id: str, dtype: torch.
     the limit holds."""
     _check_count(len(expressions), "the request names")
     run = session.run_for(run_id)
-    names: list[str] = [] if expressions else _captured(run)
-    for entry in expressions:
-        entry = entry.strip()
-        names.extend(_expand(session, run, entry) if is_glob(entry) else [entry])
-    names = list(dict.fromkeys(names))
-    _check_count(len(names), "the request's globs match")
+    found = dict.fromkeys([] if expressions else _captured(run))     # ordered, each name once
+    for entry in dict.fromkeys(e.strip() for e in expressions):
+        found.update(dict.fromkeys(_expand(session, run, entry) if is_glob(entry) else [entry]))
+        _check_count(len(found), "the request's globs match")           # checked as it grows
+    names = list(found)
     items: list[Item] = []
     total = 0
     for name in names:
