@@ -36,7 +36,8 @@ cache everything, tdb and TransformerLens (the nnsight idioms of bench_peers nam
 
 The table goes to stdout, the rows (with model, tokens, task and tool) to `--json`, the plot (Altair:
 ratio to a forward against tokens, log scales, one line per tool per task and model) to `--plot`
-(`--replot JSON` redraws it from a saved run).
+(`--combine A.json,B.json` joins the rows of runs made apart, e.g. each model in its own process, and
+redraws both).
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def load_peers(path: Path, adapter, peers: set[str], family: str) -> tuple[objec
     return tl, nns, missing
 
 
-def length_rows(model: str, b: Bench, mgr: SessionManager, wire_session, args, tasks: set[str]) -> list[dict]:
+def length_rows(model: str, b: Bench, mgr: SessionManager, args, tasks: set[str]) -> list[dict]:
     tokens = len(b.ids)
     long = tokens >= args.long
     repeat = args.long_repeat if long else args.repeat
@@ -298,9 +299,10 @@ def length_rows(model: str, b: Bench, mgr: SessionManager, wire_session, args, t
                             f"not run past --full-table-max {args.full_table_max} tokens (its rows grow with tokens "
                             f"x (heads + neurons): {tokens * b.adapter.info.n_layers * (b.adapter.info.n_heads + b.adapter.info.d_mlp):,})"))
     if "cache" in tasks:
-        cache = cache_entries(b, mgr.create(), wire_session)
-        rows += timed_task(model, tokens, "cache everything", [(tool_of(k), k, e) for k, e in cache.items()],
-                           plain, repeat)
+        with b.client.session() as wire_session:      # a session of its own: an idle one times out
+            cache = cache_entries(b, mgr.create(), wire_session)
+            rows += timed_task(model, tokens, "cache everything", [(tool_of(k), k, e) for k, e in cache.items()],
+                               plain, repeat)
         del cache
     if "flow" in tasks:
         if tokens <= args.flow_max:
@@ -319,7 +321,7 @@ def length_rows(model: str, b: Bench, mgr: SessionManager, wire_session, args, t
 def model_rows(model: str, path: Path, family: str, lengths: list[int], tasks: set[str], args,
                done: list[dict]) -> list[dict]:
     """The rows of one model at each length; after each length, the rows so far (`done` + these) go to
-    `--json` marked partial, so that a long run stopped midway keeps what it measured."""
+    `--json`.partial, so that a long run stopped midway keeps what it measured."""
     from tdb_client import TdbClient
     from tdb_server.server import create_server
 
@@ -329,16 +331,16 @@ def model_rows(model: str, path: Path, family: str, lengths: list[int], tasks: s
     mgr = SessionManager(adapter)
     rows: list[dict] = []
     try:
-        with TdbClient(f"127.0.0.1:{port}", timeout=1800) as client, client.session() as wire_session:
+        with TdbClient(f"127.0.0.1:{port}", timeout=1800) as client:
             for tokens in lengths:
                 gen = torch.Generator().manual_seed(1)
                 ids = torch.randint(100, adapter.info.vocab_size, (tokens,), generator=gen).tolist()
                 target, ids = resolve_target(adapter, TargetSpec(token_ids=(A,), distractor_ids=(B,)), ids)
                 b = Bench(adapter, ids, target, client, tl, nns, missing)
-                rows += length_rows(model, b, mgr, wire_session, args, tasks)
+                rows += length_rows(model, b, mgr, args, tasks)
                 if args.json:
-                    Path(args.json).write_text(json.dumps({"header": "partial: the run did not finish",
-                                                           "rows": done + rows}, indent=1))
+                    Path(args.json + ".partial").write_text(json.dumps({"header": "partial: the run did not finish",
+                                                                        "rows": done + rows}, indent=1))
     finally:
         mgr.shutdown()
         handle.stop(grace=None)
@@ -422,8 +424,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--json", default=str(RESULTS / "scaling_cpu.json"))
     ap.add_argument("--plot", default=str(PLOT), help="the Altair plot (.svg, .png or .html; '' for none)")
-    ap.add_argument("--replot", default="", help="only print the table by length and draw --plot from this "
-                                                 "JSON of an earlier run")
+    ap.add_argument("--combine", default="", help="measure nothing: the rows of these JSONs of earlier runs "
+                                                  "(comma-separated) go to --json together, with the table by "
+                                                  "length and the plot")
     return ap
 
 
@@ -456,13 +459,11 @@ def run(args) -> tuple[str, list[dict]]:
 
 def main() -> int:
     args = parser().parse_args()
-    if args.replot:
-        rows = json.loads(Path(args.replot).read_text())["rows"]
-        print("\n".join(pivot_lines(rows)))
-        if args.plot:
-            plot(rows, Path(args.plot))
-        return 0
-    header, rows = run(args)
+    if args.combine:
+        runs = [json.loads(Path(f).read_text()) for f in args.combine.split(",") if f]
+        header, rows = " | ".join(r["header"] for r in runs), [row for r in runs for row in r["rows"]]
+    else:
+        header, rows = run(args)
     report(header, rows, args.json)
     print("\n" + "\n".join(pivot_lines(rows)))
     if args.plot:
