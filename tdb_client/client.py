@@ -376,8 +376,10 @@ class Session:
         if not chunks:
             return []                                 # ReadTensors of a run that captured nothing
         path = chunks[0].shared_memory_path
-        if not path or any(c.shared_memory_path != path for c in chunks):
-            return None                               # a server that does not know the flag streamed the bytes
+        if not any(c.shared_memory_path for c in chunks):
+            return _reads.streamed(chunks, _what(req))  # a small read (or an older server) comes streamed
+        if any(c.shared_memory_path != path for c in chunks):
+            return None
         try:
             fd = _open_shared(path)
         except OSError:

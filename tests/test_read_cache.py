@@ -26,6 +26,13 @@ HAS_SHM = shm.available()
 PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(not HAS_SHM, reason="no writable /dev/shm"))]
 
 
+@pytest.fixture(autouse=True)
+def every_read_through_a_file(monkeypatch):
+    """The models here are tiny: every read asked through shared memory uses a file, however small
+    (a real server streams reads under reads.SHM_MIN_BYTES; tests/test_shm_reads.py checks that)."""
+    monkeypatch.setattr(reads, "SHM_MIN_BYTES", 0)
+
+
 def _ours() -> set[str]:
     return set(glob.glob(str(shm.SHM_DIR / f"tdb-{os.getpid()}-*")))
 

@@ -12,9 +12,17 @@ import pytest
 from tdb_client import TdbClient
 from tdb_client.client import Session
 from tdb_server import shm
+from tdb_server.engine import reads
 from tdb_server.errors import FailedPrecondition
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm on this machine")
+
+
+@pytest.fixture(autouse=True)
+def every_read_through_a_file(monkeypatch):
+    """The models here are tiny: every read asked through shared memory uses a file, however small
+    (a real server streams reads under reads.SHM_MIN_BYTES; test_small_reads_come_streamed checks that)."""
+    monkeypatch.setattr(reads, "SHM_MIN_BYTES", 0)
 
 IDS = [[5, 17, 42, 8, 99, 5, 17, 42, 3, 61]]
 
@@ -116,3 +124,21 @@ def test_the_client_opens_and_unlinks_only_tdb_files_in_dev_shm(tmp_path):
         link.unlink()
     assert victim.read_text() == "keep me"
 
+
+
+def test_small_reads_come_streamed_and_large_ones_through_one_file(client, monkeypatch):
+    """A file costs more than the bytes of a small read: under SHM_MIN_BYTES the server streams even when
+    shared memory is asked, and the client takes the streamed answer without giving up shared memory."""
+    monkeypatch.setattr(reads, "SHM_MIN_BYTES", 4000)        # logits here: 10 x 100 float32 = 4,000 bytes
+    files = []
+    real = shm.write
+    monkeypatch.setattr(shm, "write", lambda *a, **k: files.append(1) or real(*a, **k))
+    with client.session() as s:
+        s.launch(token_ids=IDS)
+        want = s.read("logits", shared_memory=False)
+        np.testing.assert_array_equal(s.read("logits[0, :5]", shared_memory=True), want[0, :5])   # 2,000 bytes
+        assert files == [] and client._use_shared_memory()
+        np.testing.assert_array_equal(s.read("logits", shared_memory=True), want)                # 4,000 bytes
+        assert files == [1]
+        cache = s.read_cache(["logits[0, :5]", "logits[0, 5:]"], shared_memory=True)             # 4,000 in all
+        assert files == [1, 1] and set(cache) == {"logits[0, :5]", "logits[0, 5:]"}

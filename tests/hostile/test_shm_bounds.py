@@ -15,9 +15,17 @@ import pytest
 
 from tdb_client import TdbClient, TdbError
 from tdb_server import shm
+from tdb_server.engine import reads
 from tdb_server.errors import FailedPrecondition
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm on this machine")
+
+
+@pytest.fixture(autouse=True)
+def every_read_through_a_file(monkeypatch):
+    """The models here are tiny: every read asked through shared memory uses a file, however small
+    (a real server streams reads under reads.SHM_MIN_BYTES; test_small_reads_come_streamed checks that)."""
+    monkeypatch.setattr(reads, "SHM_MIN_BYTES", 0)
 MiB = 1 << 20
 
 
