@@ -6,7 +6,7 @@
         print(tdb.model_info().n_layers)
         with tdb.session() as s:
             s.set_breakpoints(["blocks.1.attn.out"])
-            stop = s.launch("Mr. Darcy ... Mr.")          # RunStatus, paused at blocks.1.attn.out
+            stop = s.launch("Mr. Darcy ... Mr.", capture=["*"])   # paused at blocks.1.attn.out; "*": patterns too
             pattern = s.read("blocks.1.attn.pattern")     # numpy [batch, head, query_pos, key_pos]
             cache = s.read_cache()                        # {site: numpy}, one request: what has run so far
             s.patch("blocks.1.attn.head.2", "zero")       # zero one head's write, at this stop

@@ -28,7 +28,7 @@ from . import env, expr, expr_check, inspect, patching, plan, stops, weights
 from .breakpoints import BreakpointSpec, parse_hit_condition
 from .events import Continued, EventLog, Terminated
 from .patches import Patch
-from .run import DebugRun, StopState, _shared_pool
+from .run import DebugRun, _shared_pool
 from .scheduler import scheduler_for
 from .types import (ACTIVE, DONE, BreakpointRequest, GenOptions, PatchInfo, RunState, RunStatus, Scope, StackFrame,
                     Variable, When)
