@@ -119,8 +119,12 @@ class EventTranslator:
             reason = "data breakpoint"
         elif reason == "breakpoint" and hits and all(b.kind in ("function", "launch") for b in hits):
             reason = "function breakpoint"
+        description = stop.description
+        if stop.reason == "breakpoint" and hits and description.startswith("breakpoint ["):
+            # the server numbers breakpoints its own way: name them by the ids the IDE was given
+            description = f"breakpoint {[b.id for b in hits]}{description[description.index(']') + 1:]}"
         body: dict[str, Any] = {"reason": reason, "threadId": run.thread_id(ev.run_id),
-                                "description": stop.description, "allThreadsStopped": True,
+                                "description": description, "allThreadsStopped": True,
                                 "hitBreakpointIds": [b.id for b in hits]}
         if stop.exception:
             body["text"] = stop.exception

@@ -293,6 +293,8 @@ def test_server_mode_breakpoints_watches_and_patches(stdio_dap, gpt2_server, gpt
 
     stop = dap.event("stopped")["body"]                     # hit 2 of blocks.*.attn.out
     assert stop["reason"] == "function breakpoint" and stop["hitBreakpointIds"] == [fn["id"]]
+    # the description names the breakpoint by the IDE's id, not the server's numbering
+    assert stop["description"] == f"breakpoint [{fn['id']}] at blocks.1.attn.out", stop["description"]
     tid = stop["threadId"]
     [log_line] = [e["body"] for e in dap.seen("output") if "mlp0 norm=" in e["body"]["output"]]
     assert log_line["line"] == line["blocks.0.mlp.out"] and log_line["category"] == "console"
