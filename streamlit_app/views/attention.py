@@ -31,8 +31,13 @@ def render(ctx: Context) -> None:
         return
     show_tokens(prompt)
     a, b = st.columns(2)
+    held = {key: state.held_value(key, int) for key in (state.LAYER, state.HEAD)}    # a link's, before the boxes
     layer = state.url_selectbox("Layer", state.LAYER, range(m.n_layers), 0, parse=int, widget=a.selectbox)
     head = state.url_selectbox("Head (up close)", state.HEAD, range(m.n_heads), 0, parse=int, widget=b.selectbox)
+    for what, key, n, shown in (("layer", state.LAYER, m.n_layers, layer), ("head", state.HEAD, m.n_heads, head)):
+        if held[key] is not None and not 0 <= held[key] < n:    # a link made on another model, a typo
+            st.caption(f"{what.capitalize()} {held[key]} is not in this model ({what}s 0–{n - 1}): "
+                       f"showing {what} {shown}.")
     with st.spinner("running the prompt…"):
         p = patterns(ctx, prompt.ids, layer)                  # [head, query, key]
     labels = prompt.labels
