@@ -138,8 +138,11 @@ def _default_axes(dims: Sequence[str]) -> tuple[int, int]:
 
 
 def tensor_view(arr: np.ndarray, dims: Sequence[str], key: str, *, tokens: Sequence[str] | None = None,
-                title: str = "", max_width: int = 340) -> None:
-    """A tensor as a heatmap (pick the row and column axes, index the others) or a histogram."""
+                title: str = "", max_width: int = 340, n_positions: int | None = None) -> None:
+    """A tensor as a heatmap (pick the row and column axes, index the others) or a histogram. Position
+    axes are labelled with `tokens` (the prompt's). `n_positions`: how many positions the forward at hand
+    has seen (default len(tokens)); a shorter position axis holds the newest of them, as a generation
+    step's forward with the KV cache does (its queries are the fed-back token alone)."""
     arr = np.asarray(arr)
     if arr.ndim == 0:
         st.metric(title or "value", f"{float(arr):.6g}")
@@ -172,9 +175,10 @@ def tensor_view(arr: np.ndarray, dims: Sequence[str], key: str, *, tokens: Seque
     z = z[:MAX_ROWS, :MAX_COLS]
 
     def labels(axis: int, n: int) -> list[str]:
-        if tokens is not None and dims[axis] in ("pos", "query_pos", "key_pos") and len(tokens) >= n:
-            return [f"{i} {show_token(t)}" for i, t in enumerate(tokens[:n])]
-        return [str(i) for i in range(n)]
+        if tokens is None or dims[axis] not in ("pos", "query_pos", "key_pos"):
+            return [str(i) for i in range(n)]
+        start = max(0, (len(tokens) if n_positions is None else n_positions) - arr.shape[axis])
+        return [f"{p} {show_token(tokens[p])}" if p < len(tokens) else str(p) for p in range(start, start + n)]
 
     st.altair_chart(charts.heatmap(z, labels(rows, z.shape[0]), labels(cols, z.shape[1]), title=title,
                                    row_title=dims[rows], col_title=dims[cols], max_width=max_width),

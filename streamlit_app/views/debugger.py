@@ -207,7 +207,9 @@ def _stack_and_variables(ctx: Context, s: Session, status: RunStatus, inspector)
         if arr is not None:
             site = v.name if v.name in ctx.model.site_names else (status.site or "")
             dims = next((x.dims for x in ctx.model.sites if x.name == site), ())
-            tensor_view(arr, dims, key=f"dbg.view.{label}", tokens=st.session_state.get(K_TOKENS), title=v.name)
+            tokens = st.session_state.get(K_TOKENS)
+            fed = len(tokens) + status.stop.token if tokens is not None and status.stop else None  # + tokens fed back
+            tensor_view(arr, dims, key=f"dbg.view.{label}", tokens=tokens, title=v.name, n_positions=fed)
 
 
 def _patch_form(ctx: Context, s: Session, status: RunStatus) -> None:
