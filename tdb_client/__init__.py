@@ -1,7 +1,7 @@
 """tdb_client: the typed Python client of a tdb server (returns numpy and dataclasses, never protos)."""
 
 from .client import EventCollector, Session, TdbClient
-from .errors import TdbError
+from .errors import TdbError, TdbWarning
 from .graph import Graph
 from .results import (AblationEffect, AblationResult, AttentionResult, Comparison, InputAttributionResult,
                       LogitLensResult, NodeTable, NodeTableResult, PairedNodeTable, PatchSweepResult, ResolvedTarget,
@@ -11,7 +11,7 @@ from .types import (Ablation, Breakpoint, BreakpointStatus, EvalResult, Event, F
                     ReplayReport, RunResult, RunStatus, Scope, ServerInfo, SiteInfo, StopInfo, Target, TensorSummary,
                     TokenProb, Trace, Variable)
 
-__all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "Breakpoint", "BreakpointStatus", "EvalResult",
+__all__ = ["TdbClient", "Session", "EventCollector", "TdbError", "TdbWarning", "Breakpoint", "BreakpointStatus", "EvalResult",
            "Event", "Frame", "Generate", "ReplayReport", "ModelInfo", "PatchResult", "RunResult", "RunStatus", "Scope", "ServerInfo", "SiteInfo",
            "StopInfo", "TensorSummary", "TokenProb", "Variable",
            "Ablation", "AblationEffect", "AblationResult", "AttentionResult", "Comparison", "InputAttributionResult",

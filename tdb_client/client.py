@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+import warnings
 from typing import Any, Sequence
 
 import grpc
@@ -32,7 +33,7 @@ from . import _enums as enums
 from . import _reads, _wire, serde
 from .analysis import AnalysisMixin
 from ._rpc import _Stream, _Stub
-from .errors import TdbError
+from .errors import TdbError, TdbWarning
 from .types import (Breakpoint, BreakpointStatus, EvalResult, Event, Frame, Generate, ModelInfo, PatchResult, ReplayReport,
                     RunResult,
                     RunStatus, Scope, ServerInfo, TensorSummary, Variable)
@@ -233,7 +234,9 @@ class Session:
         """Start a forward pass on a prompt (or a batch of prompts, or token ids).
 
         generate: a `Generate` (or a number of new tokens, greedy) to step through generation token by token.
-        With `wait` (default) returns once the run has stopped (breakpoint, entry, token) or ended."""
+        With `wait` (default) returns once the run has stopped (breakpoint, entry, token) or ended.
+        A prompt word the model does not know (its tokenizer writes the unknown token) gives a TdbWarning,
+        also in the returned status's `warnings`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         req = pb.LaunchRequest(session_id=self.id, prompts=prompts, prepend_bos=prepend_bos, capture=list(capture),
                                stop_on_entry=stop_on_entry, wait=wait, wait_timeout_ms=int(timeout * 1000))
@@ -242,7 +245,10 @@ class Session:
         if generate is not None:
             options = Generate(generate) if isinstance(generate, int) else generate
             req.generate.CopyFrom(serde.generate_to_proto(options))
-        return self._saw(self._rpc("Launch", req, timeout=timeout + 30))
+        status = self._saw(self._rpc("Launch", req, timeout=timeout + 30))
+        for text in status.warnings:
+            warnings.warn(text, TdbWarning, stacklevel=2)
+        return status
 
     def continue_(self, wait: bool = True, timeout: float = 60.0) -> RunStatus:
         return self._saw(self._rpc("Continue", pb.ContinueRequest(session_id=self.id, wait=wait,

@@ -36,6 +36,10 @@ class TdbError(Exception):
         return cls(code, reason, details or "", sugg)
 
 
+class TdbWarning(UserWarning):
+    """Something the server says about a call that succeeded, e.g. prompt words the model does not know."""
+
+
 def no_server(details: str) -> str:
     """The message of a call that reached no server (gRPC's own words kept: they name the address)."""
     return (f"no tdb server is answering there ({details}). Is one running at that address? "

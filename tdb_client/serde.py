@@ -163,7 +163,8 @@ def run_result_from_proto(m: pb.RunResult) -> RunResult:
 def run_status_from_proto(m: pb.RunStatus) -> RunStatus:
     return RunStatus(m.run_id, enums.RUN_STATE_NAMES.get(m.state, "unknown"),
                      _optional(m, "stop", stop_info_from_proto), _optional(m, "result", run_result_from_proto),
-                     tuple(PatchInfo(p.patch_id, p.site, p.op, p.scope, p.applied) for p in m.patches))
+                     tuple(PatchInfo(p.patch_id, p.site, p.op, p.scope, p.applied) for p in m.patches),
+                     tuple(m.warnings))
 
 
 def _event_body(kind: str, m: pb.Event) -> dict[str, Any]:

@@ -164,6 +164,7 @@ class RunStatus:
     stop: StopInfo | None
     result: RunResult | None
     patches: tuple[PatchInfo, ...]
+    warnings: tuple[str, ...] = ()   # about the input: prompt words the model does not know (its unknown token)
 
     @property
     def paused(self) -> bool:

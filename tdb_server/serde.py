@@ -169,7 +169,7 @@ def _patch_info_to_proto(p: PatchInfo) -> pb.PatchInfo:
 
 def status_to_proto(s: RunStatus) -> pb.RunStatus:
     msg = pb.RunStatus(session_id=s.session_id, run_id=s.run_id, state=_RUN_STATE[s.state],
-                       patches=[_patch_info_to_proto(p) for p in s.patches])
+                       patches=[_patch_info_to_proto(p) for p in s.patches], warnings=s.warnings)
     if s.stop is not None:
         msg.stop.CopyFrom(stop_to_proto(s.stop))
     if s.result is not None:

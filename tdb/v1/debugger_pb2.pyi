@@ -352,20 +352,22 @@ class PatchInfo(_message.Message):
     def __init__(self, patch_id: _Optional[int] = ..., site: _Optional[str] = ..., op: _Optional[str] = ..., scope: _Optional[str] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("session_id", "run_id", "state", "stop", "result", "patches")
+    __slots__ = ("session_id", "run_id", "state", "stop", "result", "patches", "warnings")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     PATCHES_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     run_id: str
     state: RunState
     stop: StopInfo
     result: RunResult
     patches: _containers.RepeatedCompositeFieldContainer[PatchInfo]
-    def __init__(self, session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stop: _Optional[_Union[StopInfo, _Mapping]] = ..., result: _Optional[_Union[RunResult, _Mapping]] = ..., patches: _Optional[_Iterable[_Union[PatchInfo, _Mapping]]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stop: _Optional[_Union[StopInfo, _Mapping]] = ..., result: _Optional[_Union[RunResult, _Mapping]] = ..., patches: _Optional[_Iterable[_Union[PatchInfo, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetResultRequest(_message.Message):
     __slots__ = ("session_id", "run_id", "top_k", "include_logits")

@@ -196,6 +196,14 @@ def _describe(adapter, kind: str, tok_ids: list[int], dist_ids: list[int], p: in
     return mean(tok_ids) + (f" - {mean(dist_ids)}" if dist_ids else "") + f" at position {p}"
 
 
+def _unknown_notes(adapter, ids: list[int]) -> list[str]:
+    """A note when the prompt holds the unknown token: words the model does not know, computed on as that token."""
+    unk = getattr(adapter.tokenizer, "unk_token_id", None) if adapter.tokenizer is not None else None
+    k = ids.count(unk) if unk is not None else 0
+    return [f"{k} of {len(ids)} prompt tokens are the unknown token {adapter.tokenizer.unk_token!r} (words the model "
+            "does not know, or that token typed in): tokenize the prompt to see which"] if k else []
+
+
 def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, list[int]]:
     """Validate a target against a prompt's ids; returns the target and the ids to run (the prompt,
     plus the shared prefix of multi-token targets when there is one)."""
@@ -219,7 +227,7 @@ def resolve_target(adapter, spec: TargetSpec, ids: list[int]) -> tuple[Target, l
         k, notes = _split_shared_prefix(adapter, toks[0], dist[0], spec.position, n)
         appended = toks[0][:k]
         toks, dist = [toks[0][k:]], [dist[0][k:]]
-    notes += _first_token_notes(adapter, [*toks, *dist])
+    notes += _first_token_notes(adapter, [*toks, *dist]) + _unknown_notes(adapter, ids)
     run_ids = ids + appended
     p = len(run_ids) - 1 if appended else position(spec.position, n, "target position")
     tok_ids, dist_ids = [s[0] for s in toks], [s[0] for s in dist]

@@ -42,7 +42,7 @@ class RunExited:
 
 @dataclass(frozen=True)
 class Output:
-    category: str      # "console" (log points), "stderr" (condition errors), "warning" (NaN/Inf)
+    category: str      # "console" (log points), "stderr" (condition errors), "warning" (NaN/Inf, unknown words)
     text: str
     site: str = ""
 

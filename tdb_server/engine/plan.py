@@ -16,7 +16,7 @@ from ..errors import InvalidArgument
 from ..bounds import MAX_TEMPERATURE
 from ..limits import Limits
 from ..model.sites import expand_glob, site_shape
-from ..model.tokens import Prompt, encode as encode_prompt
+from ..model.tokens import Prompt, encode as encode_prompt, unknown_note, unknown_words
 from .breakpoints import BreakpointSpec
 from .patches import Patch
 from .types import GenOptions, When
@@ -34,6 +34,14 @@ def encode(adapter: Any, limits: Limits, prompts: list[str], token_ids: list[lis
         raise InvalidArgument(f"batch of {len(items)} sequences; this server takes at most {limits.max_batch}",
                               reason="BATCH_TOO_LARGE")
     return [encode_prompt(adapter, p, f"sequence {b}", limits.max_prompt_tokens) for b, p in enumerate(items)]
+
+
+def input_warnings(adapter: Any, prompts: list[str], seqs: list[list[int]]) -> list[str]:
+    """What a run's input hides: each prompt's words the tokenizer could only write as its unknown token."""
+    notes = [unknown_note(adapter, f"sequence {b}" if len(prompts) > 1 else "the prompt",
+                          unknown_words(adapter, text, ids), len(ids))
+             for b, (text, ids) in enumerate(zip(prompts, seqs))]
+    return [n for n in notes if n]
 
 
 def check_generation(adapter: Any, limits: Limits, gen: GenOptions, seqs: list[list[int]]) -> None:

@@ -147,6 +147,7 @@ class DebugRun:
         self.patches: list[Patch] = []                          # run-scoped (pending or applied)
         self.result: RunResult | None = None
         self.exception = ""
+        self.warnings: list[str] = []                           # about the input (plan.input_warnings)
         self.logits: torch.Tensor | None = None                 # [B, V] at the last real position
         self.logits_rows: list[int] | None = None               # rows the unembedding takes (hooks.py)
         # control, guarded by session.cv

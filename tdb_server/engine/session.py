@@ -26,7 +26,7 @@ from ..model.interventions import Intervention, Selector
 from ..model.sites import SiteError, Unit, expand_glob
 from . import env, expr, expr_check, inspect, patching, plan, stops, weights
 from .breakpoints import BreakpointSpec, parse_hit_condition
-from .events import Continued, EventLog, Terminated
+from .events import Continued, EventLog, Output, Terminated
 from .patches import Patch
 from .run import DebugRun, _shared_pool
 from .scheduler import scheduler_for
@@ -234,7 +234,10 @@ class Session:
         ids, lengths = plan.pad(seqs)
         run = DebugRun(self, f"r{next(self._run_ids)}", ids, lengths, captured, sites, stop_on_entry, gen,
                        fire=frozenset(fire), prepare=plan.prepared_sites(sites, fire, self.breakpoints))
+        run.warnings = plan.input_warnings(self.adapter, prompts, seqs)
         self._make_current(run)
+        for text in run.warnings:
+            self.events.emit(run.run_id, Output(category="warning", text=text))
         run.start()
         return run
 
@@ -336,7 +339,7 @@ class Session:
         if run is None:
             return msg
         with self.cv:
-            msg.run_id, msg.state = run.run_id, run.state
+            msg.run_id, msg.state, msg.warnings = run.run_id, run.state, list(run.warnings)
             msg.stop = run.stop.info() if run.stop is not None else None
             msg.result = run.result
             msg.patches += [_patch_info(p, "run") for p in run.patches]

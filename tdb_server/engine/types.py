@@ -168,6 +168,7 @@ class RunStatus:
     stop: StopInfo | None = None
     result: RunResult | None = None
     patches: list[PatchInfo] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # about the run's input (words the model does not know)
 
 
 @dataclass(frozen=True)

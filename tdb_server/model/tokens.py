@@ -87,6 +87,32 @@ def encode(adapter, prompt: Prompt, what: str = "input", max_tokens: int = 0) ->
     return ids
 
 
+def unknown_words(adapter, text: str, ids: list[int]) -> list[str]:
+    """The pieces of `text` its tokenizer could only write as the unknown token (a word-level vocabulary's
+    words it does not know), in order; [] when none did (or the model has no unknown token). Text that is
+    the unknown token itself ("<unk>" typed in) is not counted."""
+    tok = adapter.tokenizer
+    unk = getattr(tok, "unk_token_id", None) if tok is not None else None
+    if unk is None or unk not in ids:
+        return []
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+    except (NotImplementedError, TypeError, ValueError, KeyError):   # a slow tokenizer keeps no offsets
+        pieces = ["?"] * ids.count(unk)
+    return [p for p in pieces if p.strip() != tok.unk_token]
+
+
+def unknown_note(adapter, what: str, words: list[str], n_tokens: int) -> str:
+    """A sentence saying that `words` of an input became the model's unknown token ("" for none)."""
+    if not words:
+        return ""
+    shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+    return (f"{what}: {len(words)} of {n_tokens} tokens are the unknown token {adapter.tokenizer.unk_token!r}: "
+            f"{shown} {'is' if len(words) == 1 else 'are'} not in the model's vocabulary, so the model does not "
+            f"see {'it' if len(words) == 1 else 'them'} (tokenize the prompt to check; give words it knows)")
+
+
 def check_ids(adapter, ids: list[int], what: str) -> None:
     vocab = adapter.info.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]

@@ -43,6 +43,7 @@ def test_a_word_level_target_of_two_words_is_named_with_its_space(induction):
     spaced form that would be the unknown token."""
     ids = induction.tokenizer("When Mr. Darcy entered the room, Mr.", add_special_tokens=False)["input_ids"]
     target, _ = resolve_target(induction, TargetSpec(tokens=("Darcy and",), distractors=("Bingley",)), ids)
-    assert target.notes == ["'Darcy and' is 2 tokens: using its first token 'Darcy'"]
+    assert target.notes[0] == "'Darcy and' is 2 tokens: using its first token 'Darcy'"
+    assert target.notes[1].startswith("5 of 7 prompt tokens are the unknown token")   # "When", "Mr.", "room,", ...
     shared, _ = resolve_target(induction, TargetSpec(tokens=("Darcy and",), distractors=("Darcy the",)), ids)
     assert "share the prefix 'Darcy'" in shared.notes[0]
