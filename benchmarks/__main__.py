@@ -17,7 +17,7 @@ as JSON (`--json`, default benchmarks/results/latest.json).
         first (the `bench` extra; missing peers get a row saying so; benchmarks/bench_peers.py)
     S   scaling with prompt length: node table, cache, information flow and head sweeps at 20, 128, 512
         and 1,024 tokens on GPT-2-small and at 20 and 128 on a 1.1B Llama shape, peers beside them
-        (benchmarks/bench_scaling.py with its defaults; about 40 minutes; not part of `all`; writes
+        (benchmarks/bench_scaling.py with its defaults; about an hour on 2 CPU cores; not part of `all`; writes
         benchmarks/results/scaling_cpu.json and docs/benchmarks_scaling.svg; its rows join the table)
 
 P1, P2, P3, P5 and P6 run on the bundled model (`--model`); P4 and P7 on one random-weight

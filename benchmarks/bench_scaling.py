@@ -386,8 +386,10 @@ def plot(rows: list[dict], path: Path) -> None:
             for r in rows if r.get("ratio") and panel(r.get("task", "")) in PANELS and r["tool"] != "tdb over gRPC"]
     if not data:
         return
+    lengths = sorted({d["tokens"] for d in data})
     base = alt.Chart(alt.Data(values=data)).encode(
-        x=alt.X("tokens:Q", scale=alt.Scale(type="log"), axis=alt.Axis(values=sorted({d["tokens"] for d in data}))),
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", domain=[min(lengths) / 1.3, max(lengths) * 1.3]),
+                axis=alt.Axis(values=lengths, labelOverlap=False)),
         y=alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="cost ÷ one plain forward"),
         color=alt.Color("tool:N", title="tool", scale=alt.Scale(domain=list(COLORS), range=list(COLORS.values()))),
         shape=alt.Shape("model:N", title="model"),
