@@ -395,3 +395,18 @@ def test_without_an_event_stream_the_bridge_polls(stdio_dap, gpt2_adapter, make_
     assert dap.event("exited")["body"]["exitCode"] == 0
     dap.request("disconnect", {})
     assert not dap.errors, dap.errors
+
+
+def test_prompt_words_the_model_does_not_know_are_printed_in_the_console(stdio_dap, bundled_server):
+    """The induction model is word-level: 'Pemberley' becomes its unknown token; the run's warning (an
+    Output event of the server) reaches the IDE's console."""
+    _, dap = stdio_dap
+    dap.body("initialize", {"clientID": "pytest", "adapterID": "tdb"})
+    dap.request("launch", {"server": bundled_server, "prompt": "the lady saw Mr Darcy at Pemberley and Mr"})
+    dap.event("initialized")
+    dap.request("configurationDone")
+    dap.event("terminated")
+    [line] = [e["body"]["output"] for e in dap.seen("output") if "not in the model's vocabulary" in e["body"]["output"]]
+    assert "'Pemberley' is not in the model's vocabulary" in line
+    dap.request("disconnect", {})
+    assert not dap.errors, dap.errors
