@@ -294,10 +294,11 @@ def length_rows(model: str, b: Bench, mgr: SessionManager, args, tasks: set[str]
         rows += timed_task(model, tokens, "node table, direct effects at the target",
                            node_table_entries(b, tokens <= args.full_table_max), plain, repeat)
         if tokens > args.full_table_max:
+            info = b.adapter.info
             rows.append(row(model, tokens, "node table, direct effects at the target", "tdb full table",
                             "tdb: the full table (every position)", None, None,
                             f"not run past --full-table-max {args.full_table_max} tokens (its rows grow with tokens "
-                            f"x (heads + neurons): {tokens * b.adapter.info.n_layers * (b.adapter.info.n_heads + b.adapter.info.d_mlp):,})"))
+                            f"x (heads + neurons): {tokens * info.n_layers * (info.n_heads + info.d_mlp):,})"))
     if "cache" in tasks:
         with b.client.session() as wire_session:      # a session of its own: an idle one times out
             cache = cache_entries(b, mgr.create(), wire_session)
