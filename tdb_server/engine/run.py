@@ -120,6 +120,10 @@ def _choose(gen: GenOptions, logits: torch.Tensor, rng: torch.Generator | None) 
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=rng)[:, 0]
 
 
+_STEPPED = {"into": "stepped into {site}", "over": "stepped over to {site}", "out": "stepped out to {site}",
+            "token": "token step to {site}"}   # a stop's description, read after its reason ("step")
+
+
 class DebugRun:
     """One forward pass of a session (the adapter's SiteHandler)."""
 
@@ -416,7 +420,7 @@ class DebugRun:
         if pause or forced:
             return StopState(0, site, When.AFTER, "pause", [], f"paused at {site}", value=value)
         if step is not None and stops.step_done(step, site, self.order):
-            return StopState(0, site, When.AFTER, "step", [], f"step {step[0]} to {site}", value=value)
+            return StopState(0, site, When.AFTER, "step", [], _STEPPED[step[0]].format(site=site or "the token boundary"), value=value)
         return None
 
     def _index_breakpoints(self) -> None:
