@@ -27,6 +27,24 @@ def _proximity(y: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     return (y.abs().sum(-1) - (y - parts).abs().sum(-1)).clamp_min(0)
 
 
+CHUNK_ELEMENTS = 1 << 24      # a [rows, keys, D] chunk of one head's terms: 64 MiB of float32
+
+
+def _head_proximity(mid: torch.Tensor, A_h: torch.Tensor, vo_h: torch.Tensor) -> torch.Tensor:
+    """mid [T, D], A_h [T(i), T(j)], vo_h [T(j), D] -> proximity of each term A_h[i, j] vo_h[j] to mid[i],
+    [T(i), T(j)]: a few query rows at a time (a [T, T, D] tensor at once is 3 GiB per head at 1,024 tokens of
+    GPT-2-small), each against the keys up to its last row only where the later keys are not attended (a
+    causal head: zero terms, whose proximity is zero)."""
+    T, D = mid.shape
+    out = mid.new_zeros(T, T)
+    rows = max(1, min(CHUNK_ELEMENTS // max(1, T * D), -(-T // 8)))     # at least 8 chunks: ~44% of keys skipped
+    for i0 in range(0, T, rows):
+        i1 = min(T, i0 + rows)
+        keys = i1 if not bool(A_h[i0:i1, i1:].any()) else T
+        out[i0:i1, :keys] = _proximity(mid[i0:i1, None], A_h[i0:i1, :keys, None] * vo_h[None, :keys])
+    return out
+
+
 def _node(kind: str, L: int, p: int, n: int) -> FlowNode:
     """resid_pre of block n (past the last one) is the final resid_post."""
     return ("resid_post", n - 1, p) if kind == "resid_pre" and L == n else (kind, L, p)
@@ -59,8 +77,7 @@ def _block_edges(adapter: ModelAdapter, cache: Capture, L: int, threshold: float
     T = pre.shape[0]
     vo = head_writes(adapter, L, v.repeat_interleave(H // Hkv, dim=1))  # [H, T, D]: v_h[j] W_O[h]
     b = adapter.b_O(L).float()
-    prox_heads = torch.stack([_proximity(mid[:, None], A[h][..., None] * vo[h][None])  # [T(i), T(j)]
-                              for h in range(H)])                        # [H, T, T]
+    prox_heads = torch.stack([_head_proximity(mid, A[h], vo[h]) for h in range(H)])   # [H, T(i), T(j)]
     prox_skip = _proximity(mid, pre[None])[0]                            # [T]
     prox_bias = _proximity(mid, b.expand_as(mid)[None])[0]
     total = prox_heads.sum((0, 2)) + prox_skip + prox_bias               # [T]
