@@ -27,13 +27,15 @@ def _proximity(y: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     return (y.abs().sum(-1) - (y - parts).abs().sum(-1)).clamp_min(0)
 
 
-CHUNK_ELEMENTS = 1 << 24      # a [rows, keys, D] chunk of one head's terms: 64 MiB of float32
+# a [rows, keys, D] chunk of one head's terms: 4 MiB of float32, which stays in cache (one head at 512 tokens of
+# GPT-2-small, one CPU thread: 0.65 s in 64 MiB chunks, 0.09 s in 16 MiB, 0.047 s in 4 MiB, 0.052 s in 1 MiB)
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _head_proximity(mid: torch.Tensor, A_h: torch.Tensor, vo_h: torch.Tensor) -> torch.Tensor:
     """mid [T, D], A_h [T(i), T(j)], vo_h [T(j), D] -> proximity of each term A_h[i, j] vo_h[j] to mid[i],
     [T(i), T(j)]: a few query rows at a time (a [T, T, D] tensor at once is 3 GiB per head at 1,024 tokens of
-    GPT-2-small), each against the keys up to its last row only where the later keys are not attended (a
+    GPT-2-small, and far slower out of cache), each against the keys up to its last row only where the later keys are not attended (a
     causal head: zero terms, whose proximity is zero)."""
     T, D = mid.shape
     out = mid.new_zeros(T, T)
