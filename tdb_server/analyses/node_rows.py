@@ -144,7 +144,7 @@ def table_parts(adapter, cap, G: torch.Tensor, const: float | None, ids: torch.T
         direct = torch.zeros_like(post)
         direct[nz] = post[nz] * (Gp[nz] @ W_out.T)
         neurons = torch.arange(info.d_mlp, device=dev)
-        parts.append(Part(NEURON, L, neurons[None, :], pos[:, None], none, post, post.abs() * W_out.norm(dim=-1),
+        parts.append(Part(NEURON, L, neurons[None, :], pos[:, None], none, post, post.abs() * adapter.W_out_norms(L).to(dev),
                           direct, post * cap.grad(f"blocks.{L}.mlp.post")[pos] if total else None))
         b_out = adapter.b_out(L).float().to(dev)
         if b_out.abs().max() > 0:

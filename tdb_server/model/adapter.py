@@ -120,6 +120,7 @@ class ModelAdapter:
         parallel = bool(self.spec.parallel_attr and getattr(config, self.spec.parallel_attr, False))
         self._final_norm = get_path(model, self.spec.final_norm)
         self._hooks = HookManager(model, self.spec, n_layers, n_heads)
+        self._W_out_norms: dict[int, torch.Tensor] = {}     # layer -> [N] (W_out_norms)
 
         reference = self._self_check_reference() if self_check else None
         original_impl = install_attention_wrapper(model)
@@ -250,6 +251,15 @@ class ModelAdapter:
     def W_out(self, layer: int) -> torch.Tensor:
         """[N, D]: row n is what neuron n writes."""
         return _in_out(get_path(self.blocks[layer], self.spec.mlp_out_proj), self.spec)
+
+    def W_out_norms(self, layer: int) -> torch.Tensor:
+        """[N] float32: |W_out[n]|, how far neuron n writes per unit of activation. Kept once computed (the
+        weights never change; a gated MLP's W_out is a transposed view, whose row norms cost ~38 ms a layer of
+        a 1.1B Llama on one CPU thread)."""
+        norms = self._W_out_norms.get(layer)
+        if norms is None:
+            norms = self._W_out_norms[layer] = self.W_out(layer).float().norm(dim=-1)
+        return norms
 
     def b_out(self, layer: int) -> torch.Tensor:
         """[D]"""

@@ -174,3 +174,11 @@ def test_latent_rows_at_the_target_position_are_the_full_tables():
     assert int((cut.table.ids[:, 0] == nt.SAE_LATENT).sum()) > 0
     assert torch.equal(cut.table.ids, full.table.ids[rows])
     torch.testing.assert_close(cut.table.metrics, full.table.metrics[rows], atol=1e-5, rtol=0)
+
+
+def test_neuron_write_norms_are_computed_once_per_layer(gpt2_adapter):
+    """|W_out[n]| (the neurons' write_norm column) is a property of the weights: kept once computed (on a gated
+    MLP's transposed W_out it cost ~38 ms a layer of a 1.1B Llama: half a 20-token node table)."""
+    first = gpt2_adapter.W_out_norms(1)
+    assert gpt2_adapter.W_out_norms(1) is first
+    torch.testing.assert_close(first, gpt2_adapter.W_out(1).float().norm(dim=-1), rtol=0, atol=0)
