@@ -21,8 +21,10 @@ Past `Limits.max_streams` open streams and long polls, the next one is refused a
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -178,12 +180,31 @@ def create_server(address: str, adapter: Any, *, max_workers: int = 0, limits: L
     return ServerHandle(server, port, sessions, (pool, handshake), health), port
 
 
+def check_port_free(host: str, port: int) -> None:
+    """OSError naming the address when something already listens there (a probe bind with SO_REUSEADDR, as
+    a listening server would: a port left in TIME_WAIT passes; other bind errors are left to gRPC's own
+    bind). Port 0 (any free port) always passes."""
+    if port == 0:
+        return
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    continue         # e.g. no IPv6 here for "localhost": gRPC binds what it can, as before
+                raise OSError(f"cannot bind {host}:{port}: {e.strerror} (something listens there: stop it or "
+                              "give another --port)") from None
+
+
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
           dtype: str = "auto", ready: threading.Event | None = None, limits: Limits | None = None,
           token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
           device_map: str | dict | None = None, offload_folder: str | None = None,
           data_dirs: Sequence[str] = ()) -> int:
     """Load the model, serve until SIGINT/SIGTERM, then shut down gracefully."""
+    check_port_free(host, port)      # before minutes of loading a large model, not after
     adapter = load_model(resolve_model(model), device=device, dtype=dtype, device_map=device_map,
                          offload_folder=offload_folder)
     handle, bound = create_server(f"{host}:{port}", adapter, limits=limits, token=token, tls_cert=tls_cert,

@@ -57,3 +57,35 @@ def test_device_cuda_without_cuda_is_a_clear_error():
 
     with pytest.raises(FailedPrecondition, match="no CUDA device"):
         load_model(resolve_model(None), device="cuda")
+
+
+def test_a_port_already_taken_is_refused_before_the_model_loads(monkeypatch):
+    from tdb_server import server
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(server, "load_model", no_load)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}"):
+            server.serve(model="induction", port=port, device="cpu")
+    server.check_port_free("127.0.0.1", port)         # free again once nothing listens
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_refused_before_the_weights_load(monkeypatch):
+    import transformers
+
+    from tdb_server.errors import FailedPrecondition
+    from tdb_server.model import load_model
+    from tdb_server.paths import resolve_model
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the device was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(FailedPrecondition, match="no CUDA device"):
+        load_model(resolve_model(None), device="cuda")

@@ -63,6 +63,8 @@ def load_model(path_or_name: str, device: str = "auto", dtype: str = "auto",
     except (OSError, ValueError) as e:
         raise NotFound(f"no model at {path_or_name!r}: {e}", reason="MODEL_NOT_FOUND") from e
     arch_for(config.model_type)  # unsupported architecture -> clear error before loading weights
+    torch_dtype = _dtype(dtype)   # and a bad dtype or a missing GPU, too
+    target = _device(device) if device_map is None else None
     if device_map is not None:
         try:
             import accelerate  # noqa: F401
@@ -72,12 +74,12 @@ def load_model(path_or_name: str, device: str = "auto", dtype: str = "auto",
         if offload_folder is None and (device_map in ("auto", "balanced", "sequential")
                                        or (isinstance(device_map, dict) and "disk" in device_map.values())):
             offload_folder = tempfile.mkdtemp(prefix="tdb-offload-")
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=_dtype(dtype),
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=torch_dtype,
                                                      device_map=device_map, offload_folder=offload_folder)
         model = model.eval().requires_grad_(False)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=_dtype(dtype))
-        model = model.to(_device(device)).eval().requires_grad_(False)
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, local_files_only=True, dtype=torch_dtype)
+        model = model.to(target).eval().requires_grad_(False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_name, local_files_only=True)
     except Exception:  # no tokenizer files, or an unusable tokenizer: the model is still useful
