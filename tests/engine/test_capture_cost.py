@@ -7,20 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdb_server.engine.manager import SessionManager
 from tdb_server.engine.types import BreakpointRequest, RunState
 from tdb_server.errors import NotFound
 from tdb_server.model import hooks
 
 IDS = [5, 17, 42, 8, 99, 5, 17, 42, 3, 61]
-
-
-@pytest.fixture
-def session(gpt2_adapter):
-    mgr = SessionManager(gpt2_adapter)
-    yield mgr.create()
-    mgr.shutdown()
-    assert gpt2_adapter.installed_hook_count() == 0
 
 
 @pytest.fixture

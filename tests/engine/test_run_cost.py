@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdb_server.engine.manager import SessionManager
 from tdb_server.engine.types import BreakpointRequest, RunState
 
 SEQS = [[5, 9, 2, 7, 11, 3], [4, 8, 1], [6, 6, 2, 9, 1, 3]]       # padded to 6; last rows 5, 2, 5
@@ -24,14 +23,6 @@ def _unembedded_rows(adapter):
     seen: list[int] = []
     handle = adapter.model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
     return seen, handle
-
-
-@pytest.fixture
-def session(gpt2_adapter):
-    mgr = SessionManager(gpt2_adapter)
-    yield mgr.create()
-    mgr.shutdown()
-    assert gpt2_adapter.installed_hook_count() == 0
 
 
 def _run(session, capture, breakpoints=()):
