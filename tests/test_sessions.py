@@ -434,6 +434,33 @@ def test_terminate_while_paused_and_pause_while_running(client, gpt2_adapter):
         assert st.state == "paused"
 
 
+def test_a_pause_stops_a_run_that_hooks_nothing_in_the_middle_of_its_forward(client, gpt2_adapter):
+    """A run with nothing hooked installs none of our hooks, yet it stays pausable: a Pause hooks the rest of
+    the forward (on a large model a forward takes seconds). The embedding is made slow here (a hook of the
+    test's own), so the Pause lands while the forward runs."""
+    started = threading.Event()
+
+    def slow(module, args):
+        started.set()
+        time.sleep(0.5)
+
+    handle = gpt2_adapter.model.get_input_embeddings().register_forward_pre_hook(slow)
+    try:
+        with client.session() as s:
+            want = s.launch(token_ids=IDS).result.top[0][0].token_id      # the same run, not paused
+            started.clear()
+            s.launch(token_ids=IDS, capture=["none"], wait=False)
+            assert started.wait(10)
+            paused = s.pause()
+            assert paused.state == "paused" and paused.stop.reason == "pause", paused
+            assert paused.stop.site != "logits"                            # the sliced logits never stop
+            done = s.continue_()
+            assert done.state == "exited" and done.result.top[0][0].token_id == want
+    finally:
+        handle.remove()
+    assert wait_no_hooks(gpt2_adapter) == 0
+
+
 # -- events ----------------------------------------------------------------------------------------
 
 def test_event_stream_order_and_replay(client):

@@ -211,15 +211,16 @@ class DebugRun:
             mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long().to(s.device)   # [B, T]
         last = sorted({n - 1 for n in lengths})                                             # rows the result reads
         ids = self.input_ids.to(s.device)
-        if not self.sites:
-            # nothing hooked, so nothing can stop, patch or read this forward: it runs with none of our hooks
-            logits = adapter.forward(ids, attention_mask=mask, logits_at=last)           # [B, len(last), V]
-        else:
-            self.logits_rows = last
-            with torch.no_grad(), adapter.running(self) as hook_run:
-                self.hook_run = hook_run
-                out = adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]      # [B, T, V], or [B, len(last), V]
+        # nothing hooked: the model's own logits_to_keep takes the rows the result reads and none of our hooks is
+        # installed, yet the run is live (a pause hooks the rest of the forward, the sliced logits excepted);
+        # hooked: our unembedding hook takes them unless the `logits` site is hooked by the time it runs
+        keep = {} if self.sites else adapter.keep_logits(last)
+        self.logits_rows = last if self.sites else None
+        with torch.no_grad(), adapter.running(self) as hook_run:
+            self.hook_run = hook_run
+            hook_run.logits_sliced = bool(keep)
+            out = adapter.model(input_ids=ids, attention_mask=mask, use_cache=False, **keep)
+        logits = out.logits if hasattr(out, "logits") else out[0]          # [B, T, V], or [B, len(last), V]
         rows = [n - 1 for n in lengths] if logits.shape[1] == T else [last.index(n - 1) for n in lengths]
         self.logits = logits[torch.arange(B, device=logits.device), torch.tensor(rows, device=logits.device)].float()
 

@@ -200,12 +200,17 @@ class ModelAdapter:
         input_ids = input_ids.to(device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        keep = {}
-        if logits_at is not None and self._takes_logits_to_keep:
-            keep = {"logits_to_keep": torch.tensor(logits_at, dtype=torch.long, device=device)}
+        keep = self.keep_logits(logits_at) if logits_at is not None else {}
         with torch.set_grad_enabled(grad), self.running(handler):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
         return logits[:, logits_at] if logits_at is not None and not keep else logits
+
+    def keep_logits(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The model's own `logits_to_keep` argument projecting only `rows` (positions) on the vocabulary,
+        as keyword arguments of its forward; {} for a model that does not take it (all rows are projected)."""
+        if not self._takes_logits_to_keep:
+            return {}
+        return {"logits_to_keep": torch.tensor(rows, dtype=torch.long, device=self.model.get_input_embeddings().weight.device)}
 
     @functools.cached_property
     def _takes_logits_to_keep(self) -> bool:

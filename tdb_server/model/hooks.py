@@ -446,15 +446,17 @@ class HookManager:
     @contextmanager
     def running(self, handler: SiteHandler | None) -> Iterator[Run | None]:
         """Bind `handler` to this thread for the forwards run inside the block; install (ref-counted)
-        the dispatchers its sites need; remove them in `finally` (after errors and cancels too)."""
-        sites = frozenset(handler.sites) if handler is not None else frozenset()
-        if not sites:
+        the dispatchers its sites need; remove them in `finally` (after errors and cancels too). A handler
+        with no sites gets a live Run that installs nothing (a forward with none of our hooks) until
+        `Run.add_sites` asks for some (a pause); None binds no run at all."""
+        if handler is None:
             token = _CURRENT_RUN.set(None)
             try:
                 yield None
             finally:
                 _CURRENT_RUN.reset(token)
             return
+        sites = frozenset(handler.sites)    # none: a live Run that installs nothing until `add_sites`
         rows = getattr(handler, "logits_rows", None)
         prepare = frozenset(getattr(handler, "prepare", ())) - sites
         run = Run(self, handler, sites, _attn_layers(sites, self.n_layers), prepare,
