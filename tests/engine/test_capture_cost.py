@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdb_server.engine.types import BreakpointRequest, RunState
+from engine_runs import run_to_end
 from tdb_server.errors import NotFound
 from tdb_server.model import hooks
 
@@ -28,14 +28,7 @@ def patterns_computed(monkeypatch):
 
 
 def _run(session, capture, breakpoints=()):
-    session.set_breakpoints([BreakpointRequest(site=b) for b in breakpoints])
-    run = session.launch([], [IDS], False, capture, False)
-    session.wait(run, 60)
-    while run.state is RunState.PAUSED:
-        session.resume("continue")
-        session.wait(run, 60)
-    assert run.state is RunState.EXITED, run.exception
-    return run
+    return run_to_end(session, [IDS], capture, breakpoints)
 
 
 def _patterns(adapter) -> set[str]:

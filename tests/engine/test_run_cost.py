@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_runs import run_to_end
 from tdb_server.engine.types import BreakpointRequest, RunState
 
 SEQS = [[5, 9, 2, 7, 11, 3], [4, 8, 1], [6, 6, 2, 9, 1, 3]]       # padded to 6; last rows 5, 2, 5
@@ -26,14 +27,7 @@ def _unembedded_rows(adapter):
 
 
 def _run(session, capture, breakpoints=()):
-    session.set_breakpoints([BreakpointRequest(site=b) for b in breakpoints])
-    run = session.launch([], SEQS, False, capture, False)
-    session.wait(run, 60)
-    while run.state is RunState.PAUSED:
-        session.resume("continue")
-        session.wait(run, 60)
-    assert run.state is RunState.EXITED, run.exception
-    return run
+    return run_to_end(session, SEQS, capture, breakpoints)
 
 
 def _top(run):
